@@ -1,0 +1,293 @@
+//! The compiled policy: per-op indexes for allocation-free decisions.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use crate::error::{ErrorKind, PolicyError, PolicyErrors};
+use crate::object::Op;
+use crate::parse::parse_rules;
+use crate::rule::{Action, Request, Rule};
+use crate::selector::Target;
+
+/// Candidate rules of one op, found by object.
+#[derive(Debug, Default)]
+struct OpIndex {
+    /// Literal object → rule indices, ascending.
+    exact: HashMap<Box<str>, Vec<u32>>,
+    /// Literal prefix of a glob object → rule indices, ascending.
+    glob_by_prefix: HashMap<Box<str>, Vec<u32>>,
+    /// Distinct byte lengths of the keys of `glob_by_prefix`, ascending.
+    prefix_lens: Vec<usize>,
+}
+
+impl OpIndex {
+    fn insert(&mut self, index: u32, rule: &Rule) {
+        match rule.object.glob() {
+            None => self
+                .exact
+                .entry(rule.object.as_str().into())
+                .or_default()
+                .push(index),
+            Some(g) => {
+                let prefix = g.literal_prefix();
+                if let Err(at) = self.prefix_lens.binary_search(&prefix.len()) {
+                    self.prefix_lens.insert(at, prefix.len());
+                }
+                self.glob_by_prefix
+                    .entry(prefix.into())
+                    .or_default()
+                    .push(index);
+            }
+        }
+    }
+
+    /// Calls `f` with every candidate list for `key`: the rules whose object may match it
+    /// (`exact` adds the literal-object rules). Each list is in ascending rule order.
+    #[inline]
+    fn for_each_list<'s>(&'s self, key: &str, exact: bool, mut f: impl FnMut(&'s [u32])) {
+        if exact {
+            if let Some(list) = self.exact.get(key) {
+                f(list);
+            }
+        }
+        for &len in &self.prefix_lens {
+            if len > key.len() {
+                break;
+            }
+            if let Some(list) = key.get(..len).and_then(|p| self.glob_by_prefix.get(p)) {
+                f(list);
+            }
+        }
+    }
+
+    /// The lowest rule index among candidates for `object` satisfying `pred`. Never allocates.
+    #[inline]
+    fn first(&self, object: &str, mut pred: impl FnMut(u32) -> bool) -> Option<u32> {
+        let mut best: Option<u32> = None;
+        self.for_each_list(object, true, |list| {
+            for &i in list {
+                if best.is_some_and(|b| i >= b) {
+                    break;
+                }
+                if pred(i) {
+                    best = Some(i);
+                    break;
+                }
+            }
+        });
+        best
+    }
+}
+
+/// A validated, compiled policy.
+#[derive(Debug)]
+pub struct Policy {
+    source_name: String,
+    rules: Vec<Rule>,
+    index: [OpIndex; 7],
+}
+
+/// The outcome of a decision. Borrowed from the policy; never allocates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Decision<'p> {
+    /// What to do.
+    pub action: Action,
+    /// The deciding rule; `None` means no rule matched and the default (deny) applies.
+    pub rule: Option<&'p Rule>,
+}
+
+impl<'p> Decision<'p> {
+    /// The decision when no rule matches.
+    pub const DEFAULT: Decision<'static> = Decision {
+        action: Action::Deny,
+        rule: None,
+    };
+
+    /// Whether no rule matched (default deny).
+    pub fn is_default(&self) -> bool {
+        self.rule.is_none()
+    }
+
+    /// Whether the interaction may go ahead without asking anyone.
+    pub fn is_allowed(&self) -> bool {
+        self.action == Action::Allow
+    }
+
+    /// For ops that route: where the deciding rule sends the interaction.
+    pub fn target(&self) -> Option<&'p Target> {
+        self.rule.and_then(Rule::target)
+    }
+}
+
+impl Policy {
+    /// A policy without rules: everything is denied by default.
+    pub fn empty(source_name: &str) -> Policy {
+        Policy {
+            source_name: source_name.to_string(),
+            rules: Vec::new(),
+            index: Default::default(),
+        }
+    }
+
+    /// Parses and validates a policy. `source_name` is used in error messages (usually the
+    /// file path). Returns every error found, in source order.
+    pub fn parse(source_name: &str, text: &str) -> Result<Policy, PolicyErrors> {
+        let (rules, mut errors) = parse_rules(source_name, text);
+        let mut policy = Policy::empty(source_name);
+        for rule in rules {
+            if let Some(e) = policy.shadowed_by(&rule) {
+                errors.push(e);
+            }
+            policy.push(rule);
+        }
+        if errors.is_empty() {
+            Ok(policy)
+        } else {
+            errors.sort_by_key(|e| e.location);
+            Err(PolicyErrors(errors))
+        }
+    }
+
+    fn push(&mut self, rule: Rule) {
+        let index = u32::try_from(self.rules.len()).expect("fewer than 2^32 rules");
+        self.index[rule.op.index()].insert(index, &rule);
+        self.rules.push(rule);
+    }
+
+    /// If an earlier rule certainly matches every request `rule` could, the error saying so.
+    fn shadowed_by(&self, rule: &Rule) -> Option<PolicyError> {
+        let idx = &self.index[rule.op.index()];
+        let key = match rule.object.glob() {
+            Some(g) => g.literal_prefix(),
+            None => rule.object.as_str(),
+        };
+        let mut best: Option<u32> = None;
+        idx.for_each_list(key, !rule.object.is_glob(), |list| {
+            for &j in list {
+                if best.is_some_and(|b| j >= b) {
+                    break;
+                }
+                let earlier = &self.rules[j as usize];
+                if rule.covered_ignoring_to(earlier)
+                    && (rule.op.routes_to_target() || earlier.to.covers(&rule.to))
+                {
+                    best = Some(j);
+                    break;
+                }
+            }
+        });
+        let earlier = &self.rules[best? as usize];
+        let (message, hint) = if earlier.to.covers(&rule.to) {
+            (
+                format!(
+                    "{} can never match: {} at {}:{} comes first and matches every request \
+                     it would",
+                    rule.label(),
+                    earlier.label(),
+                    self.source_name,
+                    earlier.location
+                ),
+                format!(
+                    "first match wins: remove this rule, or move it above {}",
+                    earlier.label()
+                ),
+            )
+        } else {
+            (
+                format!(
+                    "{} can never match: {} at {}:{} comes first and already routes every {} \
+                     request it would to `{}`",
+                    rule.label(),
+                    earlier.label(),
+                    self.source_name,
+                    earlier.location,
+                    rule.op,
+                    earlier.to
+                ),
+                "an object is served by one VM for a given caller: remove one of the two \
+                 rules, or narrow `from` or `object`"
+                    .to_string(),
+            )
+        };
+        Some(PolicyError {
+            kind: ErrorKind::Shadowed,
+            file: self.source_name.clone(),
+            location: rule.location,
+            message,
+            hint,
+        })
+    }
+
+    /// The source name given to [`Policy::parse`].
+    pub fn source_name(&self) -> &str {
+        &self.source_name
+    }
+
+    /// The rules, in file order.
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// The number of rules.
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    /// Whether the policy has no rules.
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    /// Decides `req`: the first matching rule wins; no match is a default deny.
+    ///
+    /// With `req.to == None` this routes: see [`Request`]. Never allocates.
+    pub fn decide<'p>(&'p self, req: &Request<'_>) -> Decision<'p> {
+        let rules = &self.rules;
+        let found = self.index[req.op.index()].first(req.object, |i| {
+            rules
+                .get(i as usize)
+                .is_some_and(|r| r.matches_same_op(req))
+        });
+        match found.and_then(|i| rules.get(i as usize)) {
+            Some(rule) => Decision {
+                action: rule.action,
+                rule: Some(rule),
+            },
+            None => Decision::DEFAULT,
+        }
+    }
+
+    /// Finds where `req` goes: the deciding rule (ignoring `req.to`) and its target, or `None`
+    /// when no rule matches, in which case the interaction stays inside the caller's VM.
+    pub fn route<'p>(&'p self, req: &Request<'_>) -> Option<(Decision<'p>, Option<&'p Target>)> {
+        let req = Request { to: None, ..*req };
+        let d = self.decide(&req);
+        d.rule.map(|r| (d, r.target()))
+    }
+
+    /// Whether some rule publishes `object` of `op` across VMs, i.e. a non-deny rule matches
+    /// it for some caller. Attempts on published objects by callers no rule allows are audited
+    /// as denials; others are ordinary intra-VM traffic. Never allocates.
+    pub fn publishes(&self, op: Op, object: &str) -> bool {
+        let rules = &self.rules;
+        self.index[op.index()]
+            .first(object, |i| {
+                rules
+                    .get(i as usize)
+                    .is_some_and(|r| r.action != Action::Deny && r.object.matches(object))
+            })
+            .is_some()
+    }
+
+    /// The reference evaluation: a linear scan in rule order. Slow; for tests and explain.
+    pub fn decide_linear<'p>(&'p self, req: &Request<'_>) -> Decision<'p> {
+        match self.rules.iter().find(|r| r.matches(req)) {
+            Some(rule) => Decision {
+                action: rule.action,
+                rule: Some(rule),
+            },
+            None => Decision::DEFAULT,
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! The messages of each conversation.
+//!
+//! * CLI ↔ monitor, over the VM's `monitor.sock`: [`MonitorRequest`] / [`MonitorReply`].
+//! * monitor ↔ VM init, over a socketpair made before the VM was forked: [`InitRequest`] /
+//!   [`InitEvent`].
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+
+use serde::{Deserialize, Serialize};
+
+/// Bytes that are usually text (arguments, environment, paths). Valid UTF-8 travels as a JSON
+/// string; anything else as an array of byte values, so no argument is ever mangled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Bytes {
+    Text(String),
+    Raw(Vec<u8>),
+}
+
+impl Bytes {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Bytes::Text(s) => s.as_bytes(),
+            Bytes::Raw(b) => b,
+        }
+    }
+
+    pub fn to_os_string(&self) -> OsString {
+        OsString::from_vec(self.as_bytes().to_vec())
+    }
+}
+
+impl From<&OsStr> for Bytes {
+    fn from(s: &OsStr) -> Self {
+        match s.to_str() {
+            Some(t) => Bytes::Text(t.to_owned()),
+            None => Bytes::Raw(s.as_bytes().to_vec()),
+        }
+    }
+}
+
+impl From<&str> for Bytes {
+    fn from(s: &str) -> Self {
+        Bytes::Text(s.to_owned())
+    }
+}
+
+/// The opening message of every conversation, from the side that connected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Hello {
+    pub version: u32,
+}
+
+/// What to run and how. The three standard descriptors travel alongside, in order.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandSpec {
+    pub argv: Vec<Bytes>,
+    /// The complete environment of the command.
+    pub env: Vec<(Bytes, Bytes)>,
+    /// Working directory inside the VM; `/` (or the user's home) when absent.
+    pub cwd: Option<Bytes>,
+    /// `NAME`, `UID` or `UID:GID`, resolved against the VM's own /etc/passwd; root if absent.
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum MonitorRequest {
+    Hello(Hello),
+    /// Run a command; stdin, stdout and stderr come alongside.
+    Run(CommandSpec),
+    /// Deliver a signal to the command this connection started (its process group).
+    Signal {
+        signal: i32,
+    },
+    /// Stop the VM: SIGTERM to everything, SIGKILL after `grace_ms`.
+    Stop {
+        grace_ms: u64,
+    },
+    Status,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExitStatus {
+    Code(i32),
+    Signal(i32),
+}
+
+impl ExitStatus {
+    /// The status a shell would report: the code, or 128 + the signal number.
+    pub fn shell_code(self) -> i32 {
+        match self {
+            ExitStatus::Code(c) => c,
+            ExitStatus::Signal(s) => 128 + s,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmStatus {
+    pub name: String,
+    /// PID of the VM's init as seen from the host.
+    pub init_pid: i32,
+    pub monitor_pid: i32,
+    /// Seconds since the Unix epoch when the VM started.
+    pub started_at: u64,
+    /// Commands started through `shuttle run` that are still running.
+    pub running_commands: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum MonitorReply {
+    Hello {
+        version: u32,
+        vm: String,
+    },
+    /// The command runs, with this PID inside the VM.
+    Started {
+        pid: i32,
+    },
+    Exited(ExitStatus),
+    /// The request could not be carried out; the message says why and what to do.
+    Failed {
+        message: String,
+        exit_code: i32,
+    },
+    Status(VmStatus),
+    /// Sent to the client that asked for a stop once the VM is gone.
+    Stopped,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum InitRequest {
+    /// Fork and exec a command; stdin, stdout and stderr come alongside.
+    Spawn { id: u64, command: CommandSpec },
+    /// Signal the process group of a command started earlier.
+    Signal { id: u64, signal: i32 },
+    /// Stop the VM: SIGTERM to every process, then exit when none is left.
+    Shutdown,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum InitEvent {
+    /// Set-up is complete; commands may be spawned.
+    Ready,
+    /// Set-up failed before the VM could start; init exits after sending this.
+    SetupFailed {
+        message: String,
+    },
+    Spawned {
+        id: u64,
+        pid: i32,
+    },
+    /// The command could not be started (exit_code follows shell conventions: 126, 127).
+    SpawnFailed {
+        id: u64,
+        message: String,
+        exit_code: i32,
+    },
+    Exited {
+        id: u64,
+        status: ExitStatus,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn non_utf8_arguments_survive_the_round_trip() {
+        let raw = OsStr::from_bytes(b"caf\xe9\n");
+        let b = Bytes::from(raw);
+        let json = serde_json::to_string(&b).unwrap();
+        let back: Bytes = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.to_os_string(), raw);
+        let text = Bytes::from(OsStr::new("plain"));
+        assert_eq!(serde_json::to_string(&text).unwrap(), "\"plain\"");
+    }
+
+    #[test]
+    fn unknown_fields_are_rejected() {
+        let bad = r#"{"hello":{"version":1,"identity":"host"}}"#;
+        assert!(serde_json::from_str::<MonitorRequest>(bad).is_err());
+    }
+
+    #[test]
+    fn shell_codes() {
+        assert_eq!(ExitStatus::Code(3).shell_code(), 3);
+        assert_eq!(ExitStatus::Signal(2).shell_code(), 130);
+    }
+}

@@ -1,0 +1,187 @@
+//! A VM's control group, on pure cgroup v2 hosts and on v1/hybrid hosts alike, through the
+//! cgroups-rs crate (which picks the hierarchy the host runs).
+//!
+//! Each VM gets `shuttle/<name>` with the memory and pids controllers. Memory limits also cap
+//! swap, so a memory hog is stopped by the OOM killer instead of swapping the host to a halt.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use cgroups_rs::cgroup_builder::CgroupBuilder;
+use cgroups_rs::{Cgroup, CgroupPid, MaxValue};
+
+use crate::plan::HostCgroups;
+
+const CONTROLLERS: &[&str] = &["memory", "pids"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("creating cgroup {path}: {message}")]
+    Create { path: String, message: String },
+    #[error("moving process {pid} into cgroup {path}: {message}")]
+    AddTask {
+        path: String,
+        pid: i32,
+        message: String,
+    },
+    #[error("removing cgroup {path}: processes are still in it after {waited:?}")]
+    Busy { path: String, waited: Duration },
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+pub struct VmCgroup {
+    cgroup: Cgroup,
+}
+
+impl std::fmt::Debug for VmCgroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmCgroup")
+            .field("path", &self.cgroup.path())
+            .finish()
+    }
+}
+
+/// Which cgroup layout the host runs.
+pub fn host_cgroups() -> HostCgroups {
+    if cgroups_rs::hierarchies::is_cgroup2_unified_mode() {
+        HostCgroups::Unified
+    } else {
+        HostCgroups::LegacyOrHybrid
+    }
+}
+
+fn path_for(vm: &str) -> String {
+    format!("shuttle/{vm}")
+}
+
+fn controllers() -> Vec<String> {
+    CONTROLLERS.iter().map(|s| s.to_string()).collect()
+}
+
+impl VmCgroup {
+    /// Creates the VM's cgroup with its limits, replacing a stale one left by a crash.
+    pub fn create(vm: &str, limits: Limits) -> Result<VmCgroup, CgroupError> {
+        let path = path_for(vm);
+        if let Some(stale) = VmCgroup::existing(vm) {
+            stale.remove(Duration::from_secs(2))?;
+        }
+        let mut builder = CgroupBuilder::new(&path).set_specified_controllers(controllers());
+        if let Some(m) = limits.memory_bytes {
+            builder = builder.memory().memory_hard_limit(m as i64).done();
+        }
+        if let Some(p) = limits.pids {
+            builder = builder
+                .pid()
+                .maximum_number_of_processes(MaxValue::Value(p as i64))
+                .done();
+        }
+        let cgroup = builder
+            .build(cgroups_rs::hierarchies::auto())
+            .map_err(|e| CgroupError::Create {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+        let cg = VmCgroup { cgroup };
+        if let Some(m) = limits.memory_bytes {
+            cg.limit_swap(m);
+        }
+        Ok(cg)
+    }
+
+    /// The VM's cgroup if it exists (after a crash, or to inspect a running VM).
+    pub fn existing(vm: &str) -> Option<VmCgroup> {
+        let cgroup = Cgroup::load_with_specified_controllers(
+            cgroups_rs::hierarchies::auto(),
+            path_for(vm),
+            controllers(),
+        );
+        cgroup.exists().then_some(VmCgroup { cgroup })
+    }
+
+    /// No swap beyond the memory limit: v1 counts memory+swap together (memsw), v2 counts
+    /// swap alone. Hosts without swap accounting simply lack the file; nothing to limit then.
+    fn limit_swap(&self, memory_bytes: u64) {
+        let (file, value) = if self.cgroup.v2() {
+            ("memory.swap.max", "0".to_string())
+        } else {
+            ("memory.memsw.limit_in_bytes", memory_bytes.to_string())
+        };
+        for dir in self.dirs("memory") {
+            let p = dir.join(file);
+            if p.exists() {
+                if let Err(e) = std::fs::write(&p, &value) {
+                    tracing::warn!(path = %p.display(), error = %e, "could not limit swap");
+                }
+            }
+        }
+    }
+
+    /// The directories of this cgroup for `controller` (one on v2, one per hierarchy on v1).
+    fn dirs(&self, controller: &str) -> Vec<PathBuf> {
+        let hier = cgroups_rs::hierarchies::auto();
+        if self.cgroup.v2() {
+            vec![hier.root().join(self.cgroup.path())]
+        } else {
+            vec![hier.root().join(controller).join(self.cgroup.path())]
+        }
+    }
+
+    pub fn add_process(&self, pid: i32) -> Result<(), CgroupError> {
+        self.cgroup
+            .add_task_by_tgid(CgroupPid::from(pid as u64))
+            .map_err(|e| CgroupError::AddTask {
+                path: self.cgroup.path().to_owned(),
+                pid,
+                message: e.to_string(),
+            })
+    }
+
+    pub fn process_count(&self) -> usize {
+        self.cgroup.procs().len()
+    }
+
+    /// The memory the VM's processes use, as the kernel charges it (bytes).
+    pub fn memory_usage(&self) -> Option<u64> {
+        let file = if self.cgroup.v2() {
+            "memory.current"
+        } else {
+            "memory.usage_in_bytes"
+        };
+        let dir = self.dirs("memory").into_iter().next()?;
+        std::fs::read_to_string(dir.join(file))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// Kills whatever is left and removes the cgroup, waiting up to `wait` for the kernel to
+    /// finish reaping.
+    pub fn remove(&self, wait: Duration) -> Result<(), CgroupError> {
+        let start = Instant::now();
+        loop {
+            let procs = self.cgroup.procs();
+            for p in &procs {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p.pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if procs.is_empty() && self.cgroup.delete().is_ok() && !self.cgroup.exists() {
+                return Ok(());
+            }
+            if start.elapsed() > wait {
+                return Err(CgroupError::Busy {
+                    path: self.cgroup.path().to_owned(),
+                    waited: wait,
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

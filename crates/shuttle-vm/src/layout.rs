@@ -1,0 +1,104 @@
+//! Where Shuttle keeps things on the host.
+//!
+//! * state (`/var/lib/shuttle`, or `$SHUTTLE_ROOT/state`): one directory per VM with its
+//!   configuration and its copy-on-write upper layer; survives reboots.
+//! * runtime (`/run/shuttle`, or `$SHUTTLE_ROOT/run`): per running VM, the monitor's socket,
+//!   its log, the VM root's mount point and the lock the monitor holds while it lives.
+//!
+//! Both trees are hidden inside every VM.
+
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/shuttle";
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/shuttle";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub state: PathBuf,
+    pub runtime: PathBuf,
+}
+
+impl Layout {
+    /// The layout from `SHUTTLE_ROOT`, or the system-wide default.
+    pub fn from_env() -> Layout {
+        match std::env::var_os("SHUTTLE_ROOT") {
+            Some(root) if !root.is_empty() => Layout::under(Path::new(&root)),
+            _ => Layout {
+                state: PathBuf::from(DEFAULT_STATE_DIR),
+                runtime: PathBuf::from(DEFAULT_RUNTIME_DIR),
+            },
+        }
+    }
+
+    pub fn under(root: &Path) -> Layout {
+        Layout {
+            state: root.join("state"),
+            runtime: root.join("run"),
+        }
+    }
+
+    pub fn vms_dir(&self) -> PathBuf {
+        self.state.join("vms")
+    }
+
+    pub fn vm_dir(&self, name: &str) -> PathBuf {
+        self.vms_dir().join(name)
+    }
+
+    pub fn config_file(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("vm.json")
+    }
+
+    /// The overlay's upper layer: every file the VM writes.
+    pub fn upper_dir(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("upper")
+    }
+
+    /// overlayfs' scratch directory; must be on the same filesystem as the upper layer.
+    pub fn work_dir(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("work")
+    }
+
+    pub fn runtime_vms_dir(&self) -> PathBuf {
+        self.runtime.join("vms")
+    }
+
+    pub fn runtime_vm_dir(&self, name: &str) -> PathBuf {
+        self.runtime_vms_dir().join(name)
+    }
+
+    /// Held (flock) by the VM's monitor for as long as the VM runs. It lives beside, not in,
+    /// the VM's runtime directory so that clean-up can remove that directory while locked.
+    pub fn lock_file(&self, name: &str) -> PathBuf {
+        self.runtime_vms_dir().join(format!("{name}.lock"))
+    }
+
+    pub fn monitor_socket(&self, name: &str) -> PathBuf {
+        self.runtime_vm_dir(name).join("monitor.sock")
+    }
+
+    pub fn monitor_log(&self, name: &str) -> PathBuf {
+        self.runtime_vms_dir().join(format!("{name}.log"))
+    }
+
+    /// Where the VM's root is assembled (only inside the VM's own mount namespace).
+    pub fn root_mount_point(&self, name: &str) -> PathBuf {
+        self.runtime_vm_dir(name).join("root")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuttle_root_relocates_both_trees() {
+        let l = Layout::under(Path::new("/x"));
+        assert_eq!(l.upper_dir("web"), Path::new("/x/state/vms/web/upper"));
+        assert_eq!(
+            l.monitor_socket("web"),
+            Path::new("/x/run/vms/web/monitor.sock")
+        );
+        assert_eq!(l.lock_file("web"), Path::new("/x/run/vms/web.lock"));
+    }
+}

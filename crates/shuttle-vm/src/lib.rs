@@ -1,0 +1,24 @@
+//! Shuttle's VM engine.
+//!
+//! A VM is described by a validated [`config::VmConfig`], stored under the state directory
+//! ([`layout::Layout`]). Starting it turns the configuration into an explicit list of set-up
+//! steps ([`plan`]), forks the VM's init into new namespaces and executes the plan there
+//! ([`setup`]), then hardens the init ([`hardening`]) before it accepts commands ([`init`]).
+//! A host-side [`monitor`] process supervises each running VM; the CLI talks to it through
+//! [`client`].
+#![forbid(unsafe_code)]
+
+pub mod cgroup;
+pub mod client;
+pub mod config;
+pub mod hardening;
+pub mod init;
+pub mod layout;
+pub mod monitor;
+pub mod plan;
+pub mod setup;
+pub mod store;
+pub mod users;
+
+pub use config::{Base, NetMode, VmConfig, VmOptions};
+pub use layout::Layout;

@@ -1,0 +1,145 @@
+//! Resolving `--user NAME|UID[:GID]` against a VM's own /etc/passwd and /etc/group (the VM
+//! may have users the host lacks, such as `postgres` installed only inside it).
+
+use std::path::Path;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub home: Option<String>,
+    pub name: Option<String>,
+    pub groups: Vec<u32>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum UserError {
+    #[error(
+        "no user {0:?} in the VM's /etc/passwd: create it inside the VM or give a numeric UID"
+    )]
+    Unknown(String),
+    #[error("invalid user {0:?}: give NAME, UID or UID:GID")]
+    Malformed(String),
+}
+
+fn parse_passwd(
+    passwd: &str,
+    pred: impl Fn(&str, u32) -> bool,
+) -> Option<(String, u32, u32, String)> {
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        if f.len() < 7 {
+            return None;
+        }
+        let uid = f[2].parse().ok()?;
+        let gid = f[3].parse().ok()?;
+        pred(f[0], uid).then(|| (f[0].to_owned(), uid, gid, f[5].to_owned()))
+    })
+}
+
+fn supplementary_groups(group: &str, name: &str) -> Vec<u32> {
+    group
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split(':').collect();
+            if f.len() < 4 || !f[3].split(',').any(|m| m == name) {
+                return None;
+            }
+            f[2].parse().ok()
+        })
+        .collect()
+}
+
+/// Resolves `spec` given the contents of passwd and group files.
+pub fn resolve_in(spec: &str, passwd: &str, group: &str) -> Result<User, UserError> {
+    let malformed = || UserError::Malformed(spec.to_owned());
+    let (user_part, group_part) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    if user_part.is_empty() {
+        return Err(malformed());
+    }
+    let explicit_gid = match group_part {
+        Some(g) => Some(g.parse::<u32>().map_err(|_| malformed())?),
+        None => None,
+    };
+    let mut user = if let Ok(uid) = user_part.parse::<u32>() {
+        match parse_passwd(passwd, |_, u| u == uid) {
+            Some((name, _, gid, home)) => User {
+                uid,
+                gid,
+                home: Some(home),
+                groups: supplementary_groups(group, &name),
+                name: Some(name),
+            },
+            None => User {
+                uid,
+                gid: uid,
+                home: None,
+                name: None,
+                groups: vec![],
+            },
+        }
+    } else {
+        let (name, uid, gid, home) = parse_passwd(passwd, |n, _| n == user_part)
+            .ok_or_else(|| UserError::Unknown(user_part.to_owned()))?;
+        User {
+            uid,
+            gid,
+            home: Some(home),
+            groups: supplementary_groups(group, &name),
+            name: Some(name),
+        }
+    };
+    if let Some(g) = explicit_gid {
+        user.gid = g;
+    }
+    Ok(user)
+}
+
+/// Resolves `spec` against the files of the root the caller is in (the VM's, for its init).
+pub fn resolve(spec: &str, root: &Path) -> Result<User, UserError> {
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
+    let group = std::fs::read_to_string(root.join("etc/group")).unwrap_or_default();
+    resolve_in(spec, &passwd, &group)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\npostgres:x:105:110:PostgreSQL:/var/lib/postgresql:/bin/bash\n";
+    const GROUP: &str = "root:x:0:\nssl-cert:x:109:postgres\npostgres:x:110:\n";
+
+    #[test]
+    fn names_and_numbers() {
+        let pg = resolve_in("postgres", PASSWD, GROUP).unwrap();
+        assert_eq!((pg.uid, pg.gid), (105, 110));
+        assert_eq!(pg.groups, vec![109]);
+        assert_eq!(pg.home.as_deref(), Some("/var/lib/postgresql"));
+        let n = resolve_in("1234:99", PASSWD, GROUP).unwrap();
+        assert_eq!((n.uid, n.gid), (1234, 99));
+        assert_eq!(
+            resolve_in("0", PASSWD, GROUP).unwrap().home.as_deref(),
+            Some("/root")
+        );
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(
+            resolve_in("nobody2", PASSWD, GROUP),
+            Err(UserError::Unknown("nobody2".into()))
+        );
+        assert_eq!(
+            resolve_in("1:x", PASSWD, GROUP),
+            Err(UserError::Malformed("1:x".into()))
+        );
+        assert_eq!(
+            resolve_in(":1", PASSWD, GROUP),
+            Err(UserError::Malformed(":1".into()))
+        );
+    }
+}

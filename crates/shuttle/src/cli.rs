@@ -1,0 +1,129 @@
+//! The command-line grammar (DESIGN.md section 4).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "shuttle",
+    version,
+    about = "Split a system into isolated OS-level VMs that cooperate only as policy allows",
+    long_about = "Shuttle runs each application of a system in its own lightweight OS-level VM: \
+a copy-on-write view of the host root with its own mount, PID, IPC, UTS, network and cgroup \
+namespaces, resource limits and a hardened seccomp profile.\n\n\
+Quick start (as root):\n  \
+shuttle vm create web --memory 512M\n  \
+shuttle run web -- sh -c 'hostname; ps ax'\n  \
+shuttle vm ls\n  \
+shuttle vm stop web\n\n\
+State lives in /var/lib/shuttle and /run/shuttle; set SHUTTLE_ROOT to keep both under one \
+directory instead (tests do). Set SHUTTLE_LOG=debug for detailed logs on stderr."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create, list, start, stop and remove VMs
+    #[command(subcommand)]
+    Vm(VmCommand),
+    /// Run a command inside a VM with this terminal's stdin, stdout and stderr
+    ///
+    /// The command's exit status becomes shuttle's (128+N when killed by signal N). The VM is
+    /// started first if it is not running. Signals sent to shuttle (Ctrl-C, SIGTERM, ...) are
+    /// forwarded to the command. Daemons the command starts keep running until the VM stops.
+    /// Exit status 125 means shuttle itself failed, 126 that the command could not be
+    /// executed, 127 that it was not found in the VM.
+    ///
+    /// Example: shuttle run web -e LANG=C.UTF-8 -w /srv -- python3 -m http.server
+    Run(RunArgs),
+    #[command(name = "__monitor", hide = true)]
+    Monitor { name: String, ready_fd: i32 },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum VmCommand {
+    /// Create a VM (it does not start until `vm start` or `run`)
+    ///
+    /// Examples:
+    ///   shuttle vm create db --memory 1G --pids 512
+    ///   shuttle vm create build --base /srv/debian-bookworm --net host
+    ///   shuttle vm create web --hide /home --hide /root --tag frontend
+    Create(CreateArgs),
+    /// List VMs and whether they run
+    #[command(alias = "list")]
+    Ls {
+        /// Print a JSON array instead of a table
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a VM's init and monitor
+    Start { name: String },
+    /// Stop a VM: SIGTERM to all its processes, SIGKILL after the grace period
+    Stop {
+        name: String,
+        /// Seconds to wait after SIGTERM before SIGKILL
+        #[arg(long, short = 't', default_value_t = 10)]
+        timeout: u64,
+    },
+    /// Remove a stopped VM and every file it wrote
+    #[command(alias = "remove")]
+    Rm {
+        name: String,
+        /// Stop the VM first if it is running
+        #[arg(long, short = 'f')]
+        force: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct CreateArgs {
+    /// VM name: 1-63 lower-case letters, digits and '-' (also its hostname)
+    pub name: String,
+    /// Lower layer of the VM's copy-on-write root: `host` (the host's /) or a directory tree
+    #[arg(long, value_name = "host|DIR", default_value = "host")]
+    pub base: String,
+    /// Network: `none` (own namespace, loopback only) or `host` (the host's network)
+    #[arg(long, value_name = "none|host", default_value = "none")]
+    pub net: String,
+    /// Memory limit, such as 512M or 2G (swap included); the OOM killer acts inside the VM
+    #[arg(long, value_name = "SIZE")]
+    pub memory: Option<String>,
+    /// Maximum number of processes and threads in the VM
+    #[arg(long, value_name = "N")]
+    pub pids: Option<u64>,
+    /// Make a host path invisible inside the VM (repeatable)
+    #[arg(long, value_name = "PATH")]
+    pub hide: Vec<PathBuf>,
+    /// Tag the VM, for policy selectors such as @tag:frontend (repeatable)
+    #[arg(long, value_name = "TAG")]
+    pub tag: Vec<String>,
+    /// Print the created VM's configuration as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The VM to run in
+    pub name: String,
+    /// Set an environment variable (KEY=VALUE), or pass this shell's value (KEY); repeatable
+    #[arg(long = "env", short = 'e', value_name = "KEY[=VALUE]")]
+    pub env: Vec<String>,
+    /// Working directory inside the VM (default /)
+    #[arg(long = "workdir", short = 'w', value_name = "DIR")]
+    pub workdir: Option<OsString>,
+    /// Run as this user of the VM: NAME, UID or UID:GID (default root)
+    #[arg(long, short = 'u', value_name = "USER")]
+    pub user: Option<String>,
+    /// Fail instead of starting the VM when it is not running
+    #[arg(long)]
+    pub no_start: bool,
+    /// The command and its arguments (after --)
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}

@@ -1,0 +1,360 @@
+//! What each subcommand does, and how its result is shown.
+
+use std::io::{IsTerminal, Write};
+use std::os::fd::AsFd;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use shuttle_proto::{Bytes, CommandSpec};
+use shuttle_vm::client::{self, ClientError};
+use shuttle_vm::store::{self, StoreError};
+use shuttle_vm::{Base, Layout, NetMode, VmConfig, VmOptions};
+
+use crate::cli::{Cli, Command, CreateArgs, RunArgs, VmCommand};
+
+/// Exit status when shuttle itself fails (as container tools do, so that it is not confused
+/// with a command's own status).
+const EXIT_SHUTTLE_FAILED: i32 = 125;
+
+/// Environment variables passed from the caller to `shuttle run` commands by default.
+const PASSED_ENV: &[&str] = &["TERM", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "COLORTERM"];
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SHUTTLE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+pub fn dispatch(cli: Cli) -> i32 {
+    let layout = Layout::from_env();
+    if let Command::Monitor { name, ready_fd } = &cli.command {
+        init_logging("info");
+        let ready = shuttle_sys::fdpass::own_inherited(*ready_fd);
+        // Nothing else the monitor inherited may stay open in it (or in the VM it forks).
+        let keep: Vec<i32> = ready.iter().map(std::os::fd::AsRawFd::as_raw_fd).collect();
+        if let Err(e) = shuttle_sys::process::close_descriptors_except(&keep) {
+            eprintln!("shuttle: closing inherited descriptors: {e}");
+            return EXIT_SHUTTLE_FAILED;
+        }
+        return shuttle_vm::monitor::main(&layout, name, ready);
+    }
+    init_logging("warn");
+    let result = match cli.command {
+        Command::Vm(vm) => vm_command(&layout, vm).map(|()| 0),
+        Command::Run(args) => run(&layout, args),
+        Command::Monitor { .. } => Ok(0),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            let code = match e.downcast_ref::<ClientError>() {
+                Some(ClientError::CommandFailed { exit_code, .. }) => *exit_code,
+                _ => EXIT_SHUTTLE_FAILED,
+            };
+            eprintln!("shuttle: {e:#}");
+            code
+        }
+    }
+}
+
+/// Managing VMs needs root (namespaces, mounts, cgroups); say so before anything happens.
+fn require_root() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("managing VMs needs root (namespaces, mounts and cgroups): run shuttle as root, for example with sudo");
+    }
+    Ok(())
+}
+
+/// Kernel features a VM needs that a host may lack.
+fn require_kernel_features() -> Result<()> {
+    let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
+    if !filesystems
+        .lines()
+        .any(|l| l.split_whitespace().last() == Some("overlay"))
+    {
+        bail!("this kernel has no overlayfs: load it with `modprobe overlay` (or use a kernel built with CONFIG_OVERLAY_FS)");
+    }
+    if !std::path::Path::new("/proc/sys/kernel/seccomp/actions_avail").exists() {
+        bail!("this kernel has no seccomp filter support (CONFIG_SECCOMP_FILTER): Shuttle cannot harden VMs without it");
+    }
+    Ok(())
+}
+
+fn shuttle_exe() -> Result<std::path::PathBuf> {
+    std::env::current_exe().context("cannot find the shuttle binary to start the VM's monitor")
+}
+
+fn vm_command(layout: &Layout, cmd: VmCommand) -> Result<()> {
+    match cmd {
+        VmCommand::Create(args) => create(layout, args),
+        VmCommand::Ls { json } => list(layout, json),
+        VmCommand::Start { name } => {
+            require_root()?;
+            require_kernel_features()?;
+            let t = std::time::Instant::now();
+            client::start(layout, &name, &shuttle_exe()?)?;
+            eprintln!("VM {name} started in {} ms", t.elapsed().as_millis());
+            Ok(())
+        }
+        VmCommand::Stop { name, timeout } => {
+            require_root()?;
+            store::load(layout, &name)?;
+            if !store::is_running(layout, &name) {
+                bail!(ClientError::NotRunning(name));
+            }
+            client::stop(layout, &name, Duration::from_secs(timeout))?;
+            eprintln!("VM {name} stopped");
+            Ok(())
+        }
+        VmCommand::Rm { name, force } => {
+            require_root()?;
+            match store::load(layout, &name) {
+                Ok(_) | Err(StoreError::Damaged { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+            if store::is_running(layout, &name) {
+                if !force {
+                    bail!(StoreError::Running(name));
+                }
+                client::stop(layout, &name, Duration::from_secs(10))?;
+            }
+            store::remove(layout, &name)?;
+            eprintln!("VM {name} removed");
+            Ok(())
+        }
+    }
+}
+
+fn create(layout: &Layout, args: CreateArgs) -> Result<()> {
+    require_root()?;
+    require_kernel_features()?;
+    let options = VmOptions {
+        name: args.name,
+        base: Some(args.base),
+        net: Some(args.net),
+        memory: args.memory,
+        pids: args.pids,
+        hide: args.hide,
+        tags: args.tag,
+    };
+    let config = store::create(layout, &options)?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&VmRow::new(layout, config))?
+        );
+    } else {
+        eprintln!(
+            "VM {} created; run a command in it with `shuttle run {} -- CMD`",
+            config.name, config.name
+        );
+    }
+    Ok(())
+}
+
+#[derive(Debug, Serialize)]
+struct VmRow {
+    name: String,
+    state: &'static str,
+    base: String,
+    net: &'static str,
+    memory_bytes: Option<u64>,
+    pids: Option<u64>,
+    hide: Vec<String>,
+    tags: Vec<String>,
+    created_at: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    init_pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    monitor_pid: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    started_at: Option<u64>,
+}
+
+impl VmRow {
+    fn new(layout: &Layout, c: VmConfig) -> VmRow {
+        let running = store::is_running(layout, &c.name);
+        let status = if running {
+            client::status(layout, &c.name).ok()
+        } else {
+            None
+        };
+        VmRow {
+            state: if running { "running" } else { "stopped" },
+            base: match &c.base {
+                Base::Host => "host".into(),
+                Base::Dir(d) => d.display().to_string(),
+            },
+            net: match c.net {
+                NetMode::None => "none",
+                NetMode::Host => "host",
+            },
+            memory_bytes: c.memory_bytes,
+            pids: c.pids,
+            hide: c.hide.iter().map(|h| h.display().to_string()).collect(),
+            tags: c.tags,
+            created_at: c.created_at,
+            init_pid: status.as_ref().map(|s| s.init_pid),
+            monitor_pid: status.as_ref().map(|s| s.monitor_pid),
+            started_at: status.as_ref().map(|s| s.started_at),
+            name: c.name,
+        }
+    }
+}
+
+fn human_size(bytes: u64) -> String {
+    const UNITS: &[(u64, &str)] = &[
+        (1 << 40, "T"),
+        (1 << 30, "G"),
+        (1 << 20, "M"),
+        (1 << 10, "K"),
+    ];
+    for (size, unit) in UNITS {
+        if bytes >= *size && bytes.is_multiple_of(*size) {
+            return format!("{}{unit}", bytes / size);
+        }
+    }
+    bytes.to_string()
+}
+
+fn list(layout: &Layout, json: bool) -> Result<()> {
+    let mut rows = Vec::new();
+    for entry in store::list(layout)? {
+        match entry {
+            Ok(c) => rows.push(VmRow::new(layout, c)),
+            Err(e) => eprintln!("shuttle: {e}"),
+        }
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        writeln!(out, "{}", serde_json::to_string_pretty(&rows)?)?;
+        return Ok(());
+    }
+    if rows.is_empty() {
+        eprintln!("no VMs yet: create one with `shuttle vm create NAME`");
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "{:<20} {:<8} {:<6} {:<8} {:<6} {:<10} BASE",
+        "NAME", "STATE", "NET", "MEMORY", "PIDS", "TAGS"
+    )?;
+    for r in rows {
+        writeln!(
+            out,
+            "{:<20} {:<8} {:<6} {:<8} {:<6} {:<10} {}",
+            r.name,
+            r.state,
+            r.net,
+            r.memory_bytes.map(human_size).unwrap_or_else(|| "-".into()),
+            r.pids.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+            if r.tags.is_empty() {
+                "-".into()
+            } else {
+                r.tags.join(",")
+            },
+            r.base
+        )?;
+    }
+    Ok(())
+}
+
+fn command_env(args: &RunArgs) -> Result<Vec<(Bytes, Bytes)>> {
+    let mut env: Vec<(Bytes, Bytes)> = vec![(Bytes::from("PATH"), Bytes::from(DEFAULT_PATH))];
+    let mut set = |k: &str, v: Bytes| {
+        env.retain(|(key, _)| key.as_bytes() != k.as_bytes());
+        env.push((Bytes::from(k), v));
+    };
+    for k in PASSED_ENV {
+        if let Some(v) = std::env::var_os(k) {
+            set(k, Bytes::from(v.as_os_str()));
+        }
+    }
+    for e in &args.env {
+        let (k, v) = match e.split_once('=') {
+            Some((k, v)) => (k, Some(v)),
+            None => (e.as_str(), None),
+        };
+        if k.is_empty() || k.contains('\0') {
+            bail!("invalid --env {e:?}: use KEY=VALUE, or KEY to pass this shell's value");
+        }
+        match v {
+            Some(v) => set(k, Bytes::from(v)),
+            None => {
+                if let Some(v) = std::env::var_os(k) {
+                    set(k, Bytes::from(v.as_os_str()))
+                }
+            }
+        }
+    }
+    Ok(env)
+}
+
+/// Signals that `shuttle run` passes on to the command instead of dying of them.
+const FORWARDED_SIGNALS: &[i32] = &[
+    libc::SIGINT,
+    libc::SIGTERM,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+];
+
+fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
+    require_root()?;
+    let name = args.name.clone();
+    let config = store::load(layout, &name)?;
+    // Catch forwarded signals from now on, so one that arrives while the VM starts is
+    // delivered once the command runs rather than killing shuttle.
+    let mut signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
+        .context("installing signal handlers")?;
+    if !store::is_running(layout, &name) {
+        if args.no_start {
+            bail!(ClientError::NotRunning(name));
+        }
+        require_kernel_features()?;
+        match client::start(layout, &config.name, &shuttle_exe()?) {
+            Ok(()) | Err(ClientError::AlreadyRunning(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let command = CommandSpec {
+        argv: args
+            .command
+            .iter()
+            .map(|a| Bytes::from(a.as_os_str()))
+            .collect(),
+        env: command_env(&args)?,
+        cwd: args.workdir.as_ref().map(|w| Bytes::from(w.as_os_str())),
+        user: args.user.clone(),
+    };
+    let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    if stdin.is_terminal() {
+        tracing::debug!("stdin is a terminal; the command gets it as its stdin (no relay)");
+    }
+    let session = client::run(
+        layout,
+        &name,
+        command,
+        [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()],
+    )?;
+    let signaller = session.signaller()?;
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if signaller.signal(sig).is_err() {
+                break;
+            }
+        }
+    });
+    let status = session.wait();
+    handle.close();
+    let _ = forwarder.join();
+    Ok(status?.shell_code())
+}

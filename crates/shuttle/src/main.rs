@@ -1,0 +1,18 @@
+//! `shuttle`: the command-line interface. A thin layer over the library crates: it parses
+//! arguments, checks the preconditions users can fix, and renders results for people (or
+//! as JSON for scripts). The same binary runs the per-VM monitor role (a hidden subcommand),
+//! so a VM's supervisor is always the exact code the user invoked.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let args = cli::Cli::parse();
+    let code = commands::dispatch(args);
+    ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
+}
