@@ -55,8 +55,8 @@ pub fn host_cgroups() -> HostCgroups {
     }
 }
 
-fn path_for(vm: &str) -> String {
-    format!("shuttle/{vm}")
+fn path_for(parent: &str, vm: &str) -> String {
+    format!("{parent}/{vm}")
 }
 
 fn controllers() -> Vec<String> {
@@ -65,9 +65,9 @@ fn controllers() -> Vec<String> {
 
 impl VmCgroup {
     /// Creates the VM's cgroup with its limits, replacing a stale one left by a crash.
-    pub fn create(vm: &str, limits: Limits) -> Result<VmCgroup, CgroupError> {
-        let path = path_for(vm);
-        if let Some(stale) = VmCgroup::existing(vm) {
+    pub fn create(parent: &str, vm: &str, limits: Limits) -> Result<VmCgroup, CgroupError> {
+        let path = path_for(parent, vm);
+        if let Some(stale) = VmCgroup::existing(parent, vm) {
             stale.remove(Duration::from_secs(2))?;
         }
         let mut builder = CgroupBuilder::new(&path).set_specified_controllers(controllers());
@@ -94,10 +94,10 @@ impl VmCgroup {
     }
 
     /// The VM's cgroup if it exists (after a crash, or to inspect a running VM).
-    pub fn existing(vm: &str) -> Option<VmCgroup> {
+    pub fn existing(parent: &str, vm: &str) -> Option<VmCgroup> {
         let cgroup = Cgroup::load_with_specified_controllers(
             cgroups_rs::hierarchies::auto(),
-            path_for(vm),
+            path_for(parent, vm),
             controllers(),
         );
         cgroup.exists().then_some(VmCgroup { cgroup })
@@ -173,6 +173,12 @@ impl VmCgroup {
                 );
             }
             if procs.is_empty() && self.cgroup.delete().is_ok() && !self.cgroup.exists() {
+                // The shared parent goes too once its last VM is gone (rmdir fails otherwise,
+                // which is what we want).
+                let parent = self.cgroup.parent_control_group();
+                if parent.path().starts_with("shuttle") && parent.path() != "/" {
+                    let _ = parent.delete();
+                }
                 return Ok(());
             }
             if start.elapsed() > wait {

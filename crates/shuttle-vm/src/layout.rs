@@ -81,6 +81,22 @@ impl Layout {
         self.runtime_vms_dir().join(format!("{name}.log"))
     }
 
+    /// The cgroup under which this layout's VMs get theirs: `shuttle` for the system-wide
+    /// layout, and one per `SHUTTLE_ROOT` otherwise, so that side-by-side installations (such
+    /// as parallel tests) never touch each other's VMs even when names coincide.
+    pub fn cgroup_parent(&self) -> String {
+        if self.state == Path::new(DEFAULT_STATE_DIR) {
+            return "shuttle".to_owned();
+        }
+        // FNV-1a: stable across builds, unlike the standard library's hasher.
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in self.state.as_os_str().as_encoded_bytes() {
+            h ^= u64::from(*b);
+            h = h.wrapping_mul(0x0100_0000_01b3);
+        }
+        format!("shuttle-{:08x}", h as u32)
+    }
+
     /// Where the VM's root is assembled (only inside the VM's own mount namespace).
     pub fn root_mount_point(&self, name: &str) -> PathBuf {
         self.runtime_vm_dir(name).join("root")
@@ -100,5 +116,14 @@ mod tests {
             Path::new("/x/run/vms/web/monitor.sock")
         );
         assert_eq!(l.lock_file("web"), Path::new("/x/run/vms/web.lock"));
+        assert_ne!(l.cgroup_parent(), "shuttle");
+        assert_ne!(
+            l.cgroup_parent(),
+            Layout::under(Path::new("/y")).cgroup_parent()
+        );
+        assert_eq!(
+            l.cgroup_parent(),
+            Layout::under(Path::new("/x")).cgroup_parent()
+        );
     }
 }

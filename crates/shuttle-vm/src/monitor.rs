@@ -155,7 +155,11 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
             })
         }
         Err(e) => {
-            cleanup(layout, name, VmCgroup::existing(name).as_ref());
+            cleanup(
+                layout,
+                name,
+                VmCgroup::existing(&layout.cgroup_parent(), name).as_ref(),
+            );
             Err(e)
         }
     }
@@ -164,6 +168,7 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
 /// Creates the cgroup, forks init into new namespaces and waits until it reports ready.
 fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup), MonitorError> {
     let cgroup = VmCgroup::create(
+        &layout.cgroup_parent(),
         &config.name,
         Limits {
             memory_bytes: config.memory_bytes,
