@@ -1,1 +1,252 @@
-fn main() {}
+//! `shuttle-bench`: measures Shuttle's VM engine against bubblewrap in the same run and prints
+//! ratios (these machines are noisy; absolute times mean little).
+//!
+//! Usage (as root, after `cargo build --release`):
+//!   target/release/shuttle-bench [--runs N] [--fleet N]
+//!
+//! It measures, interleaving the two sides so that drift in machine load hits both alike:
+//! * `shuttle run VM -- true` into a running VM vs `bwrap --unshare-all ... true`
+//!   (target: ratio ≤ 1.0);
+//! * a fresh VM's `vm create` + first `run` vs the same bwrap command (target ≤ 2.0);
+//! * the memory an idle VM costs beyond its applications: the proportional set size (PSS) of
+//!   its monitor and init (target ≤ 2 MiB);
+//! * creating and starting a fleet of VMs (default 100), in total and per VM.
+#![forbid(unsafe_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+const BWRAP_ARGS: &[&str] = &[
+    "--unshare-all",
+    "--ro-bind",
+    "/",
+    "/",
+    "--proc",
+    "/proc",
+    "--dev",
+    "/dev",
+    "true",
+];
+
+struct Bench {
+    shuttle: PathBuf,
+    root: tempfile::TempDir,
+}
+
+impl Bench {
+    fn shuttle(&self) -> Command {
+        let mut c = Command::new(&self.shuttle);
+        c.env("SHUTTLE_ROOT", self.root.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null());
+        c
+    }
+
+    fn check(&self, args: &[&str]) -> Result<()> {
+        let out = self.shuttle().args(args).stderr(Stdio::piped()).output()?;
+        if !out.status.success() {
+            bail!(
+                "shuttle {} failed: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    fn json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        let out = self.shuttle().args(args).stdout(Stdio::piped()).output()?;
+        Ok(serde_json::from_slice(&out.stdout)?)
+    }
+}
+
+fn time(cmd: &mut Command) -> Result<Duration> {
+    let t = Instant::now();
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    let d = t.elapsed();
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(d)
+}
+
+fn bwrap() -> Command {
+    let mut c = Command::new("bwrap");
+    c.args(BWRAP_ARGS).stdin(Stdio::null());
+    c
+}
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1e3)
+}
+
+/// PSS of a process in KiB (its fair share of shared pages: what it really adds).
+fn pss_kib(pid: i64) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Pss:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no Pss line in smaps_rollup")
+}
+
+fn rss_kib(pid: i64) -> Result<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("no VmRSS line")
+}
+
+fn arg(args: &[String], flag: &str, default: usize) -> Result<usize> {
+    match args.iter().position(|a| a == flag) {
+        Some(i) => args
+            .get(i + 1)
+            .context("missing value")?
+            .parse()
+            .context("not a number"),
+        None => Ok(default),
+    }
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let runs = arg(&args, "--runs", 200)?;
+    let fleet = arg(&args, "--fleet", 100)?;
+    let exe = std::env::current_exe()?;
+    let shuttle = exe
+        .parent()
+        .map(|d| d.join("shuttle"))
+        .context("no parent dir")?;
+    if !shuttle.exists() {
+        bail!(
+            "{} not found: build it first (cargo build --release)",
+            shuttle.display()
+        );
+    }
+    if Command::new("bwrap").arg("--version").output().is_err() {
+        bail!("bwrap not found: install bubblewrap (apt-get install bubblewrap)");
+    }
+    let bench = Bench {
+        shuttle,
+        root: tempfile::Builder::new().prefix("shb").tempdir_in("/tmp")?,
+    };
+    let result = run_all(&bench, runs, fleet);
+    // Clean up whatever is left, even after a failure.
+    if let Ok(list) = bench.json(&["vm", "ls", "--json"]) {
+        for vm in list.as_array().into_iter().flatten() {
+            if let Some(name) = vm["name"].as_str() {
+                let _ = bench.check(&["vm", "rm", "--force", name]);
+            }
+        }
+    }
+    result
+}
+
+fn run_all(bench: &Bench, runs: usize, fleet: usize) -> Result<()> {
+    println!("shuttle-bench: {runs} runs per measurement, fleet of {fleet}; medians; ratio = shuttle / baseline");
+
+    // 1. run into a running VM vs bwrap.
+    bench.check(&["vm", "create", "warm"])?;
+    bench.check(&["vm", "start", "warm"])?;
+    for _ in 0..10 {
+        time(bench.shuttle().args(["run", "warm", "--", "true"]))?;
+        time(&mut bwrap())?;
+    }
+    let (mut s, mut b) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        s.push(time(bench.shuttle().args(["run", "warm", "--", "true"]))?);
+        b.push(time(&mut bwrap())?);
+    }
+    let (sm, bm) = (median(&mut s), median(&mut b));
+    println!(
+        "run into a running VM:     shuttle {} vs bwrap {}  ratio {:.2} (target <= 1.00)",
+        ms(sm),
+        ms(bm),
+        sm.as_secs_f64() / bm.as_secs_f64()
+    );
+
+    // 2. idle VM memory.
+    let status = bench.json(&["vm", "ls", "--json"])?;
+    let warm = status
+        .as_array()
+        .and_then(|a| a.iter().find(|v| v["name"] == "warm"))
+        .context("warm VM not listed")?;
+    let (monitor, init) = (
+        warm["monitor_pid"].as_i64().context("no monitor pid")?,
+        warm["init_pid"].as_i64().context("no init pid")?,
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    let pss = pss_kib(monitor)? + pss_kib(init)?;
+    let rss = rss_kib(monitor)? + rss_kib(init)?;
+    println!(
+        "idle VM memory:            {pss} KiB PSS (monitor + init; {rss} KiB RSS)  ratio {:.2} of the 2 MiB target",
+        pss as f64 / 2048.0
+    );
+
+    // 3. fresh VM: create + first run vs bwrap.
+    let fresh_runs = (runs / 5).max(10);
+    let (mut s, mut b) = (Vec::new(), Vec::new());
+    for i in 0..fresh_runs {
+        let name = format!("fresh{i}");
+        let t = Instant::now();
+        bench.check(&["vm", "create", &name])?;
+        time(bench.shuttle().args(["run", &name, "--", "true"]))?;
+        s.push(t.elapsed());
+        b.push(time(&mut bwrap())?);
+        bench.check(&["vm", "rm", "--force", &name])?;
+    }
+    let (sm, bm) = (median(&mut s), median(&mut b));
+    println!(
+        "fresh VM create + run:     shuttle {} vs bwrap {}  ratio {:.2} (target <= 2.00)",
+        ms(sm),
+        ms(bm),
+        sm.as_secs_f64() / bm.as_secs_f64()
+    );
+
+    // 4. a fleet.
+    let t = Instant::now();
+    for i in 0..fleet {
+        let name = format!("fleet{i}");
+        bench.check(&["vm", "create", &name])?;
+        bench.check(&["vm", "start", &name])?;
+    }
+    let total = t.elapsed();
+    let mut fleet_pss = 0;
+    for vm in bench
+        .json(&["vm", "ls", "--json"])?
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        if let (Some(m), Some(i)) = (vm["monitor_pid"].as_i64(), vm["init_pid"].as_i64()) {
+            fleet_pss += pss_kib(m).unwrap_or(0) + pss_kib(i).unwrap_or(0);
+        }
+    }
+    println!(
+        "create + start {fleet} VMs:     {:.2} s total, {} per VM; {} KiB PSS for all {} running VMs",
+        total.as_secs_f64(),
+        ms(total / fleet.max(1) as u32),
+        fleet_pss,
+        fleet + 1
+    );
+    let t = Instant::now();
+    for i in 0..fleet {
+        bench.check(&["vm", "rm", "--force", &format!("fleet{i}")])?;
+    }
+    println!(
+        "stop + remove {fleet} VMs:     {:.2} s total",
+        t.elapsed().as_secs_f64()
+    );
+    let _ = Path::new("/");
+    Ok(())
+}

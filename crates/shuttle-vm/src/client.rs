@@ -84,7 +84,20 @@ pub fn start(layout: &Layout, name: &str, shuttle_exe: &Path) -> Result<(), Clie
         what: "fcntl".into(),
         source: e.into(),
     })?;
-    let spawned = Command::new(shuttle_exe)
+    // The monitor (and the VM's init, forked from it without exec, whose environment any
+    // root process in the VM can read in /proc/1/environ) gets a clean environment: nothing
+    // of the caller's leaks into the VM.
+    let mut cmd = Command::new(shuttle_exe);
+    cmd.env_clear().env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    for passed in ["SHUTTLE_ROOT", "SHUTTLE_LOG"] {
+        if let Some(v) = std::env::var_os(passed) {
+            cmd.env(passed, v);
+        }
+    }
+    let spawned = cmd
         .arg(MONITOR_SUBCOMMAND)
         .arg(name)
         .arg(ready_write.as_raw_fd().to_string())
@@ -123,6 +136,28 @@ pub fn start(layout: &Layout, name: &str, shuttle_exe: &Path) -> Result<(), Clie
         message,
         log: log_path,
     })
+}
+
+/// Waits until a VM that another process is starting accepts connections. Fails as soon as
+/// nobody holds the VM's lock any more (that start failed).
+pub fn wait_until_ready(layout: &Layout, name: &str, timeout: Duration) -> Result<(), ClientError> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if Channel::connect(&layout.monitor_socket(name)).is_ok() {
+            return Ok(());
+        }
+        if !store::is_running(layout, name) {
+            return Err(ClientError::NotRunning(name.into()));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(ClientError::StartFailed {
+                name: name.into(),
+                message: format!("another start did not finish within {timeout:?}"),
+                log: layout.monitor_log(name),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 /// Opens a conversation with the VM's monitor and completes the version handshake.

@@ -74,13 +74,35 @@ pub fn run(ctx: InitContext) -> ! {
     {
         shuttle_sys::process::exit_immediately(1);
     }
-    let mut byte = [0u8; 1];
-    match std::fs::File::from(ctx.go).read(&mut byte) {
-        Ok(1) => {}
-        // The monitor died (or refused) before placing us in the cgroup.
-        _ => shuttle_sys::process::exit_immediately(1),
-    }
-    if let Err(message) = prepare(&ctx.config, &ctx.plan) {
+    // Moving a process into a cgroup-v1 memory controller takes the kernel's cgroup
+    // threadgroup lock for writing, which costs a whole RCU grace period (~10 ms). On such
+    // hosts init builds the VM's root while the monitor moves it; on cgroup v2 hosts it waits
+    // first, because the cgroup2 mount inside the VM must be made from the VM's own cgroup
+    // namespace, which only exists after the move.
+    let cgroup_mount_in_plan = ctx
+        .plan
+        .iter()
+        .any(|s| matches!(s, Step::MountCgroup2 { .. }));
+    let go = ctx.go;
+    let wait_for_cgroup = move || {
+        let mut byte = [0u8; 1];
+        matches!(std::fs::File::from(go).read(&mut byte), Ok(1))
+    };
+    let result = if cgroup_mount_in_plan {
+        if wait_for_cgroup() {
+            enter_cgroup_namespace().and_then(|()| build_root(&ctx.plan))
+        } else {
+            // The monitor died (or refused) before placing us in the cgroup.
+            shuttle_sys::process::exit_immediately(1)
+        }
+    } else {
+        let built = build_root(&ctx.plan);
+        if !wait_for_cgroup() {
+            shuttle_sys::process::exit_immediately(1)
+        }
+        built.and_then(|()| enter_cgroup_namespace())
+    };
+    if let Err(message) = result.and_then(|()| harden(&ctx.config)) {
         let _ = ctx.channel.send(&InitEvent::SetupFailed { message });
         shuttle_sys::process::exit_immediately(1);
     }
@@ -91,12 +113,15 @@ pub fn run(ctx: InitContext) -> ! {
     shuttle_sys::process::exit_immediately(code)
 }
 
-/// Everything between the clone and serving: namespaces, mounts, hardening.
-fn prepare(config: &VmConfig, plan: &[Step]) -> Result<(), String> {
-    // The cgroup namespace is made only now, after the monitor moved us into the VM's
-    // cgroup, so that the VM's view of cgroups is rooted at its own.
+/// The cgroup namespace is made only after the monitor moved us into the VM's cgroup, so
+/// that the VM's view of cgroups is rooted at its own.
+fn enter_cgroup_namespace() -> Result<(), String> {
     nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
-        .map_err(|e| format!("unshare(CLONE_NEWCGROUP) failed: {e}"))?;
+        .map_err(|e| format!("unshare(CLONE_NEWCGROUP) failed: {e}"))
+}
+
+/// Builds the VM's root from the plan, ending inside it.
+fn build_root(plan: &[Step]) -> Result<(), String> {
     setup::execute(plan).map_err(|e| e.to_string())?;
     // Nothing of the host stays open in the VM: init's own stdio pointed at the monitor's log.
     let null = std::fs::OpenOptions::new()
@@ -107,7 +132,7 @@ fn prepare(config: &VmConfig, plan: &[Step]) -> Result<(), String> {
     for target in 0..3 {
         shuttle_sys::process::dup_onto(null.as_fd(), target).map_err(|e| format!("dup2: {e}"))?;
     }
-    harden(config)
+    Ok(())
 }
 
 fn harden(config: &VmConfig) -> Result<(), String> {

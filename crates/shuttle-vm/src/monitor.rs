@@ -209,9 +209,11 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup)
         let _ = waitpid(init_pid, None);
         e
     };
+    let attach = Instant::now();
     cgroup
         .add_process(init_pid.as_raw())
         .map_err(|e| fail(e.into()))?;
+    tracing::debug!(elapsed = ?attach.elapsed(), "init moved into the VM's cgroup");
     fs::File::from(go_write).write_all(b"g").map_err(|e| {
         fail(MonitorError::Io {
             what: "releasing init",
@@ -242,7 +244,10 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup)
             }
         }
         match ours.recv::<InitEvent>() {
-            Ok(InitEvent::Ready) => return Ok((init_pid, ours, cgroup)),
+            Ok(InitEvent::Ready) => {
+                tracing::debug!(elapsed = ?attach.elapsed(), "init ready");
+                return Ok((init_pid, ours, cgroup));
+            }
             Ok(InitEvent::SetupFailed { message }) => {
                 return Err(fail(MonitorError::Setup {
                     name: config.name.clone(),

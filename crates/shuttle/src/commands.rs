@@ -320,7 +320,11 @@ fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
         }
         require_kernel_features()?;
         match client::start(layout, &config.name, &shuttle_exe()?) {
-            Ok(()) | Err(ClientError::AlreadyRunning(_)) => {}
+            Ok(()) => {}
+            // Someone else is starting it right now: wait for them.
+            Err(ClientError::AlreadyRunning(_)) => {
+                client::wait_until_ready(layout, &name, Duration::from_secs(60))?
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -338,12 +342,16 @@ fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
     if stdin.is_terminal() {
         tracing::debug!("stdin is a terminal; the command gets it as its stdin (no relay)");
     }
-    let session = client::run(
-        layout,
-        &name,
-        command,
-        [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()],
-    )?;
+    let stdio = [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()];
+    let session = match client::run(layout, &name, command.clone(), stdio) {
+        // Its lock is held but its socket is not there yet: another `run` or `vm start` is
+        // still setting the VM up. Wait for it rather than fail.
+        Err(ClientError::NotRunning(_)) if store::is_running(layout, &name) => {
+            client::wait_until_ready(layout, &name, Duration::from_secs(60))?;
+            client::run(layout, &name, command, stdio)?
+        }
+        other => other?,
+    };
     let signaller = session.signaller()?;
     let handle = signals.handle();
     let forwarder = std::thread::spawn(move || {

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs what building, testing and demonstrating Shuttle needs on a fresh Debian 12 machine
+# (run as root). The Rust toolchain and cargo-nextest come with the machine.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+packages=(
+  bubblewrap      # the baseline the benchmarks compare against
+  busybox-static  # a tiny self-contained root tree for the --base DIR tests
+  python3         # test programs run inside VMs (memory hogs, socket servers)
+  procps          # ps inside VMs
+  util-linux      # unshare, mount, ipcmk, ipcs used by the isolation tests
+  iproute2
+)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "installing: ${missing[*]}" >&2
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
