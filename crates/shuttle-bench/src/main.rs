@@ -88,14 +88,25 @@ fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1e3)
 }
 
-/// PSS of a process in KiB (its fair share of shared pages: what it really adds).
-fn pss_kib(pid: i64) -> Result<u64> {
+/// A field of /proc/PID/smaps_rollup in KiB.
+fn smaps_kib(pid: i64, field: &str) -> Result<u64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
     text.lines()
-        .find_map(|l| l.strip_prefix("Pss:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|v| v.split_whitespace().next())
         .and_then(|v| v.parse().ok())
-        .context("no Pss line in smaps_rollup")
+        .with_context(|| format!("no {field} line in smaps_rollup"))
+}
+
+/// PSS of a process in KiB (its fair share of shared pages).
+fn pss_kib(pid: i64) -> Result<u64> {
+    smaps_kib(pid, "Pss:")
+}
+
+/// Memory only this process has written (what one more VM really adds: the binary's pages are
+/// shared by every monitor and init).
+fn private_dirty_kib(pid: i64) -> Result<u64> {
+    smaps_kib(pid, "Private_Dirty:")
 }
 
 fn rss_kib(pid: i64) -> Result<u64> {
@@ -188,9 +199,10 @@ fn run_all(bench: &Bench, runs: usize, fleet: usize) -> Result<()> {
     std::thread::sleep(Duration::from_millis(200));
     let pss = pss_kib(monitor)? + pss_kib(init)?;
     let rss = rss_kib(monitor)? + rss_kib(init)?;
+    let private = private_dirty_kib(monitor)? + private_dirty_kib(init)?;
     println!(
-        "idle VM memory:            {pss} KiB PSS (monitor + init; {rss} KiB RSS)  ratio {:.2} of the 2 MiB target",
-        pss as f64 / 2048.0
+        "idle VM memory:            {private} KiB private to monitor + init (ratio {:.2} of the 2 MiB target); alone on the host: {pss} KiB PSS, {rss} KiB RSS",
+        private as f64 / 2048.0
     );
 
     // 3. fresh VM: create + first run vs bwrap.
@@ -233,9 +245,10 @@ fn run_all(bench: &Bench, runs: usize, fleet: usize) -> Result<()> {
         }
     }
     println!(
-        "create + start {fleet} VMs:     {:.2} s total, {} per VM; {} KiB PSS for all {} running VMs",
+        "create + start {fleet} VMs:     {:.2} s total, {} per VM; {} KiB PSS per running VM ({} KiB for all {})",
         total.as_secs_f64(),
         ms(total / fleet.max(1) as u32),
+        fleet_pss / (fleet as u64 + 1),
         fleet_pss,
         fleet + 1
     );

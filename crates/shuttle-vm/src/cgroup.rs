@@ -131,6 +131,34 @@ impl VmCgroup {
         }
     }
 
+    /// On cgroup v1, the `tasks` files through which a single-threaded process can move
+    /// itself. Writing "0" (the calling thread) to `tasks` is the one migration for which the
+    /// kernel skips its global threadgroup lock, whose write side costs an RCU grace period
+    /// (5-15 ms per VM start, see cgroup_procs_write_start in kernel/cgroup/cgroup.c). `None`
+    /// on cgroup v2, where the monitor moves init through `cgroup.procs`.
+    pub fn self_attach_files(&self) -> Option<Vec<PathBuf>> {
+        if self.cgroup.v2() {
+            return None;
+        }
+        Some(
+            CONTROLLERS
+                .iter()
+                .flat_map(|c| self.dirs(c))
+                .map(|d| d.join("tasks"))
+                .collect(),
+        )
+    }
+
+    /// Whether `pid` is in this cgroup (in every hierarchy of it, on v1).
+    pub fn contains(&self, pid: i32) -> bool {
+        self.cgroup.procs().iter().any(|p| p.pid == pid as u64)
+            && CONTROLLERS.iter().flat_map(|c| self.dirs(c)).all(|d| {
+                std::fs::read_to_string(d.join("cgroup.procs"))
+                    .map(|t| t.lines().any(|l| l.trim() == pid.to_string()))
+                    .unwrap_or(false)
+            })
+    }
+
     pub fn add_process(&self, pid: i32) -> Result<(), CgroupError> {
         self.cgroup
             .add_task_by_tgid(CgroupPid::from(pid as u64))

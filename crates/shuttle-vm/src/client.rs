@@ -92,6 +92,12 @@ pub fn start(layout: &Layout, name: &str, shuttle_exe: &Path) -> Result<(), Clie
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     );
+    // One malloc arena and a fixed mmap threshold: the monitor's few threads allocate little,
+    // and glibc would otherwise give each thread an arena and, once the first large receive
+    // buffer is freed, raise the threshold and keep such buffers in a heap that never shrinks:
+    // hundreds of KiB more for every idle VM. (glibc tunables; ignored by other C libraries.)
+    cmd.env("MALLOC_ARENA_MAX", "1")
+        .env("MALLOC_MMAP_THRESHOLD_", "131072");
     for passed in ["SHUTTLE_ROOT", "SHUTTLE_LOG"] {
         if let Some(v) = std::env::var_os(passed) {
             cmd.env(passed, v);

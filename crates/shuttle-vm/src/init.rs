@@ -48,6 +48,8 @@ pub struct InitContext {
     pub channel: Channel,
     /// The monitor writes one byte here once the init is in the VM's cgroup.
     pub go: OwnedFd,
+    /// cgroup v1: the `tasks` files init writes "0" to, moving itself into the VM's cgroup.
+    pub cgroup_tasks: Option<Vec<std::path::PathBuf>>,
 }
 
 fn handled_set() -> SigSet {
@@ -79,6 +81,15 @@ pub fn run(ctx: InitContext) -> ! {
     // hosts init builds the VM's root while the monitor moves it; on cgroup v2 hosts it waits
     // first, because the cgroup2 mount inside the VM must be made from the VM's own cgroup
     // namespace, which only exists after the move.
+    if let Some(files) = &ctx.cgroup_tasks {
+        for f in files {
+            if let Err(e) = std::fs::write(f, "0") {
+                let message = format!("moving init into its cgroup through {}: {e}", f.display());
+                let _ = ctx.channel.send(&InitEvent::SetupFailed { message });
+                shuttle_sys::process::exit_immediately(1);
+            }
+        }
+    }
     let cgroup_mount_in_plan = ctx
         .plan
         .iter()

@@ -167,6 +167,7 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
 
 /// Creates the cgroup, forks init into new namespaces and waits until it reports ready.
 fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup), MonitorError> {
+    let t0 = Instant::now();
     let cgroup = VmCgroup::create(
         &layout.cgroup_parent(),
         &config.name,
@@ -186,6 +187,8 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup)
     if config.net == NetMode::None {
         flags |= CloneFlags::CLONE_NEWNET;
     }
+    let self_attach = cgroup.self_attach_files();
+    tracing::debug!(elapsed = ?t0.elapsed(), "cgroup created");
     let forked = shuttle_sys::process::clone_into_namespaces_single_threaded(flags).map_err(|e| {
         MonitorError::Sys {
             what: "clone into new namespaces (does this kernel support mount, PID, IPC, UTS and network namespaces?)".into(),
@@ -200,20 +203,24 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup)
             plan: steps,
             channel: theirs,
             go: go_read,
+            cgroup_tasks: self_attach,
         });
     };
     drop(theirs);
     drop(go_read);
+    tracing::debug!(elapsed = ?t0.elapsed(), "init cloned");
     let fail = |e: MonitorError| {
         let _ = kill(init_pid, Signal::SIGKILL);
         let _ = waitpid(init_pid, None);
         e
     };
     let attach = Instant::now();
-    cgroup
-        .add_process(init_pid.as_raw())
-        .map_err(|e| fail(e.into()))?;
-    tracing::debug!(elapsed = ?attach.elapsed(), "init moved into the VM's cgroup");
+    if self_attach.is_none() {
+        cgroup
+            .add_process(init_pid.as_raw())
+            .map_err(|e| fail(e.into()))?;
+        tracing::debug!(elapsed = ?attach.elapsed(), "init moved into the VM's cgroup");
+    }
     fs::File::from(go_write).write_all(b"g").map_err(|e| {
         fail(MonitorError::Io {
             what: "releasing init",
@@ -246,6 +253,23 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup)
         match ours.recv::<InitEvent>() {
             Ok(InitEvent::Ready) => {
                 tracing::debug!(elapsed = ?attach.elapsed(), "init ready");
+                // Verify, whoever moved it: a VM outside its cgroup would escape its limits.
+                if !cgroup.contains(init_pid.as_raw()) {
+                    return Err(fail(MonitorError::Setup {
+                        name: config.name.clone(),
+                        message: format!(
+                            "init is not in the VM's cgroup after set-up (it is in: {})",
+                            fs::read_to_string(format!("/proc/{init_pid}/cgroup"))
+                                .unwrap_or_default()
+                                .lines()
+                                .filter(|l| l.contains("memory")
+                                    || l.contains("pids")
+                                    || l.starts_with("0::"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    }));
+                }
                 return Ok((init_pid, ours, cgroup));
             }
             Ok(InitEvent::SetupFailed { message }) => {
