@@ -41,6 +41,9 @@ pub enum Command {
     ///
     /// Example: shuttle run web -e LANG=C.UTF-8 -w /srv -- python3 -m http.server
     Run(RunArgs),
+    /// Check and explain cross-VM policies
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     #[command(name = "__monitor", hide = true)]
     Monitor { name: String, ready_fd: i32 },
 }
@@ -126,4 +129,52 @@ pub struct RunArgs {
     /// The command and its arguments (after --)
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
+}
+
+/// Where the policy lives unless a command names another file.
+pub const DEFAULT_POLICY: &str = "/etc/shuttle/policy.toml";
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCommand {
+    /// Validate a policy file: every error with FILE:LINE:COLUMN and how to fix it
+    ///
+    /// Unknown keys, unknown ops, malformed objects, bad selectors and rules that can never
+    /// match (because an earlier rule already decides everything they would) are errors.
+    /// Exit status 0 when the file is valid, 1 when it is not.
+    ///
+    /// Example: shuttle policy check examples/policy.toml
+    Check {
+        file: PathBuf,
+        /// Print the result as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show which rule decides a request, and why the rules before it do not
+    ///
+    /// Example:
+    ///   shuttle policy explain --op connect --from web --to db \
+    ///       --object unix:/run/postgresql/.s.PGSQL.5432
+    Explain {
+        /// connect, mq, share, ipc-group, signal, invoke or open
+        #[arg(long)]
+        op: String,
+        /// The VM that asks (a VM name, or @host)
+        #[arg(long)]
+        from: String,
+        /// The VM that serves the object; when absent, the policy routes the request
+        #[arg(long)]
+        to: Option<String>,
+        /// The object, in the form the op takes (e.g. unix:/path, tcp:5432, /usr/bin/evince)
+        #[arg(long)]
+        object: String,
+        /// For --op signal: the signal sent (TERM, HUP, ...)
+        #[arg(long)]
+        signal: Option<String>,
+        /// The policy file to consult
+        #[arg(long, default_value = DEFAULT_POLICY)]
+        policy: PathBuf,
+        /// Print the explanation as JSON
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -47,6 +47,7 @@ pub fn dispatch(cli: Cli) -> i32 {
     let result = match cli.command {
         Command::Vm(vm) => vm_command(&layout, vm).map(|()| 0),
         Command::Run(args) => run(&layout, args),
+        Command::Policy(cmd) => crate::policy_cmd::run(&layout, cmd),
         Command::Monitor { .. } => Ok(0),
     };
     match result {

@@ -6,6 +6,7 @@
 
 mod cli;
 mod commands;
+mod policy_cmd;
 
 use std::process::ExitCode;
 
