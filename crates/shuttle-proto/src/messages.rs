@@ -81,6 +81,11 @@ pub enum MonitorRequest {
         grace_ms: u64,
     },
     Status,
+    /// Replace the policy the monitor enforces (sent by the broker on `policy load`).
+    SetPolicy {
+        source: String,
+        text: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +138,89 @@ pub enum MonitorReply {
     Status(VmStatus),
     /// Sent to the client that asked for a stop once the VM is gone.
     Stopped,
+    /// The request was carried out.
+    Done,
+}
+
+/// What a process inside a VM may ask, over `/run/shuttle/broker.sock` in the VM. The socket
+/// it arrives on identifies the VM; nothing in a request names the requester.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VmRequest {
+    Hello(Hello),
+    /// Deliver `signal` to every process of VM `vm` running `program` (a name, as `comm` or
+    /// argv\[0\] shows it, or an absolute path).
+    Signal {
+        vm: String,
+        program: String,
+        signal: i32,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum VmReply {
+    Hello {
+        version: u32,
+        vm: String,
+    },
+    /// Allowed and done: how many processes got the signal.
+    Signalled {
+        count: usize,
+    },
+    /// Refused; the message says which rule (or the default) decided.
+    Denied {
+        message: String,
+    },
+    Failed {
+        message: String,
+    },
+}
+
+/// The CLI's (and monitors') conversation with the broker over `$RUNTIME/broker.sock`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum BrokerRequest {
+    Hello(Hello),
+    /// Replace the active policy atomically: parse, persist, hand to every monitor.
+    LoadPolicy {
+        source: String,
+        text: String,
+    },
+    /// Collect every VM's audit journal into the store now.
+    CollectAudit,
+    Status,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum BrokerReply {
+    Hello {
+        version: u32,
+    },
+    /// The policy is active; `monitors` running VMs enforce it now, `unreached` did not answer
+    /// (they read the new policy when they restart).
+    PolicyLoaded {
+        rules: usize,
+        monitors: usize,
+        unreached: Vec<String>,
+    },
+    /// The policy was not loaded; nothing changed.
+    PolicyRejected {
+        errors: String,
+    },
+    Collected {
+        records: usize,
+    },
+    Status {
+        pid: i32,
+        policy_source: Option<String>,
+        rules: usize,
+        audit_records: u64,
+    },
+    Failed {
+        message: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -145,3 +145,35 @@ pub fn close_descriptors_except(keep: &[std::os::fd::RawFd]) -> Result<(), Errno
     }
     Ok(())
 }
+
+/// A descriptor for process `pid` (pidfd_open(2)): signals sent through it reach that process
+/// or fail, never a later process that reused the number.
+pub fn pidfd_open(pid: i32) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (close-on-exec).
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0u32) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Sends `signal` through a pidfd (pidfd_send_signal(2)).
+pub fn pidfd_send_signal(pidfd: std::os::fd::BorrowedFd<'_>, signal: i32) -> Result<(), Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: NULL siginfo means "as kill(2) would"; flags must be 0.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            signal,
+            std::ptr::null::<libc::siginfo_t>(),
+            0u32,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}

@@ -169,6 +169,16 @@ impl VmCgroup {
             })
     }
 
+    /// Host pids of the VM's processes.
+    pub fn pids(&self) -> Vec<i32> {
+        self.cgroup.procs().iter().map(|p| p.pid as i32).collect()
+    }
+
+    /// Whether `pid` is listed in the cgroup's first hierarchy (cheap membership check).
+    pub fn contains_pid_in_any(&self, pid: i32) -> bool {
+        self.cgroup.procs().iter().any(|p| p.pid == pid as u64)
+    }
+
     pub fn process_count(&self) -> usize {
         self.cgroup.procs().len()
     }

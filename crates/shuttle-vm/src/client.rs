@@ -266,6 +266,31 @@ pub fn run(
     }
 }
 
+/// Hands the VM's monitor a new policy to enforce.
+pub fn set_policy(
+    layout: &Layout,
+    name: &str,
+    source: &str,
+    text: &str,
+) -> Result<(), ClientError> {
+    let chan = connect(layout, name)?;
+    chan.send(&MonitorRequest::SetPolicy {
+        source: source.into(),
+        text: text.into(),
+    })
+    .map_err(chan_err(name))?;
+    match chan.recv::<MonitorReply>().map_err(chan_err(name))? {
+        MonitorReply::Done => Ok(()),
+        MonitorReply::Failed { message, exit_code } => {
+            Err(ClientError::CommandFailed { message, exit_code })
+        }
+        other => Err(ClientError::Protocol {
+            name: name.into(),
+            reply: format!("{other:?}"),
+        }),
+    }
+}
+
 pub fn status(layout: &Layout, name: &str) -> Result<VmStatus, ClientError> {
     let chan = connect(layout, name)?;
     chan.send(&MonitorRequest::Status).map_err(chan_err(name))?;

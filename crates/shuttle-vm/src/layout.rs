@@ -97,6 +97,59 @@ impl Layout {
         format!("shuttle-{:08x}", h as u32)
     }
 
+    /// The directory bind-mounted at /run/shuttle inside the VM; it holds the VM's own API
+    /// socket (`broker.sock`), whose listener belongs to the VM's monitor.
+    pub fn vm_api_dir(&self, name: &str) -> PathBuf {
+        self.runtime_vm_dir(name).join("api")
+    }
+
+    pub fn vm_api_socket(&self, name: &str) -> PathBuf {
+        self.vm_api_dir(name).join("broker.sock")
+    }
+
+    /// The VM's audit journal (a directory of segments): decisions its monitor made, durable until the broker collects
+    /// them into the audit store.
+    pub fn audit_journal(&self, name: &str) -> PathBuf {
+        self.vm_dir(name).join("audit")
+    }
+
+    /// Journals of removed VMs, kept until the broker has collected them.
+    pub fn orphaned_journals_dir(&self) -> PathBuf {
+        self.state.join("journals")
+    }
+
+    /// The broker's audit store.
+    pub fn audit_db(&self) -> PathBuf {
+        self.state.join("audit.db")
+    }
+
+    /// The active policy, as last loaded (monitors read it when they start).
+    pub fn active_policy(&self) -> PathBuf {
+        self.state.join("policy").join("active.toml")
+    }
+
+    /// The file the active policy was loaded from (for SIGHUP reloads and messages).
+    pub fn active_policy_source(&self) -> PathBuf {
+        self.state.join("policy").join("source")
+    }
+
+    pub fn broker_socket(&self) -> PathBuf {
+        self.runtime.join("broker.sock")
+    }
+
+    pub fn broker_lock(&self) -> PathBuf {
+        self.runtime.join("broker.lock")
+    }
+
+    /// The running broker's pid (informational; the lock is what says it runs).
+    pub fn broker_pid(&self) -> PathBuf {
+        self.runtime.join("broker.pid")
+    }
+
+    pub fn broker_log(&self) -> PathBuf {
+        self.runtime.join("broker.log")
+    }
+
     /// Where the VM's root is assembled (only inside the VM's own mount namespace).
     pub fn root_mount_point(&self, name: &str) -> PathBuf {
         self.runtime_vm_dir(name).join("root")

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod setup;
 pub mod store;
 pub mod users;
+pub mod vm_api;
 
 pub use config::{Base, NetMode, VmConfig, VmOptions};
 pub use layout::Layout;

@@ -108,6 +108,8 @@ struct Started {
     init: Channel,
     cgroup: VmCgroup,
     listener: OwnedFd,
+    api_listener: OwnedFd,
+    journal: shuttle_audit::Journal,
     _lock: nix::fcntl::Flock<fs::File>,
     started_at: u64,
 }
@@ -124,19 +126,46 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
         move |source| MonitorError::Io { what, path, source }
     };
     fs::create_dir_all(layout.root_mount_point(name)).map_err(io("creating", &run_dir))?;
+    fs::create_dir_all(layout.vm_api_dir(name)).map_err(io("creating", &run_dir))?;
     fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o700))
         .map_err(io("chmod", &run_dir))?;
 
     let result = launch(layout, &config);
     match result {
         Ok((init_pid, init, cgroup)) => {
-            let listener = match listen_on(layout, name) {
+            // The VM's own API socket: any user inside the VM may connect (the VM, not the
+            // user, is the identity), so 0666 in a 0755 directory only the monitor writes.
+            let api_dir = layout.vm_api_dir(name);
+            let listeners = fs::set_permissions(&api_dir, fs::Permissions::from_mode(0o755))
+                .map_err(|source| MonitorError::Io {
+                    what: "chmod",
+                    path: api_dir.display().to_string(),
+                    source,
+                })
+                .and_then(|()| listen_on(&layout.vm_api_socket(name), 0o666))
+                .and_then(|api| Ok((listen_on(&layout.monitor_socket(name), 0o600)?, api)));
+            let (listener, api_listener) = match listeners {
                 Ok(l) => l,
                 Err(e) => {
                     let _ = kill(init_pid, Signal::SIGKILL);
                     let _ = waitpid(init_pid, None);
                     cleanup(layout, name, Some(&cgroup));
                     return Err(e);
+                }
+            };
+            // No journal, no decisions: a VM whose decisions cannot be audited does not start.
+            let journal_path = layout.audit_journal(name);
+            let journal = match shuttle_audit::Journal::open(&journal_path) {
+                Ok(j) => j,
+                Err(e) => {
+                    let _ = kill(init_pid, Signal::SIGKILL);
+                    let _ = waitpid(init_pid, None);
+                    cleanup(layout, name, Some(&cgroup));
+                    return Err(MonitorError::Io {
+                        what: "opening the audit journal",
+                        path: journal_path.display().to_string(),
+                        source: std::io::Error::other(e.to_string()),
+                    });
                 }
             };
             let started_at = std::time::SystemTime::now()
@@ -150,6 +179,8 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
                 init,
                 cgroup,
                 listener,
+                api_listener,
+                journal,
                 _lock: lock,
                 started_at,
             })
@@ -295,8 +326,7 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup)
     }
 }
 
-fn listen_on(layout: &Layout, name: &str) -> Result<OwnedFd, MonitorError> {
-    let path = layout.monitor_socket(name);
+fn listen_on(path: &std::path::Path, mode: u32) -> Result<OwnedFd, MonitorError> {
     let sock = socket(
         AddressFamily::Unix,
         SockType::SeqPacket,
@@ -304,12 +334,12 @@ fn listen_on(layout: &Layout, name: &str) -> Result<OwnedFd, MonitorError> {
         None,
     )
     .map_err(sys("socket"))?;
-    let addr = UnixAddr::new(&path).map_err(sys(format!(
+    let addr = UnixAddr::new(path).map_err(sys(format!(
         "socket path {} (too long? set a shorter SHUTTLE_ROOT)",
         path.display()
     )))?;
     bind(sock.as_raw_fd(), &addr).map_err(sys(format!("bind {}", path.display())))?;
-    fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(|source| {
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(|source| {
         MonitorError::Io {
             what: "chmod",
             path: path.display().to_string(),
@@ -339,6 +369,7 @@ enum VmState {
 
 struct Shared {
     name: String,
+    policy: crate::vm_api::SharedPolicy,
     init: Channel,
     init_pid: Pid,
     started_at: u64,
@@ -403,9 +434,22 @@ impl Started {
             init,
             cgroup,
             listener,
+            api_listener,
+            journal,
             _lock,
             started_at,
         } = self;
+        let policy: crate::vm_api::SharedPolicy = Arc::new(std::sync::RwLock::new(
+            crate::vm_api::load_active_policy(&layout),
+        ));
+        let api = Arc::new(crate::vm_api::ApiContext {
+            layout: layout.clone(),
+            vm: config.name.clone(),
+            tags: config.tags.clone(),
+            policy: Arc::clone(&policy),
+            journal: Mutex::new(journal),
+        });
+        thread::spawn(move || crate::vm_api::serve(api_listener, api));
         let reader = match init.try_clone() {
             Ok(r) => r,
             Err(e) => {
@@ -418,6 +462,7 @@ impl Started {
             name: config.name.clone(),
             init,
             init_pid,
+            policy,
             started_at,
             next_id: AtomicU64::new(1),
             waiters: Mutex::new(HashMap::new()),
@@ -558,6 +603,20 @@ fn serve_client(shared: &Arc<Shared>, chan: Channel) -> Result<(), ChannelError>
             let r = chan.send(&MonitorReply::Stopped);
             shared.stop_waiters.fetch_sub(1, Ordering::SeqCst);
             r
+        }
+        MonitorRequest::SetPolicy { source, text } => {
+            match shuttle_policy::Policy::parse(&source, &text) {
+                Ok(p) => {
+                    let rules = p.len();
+                    *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+                    tracing::info!(vm = %shared.name, %source, rules, "policy replaced");
+                    chan.send(&MonitorReply::Done)
+                }
+                Err(e) => chan.send(&MonitorReply::Failed {
+                    message: e.to_string(),
+                    exit_code: 1,
+                }),
+            }
         }
         MonitorRequest::Signal { .. } | MonitorRequest::Hello(_) => {
             chan.send(&MonitorReply::Failed {

@@ -35,6 +35,12 @@ pub enum Step {
     HideIfPresent {
         target: PathBuf,
     },
+    /// The VM's API directory (its broker socket) at /run/shuttle, read-only: the VM can
+    /// connect to the socket but never replace it.
+    BindApiDir {
+        source: PathBuf,
+        target: PathBuf,
+    },
     MountProc {
         target: PathBuf,
     },
@@ -121,6 +127,11 @@ pub fn build(config: &VmConfig, layout: &Layout, cgroups: HostCgroups) -> Vec<St
         });
     }
 
+    // After hiding Shuttle's own runtime directory, which may well be /run/shuttle itself.
+    steps.push(Step::BindApiDir {
+        source: layout.vm_api_dir(&config.name),
+        target: inside(&root, "/run/shuttle"),
+    });
     steps.push(Step::MountProc {
         target: inside(&root, "/proc"),
     });
@@ -249,6 +260,27 @@ mod tests {
         assert_eq!(pivot, Some(plan.len() - 3));
         assert_eq!(plan[plan.len() - 1], Step::LoopbackUp);
         assert!(!plan.iter().any(|s| matches!(s, Step::MountCgroup2 { .. })));
+        // The VM's API socket directory comes after the hiding of the runtime directory.
+        let api = plan
+            .iter()
+            .position(|s| matches!(s, Step::BindApiDir { .. }))
+            .expect("api dir bound");
+        let hide_run = plan
+            .iter()
+            .position(|s| {
+                *s == Step::HideIfPresent {
+                    target: "/srv/sh/run/vms/web/root/srv/sh/run".into(),
+                }
+            })
+            .expect("runtime hidden");
+        assert!(hide_run < api);
+        assert_eq!(
+            plan[api],
+            Step::BindApiDir {
+                source: "/srv/sh/run/vms/web/api".into(),
+                target: "/srv/sh/run/vms/web/root/run/shuttle".into()
+            }
+        );
     }
 
     #[test]

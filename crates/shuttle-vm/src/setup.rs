@@ -232,6 +232,27 @@ pub fn execute(steps: &[Step]) -> Result<(), SetupError> {
                     hide_file(target)?
                 }
             }
+            Step::BindApiDir { source, target } => {
+                guarded(target)?;
+                mkdir_all(target)?;
+                do_mount(
+                    &source.to_string_lossy(),
+                    target,
+                    None,
+                    MsFlags::MS_BIND,
+                    None,
+                )?;
+                do_mount(
+                    "none",
+                    target,
+                    None,
+                    MsFlags::MS_BIND
+                        | MsFlags::MS_REMOUNT
+                        | MsFlags::MS_RDONLY
+                        | NOSUID_NODEV_NOEXEC,
+                    None,
+                )?;
+            }
             Step::MountProc { target } => {
                 guarded(target)?;
                 mkdir_all(target)?;

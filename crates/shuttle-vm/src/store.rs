@@ -200,6 +200,18 @@ pub fn remove(layout: &Layout, name: &str) -> Result<(), StoreError> {
         return Err(StoreError::Running(name.into()));
     };
     let dir = layout.vm_dir(name);
+    // Decisions the broker has not collected yet outlive the VM: its journal moves aside.
+    let journal = layout.audit_journal(name);
+    if journal.exists() {
+        let kept = layout.orphaned_journals_dir();
+        fs::create_dir_all(&kept).map_err(io_err("creating", &kept))?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0);
+        let target = kept.join(format!("{name}-{stamp}"));
+        fs::rename(&journal, &target).map_err(io_err("keeping the audit journal of", &journal))?;
+    }
     // Move aside first so a crash mid-way never leaves a VM that looks valid but is partial.
     let doomed = layout
         .vms_dir()

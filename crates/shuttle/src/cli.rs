@@ -41,9 +41,38 @@ pub enum Command {
     ///
     /// Example: shuttle run web -e LANG=C.UTF-8 -w /srv -- python3 -m http.server
     Run(RunArgs),
-    /// Check and explain cross-VM policies
+    /// Check, load and explain the cross-VM policy
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the broker in the foreground (the CLI starts it in the background when needed)
+    ///
+    /// The broker owns the active policy and the audit store. VMs keep running and their
+    /// monitors keep enforcing the last loaded policy while it is down; loading a policy
+    /// needs it. SIGHUP reloads the file last loaded.
+    Daemon {
+        #[arg(long = "ready-fd", hide = true)]
+        ready_fd: Option<i32>,
+    },
+    /// Show the audit trail: every cross-VM decision, allowed or denied
+    ///
+    /// Examples:
+    ///   shuttle audit --denied --since 1h
+    ///   shuttle audit --vm web --follow
+    ///   shuttle audit --json | jq .
+    Audit(AuditArgs),
+    /// Inside a VM: send a signal to a program running in another VM, as the policy allows
+    ///
+    /// The request goes to this VM's own broker socket (/run/shuttle/broker.sock), which is
+    /// what identifies the VM. Example: shuttle signal db postgres --signal HUP
+    Signal {
+        /// The VM the program runs in
+        vm: String,
+        /// The program: a name (as ps shows it) or an absolute path
+        program: String,
+        /// The signal, by name (TERM, HUP, USR1, ...) or number
+        #[arg(long, short = 's', default_value = "TERM")]
+        signal: String,
+    },
     #[command(name = "__monitor", hide = true)]
     Monitor { name: String, ready_fd: i32 },
 }
@@ -149,6 +178,11 @@ pub enum PolicyCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Make FILE the active policy, atomically; a file with errors changes nothing
+    ///
+    /// Every running VM's monitor enforces it from the next request on. Needs the broker
+    /// (started in the background if it is not running).
+    Load { file: PathBuf },
     /// Show which rule decides a request, and why the rules before it do not
     ///
     /// Example:
@@ -170,11 +204,30 @@ pub enum PolicyCommand {
         /// For --op signal: the signal sent (TERM, HUP, ...)
         #[arg(long)]
         signal: Option<String>,
-        /// The policy file to consult
-        #[arg(long, default_value = DEFAULT_POLICY)]
-        policy: PathBuf,
+        /// The policy file to consult (default: the active policy, else /etc/shuttle/policy.toml)
+        #[arg(long)]
+        policy: Option<PathBuf>,
         /// Print the explanation as JSON
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct AuditArgs {
+    /// Keep printing new records as they come
+    #[arg(long, short = 'f')]
+    pub follow: bool,
+    /// Only records where this VM asked or was asked
+    #[arg(long, value_name = "NAME")]
+    pub vm: Option<String>,
+    /// Only refusals (denials, unanswered questions and errors)
+    #[arg(long)]
+    pub denied: bool,
+    /// Only records younger than this, such as 90s, 15m, 2h or 7d
+    #[arg(long, value_name = "DURATION")]
+    pub since: Option<String>,
+    /// One JSON object per line
+    #[arg(long)]
+    pub json: bool,
 }

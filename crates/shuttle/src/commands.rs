@@ -43,11 +43,22 @@ pub fn dispatch(cli: Cli) -> i32 {
         }
         return shuttle_vm::monitor::main(&layout, name, ready);
     }
-    init_logging("warn");
+    init_logging(if matches!(cli.command, Command::Daemon { .. }) {
+        "info"
+    } else {
+        "warn"
+    });
     let result = match cli.command {
         Command::Vm(vm) => vm_command(&layout, vm).map(|()| 0),
         Command::Run(args) => run(&layout, args),
         Command::Policy(cmd) => crate::policy_cmd::run(&layout, cmd),
+        Command::Daemon { ready_fd } => crate::broker_cmd::daemon(&layout, ready_fd),
+        Command::Audit(args) => crate::broker_cmd::audit(&layout, args),
+        Command::Signal {
+            vm,
+            program,
+            signal,
+        } => crate::broker_cmd::signal(&vm, &program, &signal),
         Command::Monitor { .. } => Ok(0),
     };
     match result {

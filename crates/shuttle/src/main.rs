@@ -4,6 +4,7 @@
 //! so a VM's supervisor is always the exact code the user invoked.
 #![forbid(unsafe_code)]
 
+mod broker_cmd;
 mod cli;
 mod commands;
 mod policy_cmd;

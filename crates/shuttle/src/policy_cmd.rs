@@ -7,11 +7,14 @@ use anyhow::{bail, Context, Result};
 use shuttle_policy::{ObjectPattern, Op, Policy, Request, Signal, VmIdentity};
 use shuttle_vm::{store, Layout};
 
-use crate::cli::PolicyCommand;
+use shuttle_proto::{BrokerReply, BrokerRequest};
+
+use crate::cli::{PolicyCommand, DEFAULT_POLICY};
 
 pub fn run(layout: &Layout, cmd: PolicyCommand) -> Result<i32> {
     match cmd {
         PolicyCommand::Check { file, json } => check(&file, json),
+        PolicyCommand::Load { file } => load(layout, &file),
         PolicyCommand::Explain {
             op,
             from,
@@ -20,16 +23,26 @@ pub fn run(layout: &Layout, cmd: PolicyCommand) -> Result<i32> {
             signal,
             policy,
             json,
-        } => explain(
-            layout,
-            &op,
-            &from,
-            to.as_deref(),
-            &object,
-            signal.as_deref(),
-            &policy,
-            json,
-        ),
+        } => {
+            let policy = policy.unwrap_or_else(|| {
+                let active = layout.active_policy();
+                if active.exists() {
+                    active
+                } else {
+                    DEFAULT_POLICY.into()
+                }
+            });
+            explain(
+                layout,
+                &op,
+                &from,
+                to.as_deref(),
+                &object,
+                signal.as_deref(),
+                &policy,
+                json,
+            )
+        }
     }
 }
 
@@ -126,4 +139,59 @@ fn explain(
         println!("{explanation}");
     }
     Ok(0)
+}
+
+fn load(layout: &Layout, file: &Path) -> Result<i32> {
+    let text = read(file)?;
+    // Check here first: a bad file gets its errors without starting anything.
+    let source = std::fs::canonicalize(file)
+        .unwrap_or_else(|_| file.to_owned())
+        .display()
+        .to_string();
+    if let Err(errors) = Policy::parse(&source, &text) {
+        eprintln!("{errors}");
+        eprintln!(
+            "{}: {} error(s); the active policy is unchanged",
+            file.display(),
+            errors.len()
+        );
+        return Ok(1);
+    }
+    if !nix::unistd::geteuid().is_root() {
+        bail!("loading a policy needs root: run shuttle as root, for example with sudo");
+    }
+    let exe =
+        std::env::current_exe().context("cannot find the shuttle binary to start the broker")?;
+    let chan = shuttle_broker::client::connect_or_start(layout, &exe, "load a policy")?;
+    match shuttle_broker::client::request(
+        &chan,
+        &BrokerRequest::LoadPolicy {
+            source: source.clone(),
+            text,
+        },
+    )? {
+        BrokerReply::PolicyLoaded {
+            rules,
+            monitors,
+            unreached,
+        } => {
+            eprintln!(
+                "policy {source} loaded: {rules} rules, enforced now by {monitors} running VM(s)"
+            );
+            if !unreached.is_empty() {
+                eprintln!(
+                    "warning: VM(s) {} did not answer; they use the new policy when restarted",
+                    unreached.join(", ")
+                );
+            }
+            Ok(0)
+        }
+        BrokerReply::PolicyRejected { errors } => {
+            eprintln!("{errors}");
+            eprintln!("the active policy is unchanged");
+            Ok(1)
+        }
+        BrokerReply::Failed { message } => bail!("the broker could not load the policy: {message}"),
+        other => bail!("the broker answered unexpectedly: {other:?}"),
+    }
 }

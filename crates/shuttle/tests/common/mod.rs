@@ -267,6 +267,21 @@ impl Env {
     /// Removes every VM and returns what is left behind, if anything.
     fn clean_up(&self) -> Vec<String> {
         let mut problems = Vec::new();
+        // A broker the test started (policy load starts one) goes first.
+        let pid_file = self.path().join("run/broker.pid");
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            if !wait_for(Duration::from_secs(5), || {
+                nix::sys::signal::kill(pid, None).is_err() || is_zombie(pid.as_raw())
+            }) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                problems.push(format!("the broker (pid {pid}) did not stop on SIGTERM"));
+            }
+        }
         let mut names = self.names_on_disk();
         match self.cmd(&["vm", "ls", "--json"]).output() {
             Ok(out) if out.status.success() => {
@@ -567,4 +582,15 @@ pub fn host_dir() -> TempDir {
         .prefix("shuttle-test")
         .tempdir_in("/var/tmp")
         .expect("creating a temporary directory in /var/tmp")
+}
+
+/// Whether `pid` has exited but was not reaped yet (its parent may be gone).
+pub fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
 }

@@ -1,0 +1,294 @@
+//! The API a VM's processes reach at `/run/shuttle/broker.sock`, served by the VM's own
+//! monitor.
+//!
+//! Identity comes from the socket: the monitor bound this listener for exactly one VM and
+//! bind-mounted it into that VM only, so whatever arrives on it comes from that VM, whatever
+//! the request says. Decisions use the monitor's copy of the last loaded policy, so they keep
+//! working while the broker is down; each is appended durably to the VM's audit journal
+//! *before* it takes effect, and a journal that cannot be written refuses the request.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread;
+
+use nix::sys::socket::{accept4, getsockopt, sockopt, SockFlag};
+use shuttle_audit::{AuditRecord, Caller, Journal, Outcome, RuleRef};
+use shuttle_policy::{Action, Op, Policy, Request, Signal, VmIdentity};
+use shuttle_proto::{Channel, ChannelError, Hello, VmReply, VmRequest, PROTOCOL_VERSION};
+
+use crate::cgroup::VmCgroup;
+use crate::layout::Layout;
+use crate::store;
+
+/// The policy a monitor enforces: swapped whole on every load, read without blocking loads.
+pub type SharedPolicy = Arc<RwLock<Arc<Policy>>>;
+
+/// Reads the active policy. A missing file means no rules (everything cross-VM denied); a
+/// damaged one is logged and also means no rules: fail closed.
+pub fn load_active_policy(layout: &Layout) -> Arc<Policy> {
+    let path = layout.active_policy();
+    let source = std::fs::read_to_string(layout.active_policy_source())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| path.display().to_string());
+    match std::fs::read_to_string(&path) {
+        Ok(text) => match Policy::parse(&source, &text) {
+            Ok(p) => Arc::new(p),
+            Err(e) => {
+                tracing::error!(policy = %path.display(), errors = %e, "active policy is invalid; denying everything");
+                Arc::new(Policy::empty(&source))
+            }
+        },
+        Err(_) => Arc::new(Policy::empty("(no policy loaded)")),
+    }
+}
+
+#[derive(Debug)]
+pub struct ApiContext {
+    pub layout: Layout,
+    pub vm: String,
+    pub tags: Vec<String>,
+    pub policy: SharedPolicy,
+    pub journal: Mutex<Journal>,
+}
+
+/// Accepts connections from inside the VM, one thread each. Returns when accept fails for
+/// good (the listener was closed).
+pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
+    loop {
+        let fd = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::EINTR | nix::errno::Errno::ECONNABORTED) => continue,
+            Err(e) => {
+                tracing::error!(error = %e, "VM API accept failed");
+                return;
+            }
+        };
+        let Some(fd) = shuttle_sys::fdpass::own_accepted(fd) else {
+            continue;
+        };
+        let ctx = Arc::clone(&ctx);
+        thread::spawn(move || {
+            let chan = Channel::from_fd(fd);
+            if let Err(e) = handle(&ctx, &chan) {
+                tracing::debug!(vm = %ctx.vm, error = %e, "VM API connection ended");
+            }
+        });
+    }
+}
+
+fn handle(ctx: &ApiContext, chan: &Channel) -> Result<(), ChannelError> {
+    // Who is calling, from the kernel: pid (host view) and uid of the connecting process.
+    let cred = getsockopt(&chan.as_fd(), sockopt::PeerCredentials).ok();
+    let caller = Caller {
+        pid_in_vm: None,
+        pid_on_host: cred.map(|c| c.pid()),
+        uid: cred.map(|c| c.uid()),
+        program: cred
+            .and_then(|c| std::fs::read_to_string(format!("/proc/{}/comm", c.pid())).ok())
+            .map(|s| s.trim().to_owned()),
+    };
+    match chan.recv::<VmRequest>()? {
+        VmRequest::Hello(Hello { version }) if version == PROTOCOL_VERSION => {
+            chan.send(&VmReply::Hello {
+                version: PROTOCOL_VERSION,
+                vm: ctx.vm.clone(),
+            })?
+        }
+        VmRequest::Hello(Hello { version }) => {
+            return Err(ChannelError::VersionMismatch {
+                ours: PROTOCOL_VERSION,
+                theirs: version,
+            })
+        }
+        _ => return Err(ChannelError::Unexpected("request before hello".into())),
+    }
+    loop {
+        let reply = match chan.recv::<VmRequest>() {
+            Ok(VmRequest::Signal {
+                vm,
+                program,
+                signal,
+            }) => signal_request(ctx, &caller, &vm, &program, signal),
+            Ok(VmRequest::Hello(_)) => VmReply::Failed {
+                message: "hello twice".into(),
+            },
+            Err(ChannelError::Disconnected) => return Ok(()),
+            Err(e) => {
+                let _ = chan.send(&VmReply::Failed {
+                    message: format!("bad request: {e}"),
+                });
+                return Err(e);
+            }
+        };
+        chan.send(&reply)?;
+    }
+}
+
+fn rule_ref(policy: &Policy, rule: &shuttle_policy::Rule) -> RuleRef {
+    let loc = rule.location();
+    RuleRef {
+        index: rule.number().saturating_sub(1),
+        name: rule.name().map(str::to_owned),
+        file: policy.source_name().to_owned(),
+        line: loc.line,
+        column: loc.column,
+    }
+}
+
+/// Records `record` durably; false when that failed (the caller must refuse).
+fn journal(ctx: &ApiContext, record: AuditRecord) -> bool {
+    let mut j = ctx.journal.lock().unwrap_or_else(|e| e.into_inner());
+    match j.append(&record) {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::error!(vm = %ctx.vm, error = %e, "audit journal write failed; refusing");
+            false
+        }
+    }
+}
+
+fn signal_request(
+    ctx: &ApiContext,
+    caller: &Caller,
+    target: &str,
+    program: &str,
+    signal: i32,
+) -> VmReply {
+    let mut record = AuditRecord {
+        time: shuttle_audit::now_unix_nanos(),
+        op: "signal".into(),
+        from: ctx.vm.clone(),
+        to: Some(target.to_owned()),
+        object: program.to_owned(),
+        result: Outcome::Deny,
+        rule: None,
+        caller: caller.clone(),
+        reason: None,
+        seq: 0,
+    };
+    let refuse = |record: AuditRecord, message: String| {
+        if journal(ctx, record) {
+            VmReply::Denied { message }
+        } else {
+            VmReply::Failed {
+                message: "the audit journal cannot be written: refused".into(),
+            }
+        }
+    };
+    // Malformed requests are refused (and audited) before the policy sees them.
+    let sig = Signal::from_number(signal);
+    let valid_program = !program.is_empty() && program.len() <= 4096 && !program.contains('\0');
+    if crate::config::validate_name(target).is_err() || sig.is_none() || !valid_program {
+        record.reason = Some("malformed request".into());
+        return refuse(
+            record,
+            format!("invalid signal request (vm {target:?}, signal {signal}, program {program:?})"),
+        );
+    }
+    let target_tags = store::load(&ctx.layout, target)
+        .map(|c| c.tags)
+        .unwrap_or_default();
+    let policy = ctx.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let req = Request::new(Op::Signal, VmIdentity::vm(&ctx.vm, &ctx.tags), program)
+        .to(VmIdentity::vm(target, &target_tags))
+        .signal(sig.expect("checked above"));
+    let decision = policy.decide(&req);
+    record.rule = decision.rule.map(|r| rule_ref(&policy, r));
+    match decision.action {
+        Action::Allow => {}
+        Action::Deny => {
+            record.reason = Some(match decision.rule {
+                Some(r) => format!("denied by {}", r.label()),
+                None => "no rule matched: default deny".into(),
+            });
+            return refuse(
+                record,
+                format!("signal to {program} in VM {target} denied by policy"),
+            );
+        }
+        Action::Ask => {
+            // Asking needs the broker, which holds questions for the operator; until it does,
+            // an ask is a deny (fail closed) and says so.
+            record.result = Outcome::AskDeny;
+            record.reason = Some("ask: no operator channel in this version; denied".into());
+            return refuse(record, format!("signal to {program} in VM {target} needs an answer nobody can give yet: denied"));
+        }
+    }
+    // Allowed: find the target's processes first, so that what is journaled is what happens.
+    let targets = match processes_running(&ctx.layout, target, program) {
+        Ok(t) => t,
+        Err(message) => {
+            record.result = Outcome::Error;
+            record.reason = Some(message.clone());
+            return if journal(ctx, record) {
+                VmReply::Failed { message }
+            } else {
+                VmReply::Failed {
+                    message: "the audit journal cannot be written: refused".into(),
+                }
+            };
+        }
+    };
+    record.result = Outcome::Allow;
+    record.reason = Some(format!("{} matching process(es)", targets.len()));
+    if !journal(ctx, record) {
+        return VmReply::Failed {
+            message: "the audit journal cannot be written: refused".into(),
+        };
+    }
+    let mut count = 0;
+    for pidfd in &targets {
+        if shuttle_sys::process::pidfd_send_signal(pidfd.as_fd(), signal).is_ok() {
+            count += 1;
+        }
+    }
+    VmReply::Signalled { count }
+}
+
+/// Pidfds of the processes of VM `vm` whose program is `program`: an absolute path matches
+/// argv\[0\]; a name matches `comm` or argv\[0\]'s last component. The VM's init never matches.
+fn processes_running(layout: &Layout, vm: &str, program: &str) -> Result<Vec<OwnedFd>, String> {
+    let cgroup = VmCgroup::existing(&layout.cgroup_parent(), vm)
+        .filter(|_| store::is_running(layout, vm))
+        .ok_or_else(|| format!("VM {vm} is not running"))?;
+    let mut found = Vec::new();
+    for pid in cgroup.pids() {
+        let Ok(pidfd) = shuttle_sys::process::pidfd_open(pid) else {
+            continue;
+        };
+        // Checked after opening the pidfd: if `pid` was reused meanwhile, the check reads the
+        // new process and the pidfd refers to it too, or the old one is gone (ESRCH later).
+        if !cgroup.contains_pid_in_any(pid) || is_vm_init(pid) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        let argv0 = String::from_utf8_lossy(argv0);
+        let matches = if program.starts_with('/') {
+            argv0 == program
+        } else {
+            comm.trim() == program
+                || Path::new(argv0.as_ref())
+                    .file_name()
+                    .is_some_and(|n| n == program)
+        };
+        if matches {
+            found.push(pidfd);
+        }
+    }
+    Ok(found)
+}
+
+/// Whether host pid `pid` is PID 1 of its PID namespace (a VM's init).
+fn is_vm_init(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("NSpid:"))
+                .map(|v| v.split_whitespace().last() == Some("1"))
+        })
+        .unwrap_or(false)
+}

@@ -1,0 +1,119 @@
+//! `shuttle daemon`, `shuttle audit` and `shuttle signal`.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use shuttle_audit::{AuditStore, Filter};
+use shuttle_proto::{BrokerRequest, Channel, Hello, VmReply, VmRequest, PROTOCOL_VERSION};
+use shuttle_vm::Layout;
+
+use crate::cli::AuditArgs;
+
+/// Where a VM's own API socket appears inside the VM.
+pub const VM_API_SOCKET: &str = "/run/shuttle/broker.sock";
+
+pub fn daemon(layout: &Layout, ready_fd: Option<i32>) -> Result<i32> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("the broker needs root: run `shuttle daemon` as root, for example with sudo");
+    }
+    let ready = ready_fd.and_then(shuttle_sys::fdpass::own_inherited);
+    if ready.is_some() {
+        let _ = nix::unistd::setsid();
+    }
+    let _ = nix::sys::prctl::set_name(c"shuttle-broker");
+    shuttle_broker::daemon::run(layout, ready)?;
+    Ok(0)
+}
+
+pub fn audit(layout: &Layout, args: AuditArgs) -> Result<i32> {
+    // Fresh records first, when a broker runs; without one, what is collected is shown (the
+    // rest waits, durable, in the monitors' journals).
+    if let Ok(chan) = shuttle_broker::client::connect(layout, "collect audit records") {
+        let _ = shuttle_broker::client::request(&chan, &BrokerRequest::CollectAudit);
+    }
+    let db = layout.audit_db();
+    if !db.exists() {
+        eprintln!("no audit records yet ({} does not exist)", db.display());
+        return Ok(0);
+    }
+    let store = AuditStore::open_read_only(&db)
+        .with_context(|| format!("opening the audit store {}", db.display()))?;
+    let since = match &args.since {
+        Some(s) => {
+            let d = shuttle_audit::parse_duration(s)
+                .map_err(|e| anyhow::anyhow!("invalid --since {s:?}: {e}"))?;
+            Some(shuttle_audit::now_unix_nanos().saturating_sub(d.as_nanos() as u64))
+        }
+        None => None,
+    };
+    let mut filter = Filter {
+        vm: args.vm.clone(),
+        denied_only: args.denied,
+        since,
+        after_id: None,
+        limit: None,
+    };
+    loop {
+        for (id, record) in store.query(&filter)? {
+            if args.json {
+                println!("{}", serde_json::to_string(&record)?);
+            } else {
+                println!("{}", shuttle_audit::format_record_line(&record));
+            }
+            // The largest id seen, not the last row's: rows come in time order, ids in
+            // collection order.
+            filter.after_id = Some(filter.after_id.map_or(id, |a| a.max(id)));
+        }
+        if !args.follow {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+        if let Ok(chan) = shuttle_broker::client::connect(layout, "collect audit records") {
+            let _ = shuttle_broker::client::request(&chan, &BrokerRequest::CollectAudit);
+        }
+    }
+}
+
+fn signal_number(text: &str) -> Result<i32> {
+    if let Ok(n) = text.parse::<i32>() {
+        return Ok(n);
+    }
+    let name = text.trim_start_matches("SIG").to_ascii_uppercase();
+    format!("SIG{name}")
+        .parse::<nix::sys::signal::Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| {
+            anyhow::anyhow!("unknown signal {text:?}: use a name such as TERM or HUP, or a number")
+        })
+}
+
+pub fn signal(vm: &str, program: &str, signal: &str) -> Result<i32> {
+    let number = signal_number(signal)?;
+    let chan = Channel::connect(std::path::Path::new(VM_API_SOCKET)).map_err(|_| {
+        anyhow::anyhow!("no Shuttle broker socket at {VM_API_SOCKET}: `shuttle signal` works inside a Shuttle VM")
+    })?;
+    chan.send(&VmRequest::Hello(Hello {
+        version: PROTOCOL_VERSION,
+    }))?;
+    match chan.recv::<VmReply>()? {
+        VmReply::Hello { .. } => {}
+        other => bail!("unexpected answer from the broker socket: {other:?}"),
+    }
+    chan.send(&VmRequest::Signal {
+        vm: vm.into(),
+        program: program.into(),
+        signal: number,
+    })?;
+    match chan.recv::<VmReply>()? {
+        VmReply::Signalled { count } => {
+            eprintln!("signal {signal} sent to {count} process(es) running {program} in VM {vm}");
+            Ok(if count > 0 { 0 } else { 1 })
+        }
+        VmReply::Denied { message } => {
+            eprintln!("shuttle: {message}");
+            Ok(1)
+        }
+        VmReply::Failed { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+}
