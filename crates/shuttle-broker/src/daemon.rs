@@ -40,6 +40,7 @@ fn setup(what: impl Into<String>) -> impl FnOnce(String) -> DaemonError {
 struct Broker {
     layout: Layout,
     audit: Mutex<AuditStore>,
+    questions: crate::questions::Questions,
 }
 
 /// Runs the broker in the foreground until SIGTERM or SIGINT. `ready` is told `ok` once the
@@ -78,6 +79,7 @@ pub fn run(layout: &Layout, ready: Option<OwnedFd>) -> Result<(), DaemonError> {
     let broker = Arc::new(Broker {
         layout: layout.clone(),
         audit: Mutex::new(audit),
+        questions: crate::questions::Questions::default(),
     });
     // Collect what monitors journaled while no broker ran, before answering anything.
     broker.collect_all();
@@ -208,6 +210,28 @@ impl Broker {
                         policy_source: policy_store::active_source(&self.layout),
                         rules: policy.len(),
                         audit_records: self.audit.lock().map(|a| a.len().unwrap_or(0)).unwrap_or(0),
+                    }
+                }
+                Ok(BrokerRequest::Ask(question)) => {
+                    let (allow, how) = self.questions.ask(question);
+                    BrokerReply::Answer { allow, how }
+                }
+                Ok(BrokerRequest::Pending) => BrokerReply::Pending {
+                    questions: self.questions.pending(),
+                },
+                Ok(BrokerRequest::Answer {
+                    id,
+                    allow,
+                    remember_ms,
+                }) => {
+                    match self
+                        .questions
+                        .answer(id, allow, remember_ms.map(Duration::from_millis))
+                    {
+                        Ok(()) => BrokerReply::Answered,
+                        Err(e) => BrokerReply::Failed {
+                            message: e.to_string(),
+                        },
                     }
                 }
                 Ok(BrokerRequest::Hello(_)) => BrokerReply::Failed {

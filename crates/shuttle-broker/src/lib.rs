@@ -11,3 +11,4 @@
 pub mod client;
 pub mod daemon;
 pub mod policy_store;
+pub mod questions;

@@ -190,6 +190,38 @@ pub enum BrokerRequest {
     /// Collect every VM's audit journal into the store now.
     CollectAudit,
     Status,
+    /// From a monitor: an `ask` rule matched; hold the question until an operator answers
+    /// (or `timeout_ms` passes, which denies). Answered with [`BrokerReply::Answer`].
+    Ask(Question),
+    /// The questions waiting for an answer.
+    Pending,
+    /// An operator's answer; `remember_ms` keeps it for the same question for that long.
+    Answer {
+        id: u64,
+        allow: bool,
+        remember_ms: Option<u64>,
+    },
+}
+
+/// A request held for an operator's answer.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Question {
+    pub vm: String,
+    pub op: String,
+    pub to: Option<String>,
+    pub object: String,
+    /// The rule that asks, as `rule #N "name" at FILE:LINE:COL`.
+    pub rule: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PendingQuestion {
+    pub id: u64,
+    pub question: Question,
+    pub waiting_ms: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -218,6 +250,15 @@ pub enum BrokerReply {
         rules: usize,
         audit_records: u64,
     },
+    /// The answer to an [`BrokerRequest::Ask`]; `how` says who or what decided.
+    Answer {
+        allow: bool,
+        how: String,
+    },
+    Pending {
+        questions: Vec<PendingQuestion>,
+    },
+    Answered,
     Failed {
         message: String,
     },

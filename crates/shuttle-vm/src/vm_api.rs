@@ -15,7 +15,10 @@ use std::thread;
 use nix::sys::socket::{accept4, getsockopt, sockopt, SockFlag};
 use shuttle_audit::{AuditRecord, Caller, Journal, Outcome, RuleRef};
 use shuttle_policy::{Action, Op, Policy, Request, Signal, VmIdentity};
-use shuttle_proto::{Channel, ChannelError, Hello, VmReply, VmRequest, PROTOCOL_VERSION};
+use shuttle_proto::{
+    BrokerReply, BrokerRequest, Channel, ChannelError, Hello, Question, VmReply, VmRequest,
+    PROTOCOL_VERSION,
+};
 
 use crate::cgroup::VmCgroup;
 use crate::layout::Layout;
@@ -208,11 +211,35 @@ fn signal_request(
             );
         }
         Action::Ask => {
-            // Asking needs the broker, which holds questions for the operator; until it does,
-            // an ask is a deny (fail closed) and says so.
-            record.result = Outcome::AskDeny;
-            record.reason = Some("ask: no operator channel in this version; denied".into());
-            return refuse(record, format!("signal to {program} in VM {target} needs an answer nobody can give yet: denied"));
+            let rule = decision.rule.expect("an ask decision comes from a rule");
+            let loc = rule.location();
+            let question = Question {
+                vm: ctx.vm.clone(),
+                op: "signal".into(),
+                to: Some(target.to_owned()),
+                object: program.to_owned(),
+                rule: format!(
+                    "{} at {}:{}:{}",
+                    rule.label(),
+                    policy.source_name(),
+                    loc.line,
+                    loc.column
+                ),
+                timeout_ms: rule.params().ask_timeout().as_millis() as u64,
+            };
+            let (allow, how) = ask_broker(&ctx.layout, question);
+            record.result = if allow {
+                Outcome::AskAllow
+            } else {
+                Outcome::AskDeny
+            };
+            record.reason = Some(how.clone());
+            if !allow {
+                return refuse(
+                    record,
+                    format!("signal to {program} in VM {target} was not approved: {how}"),
+                );
+            }
         }
     }
     // Allowed: find the target's processes first, so that what is journaled is what happens.
@@ -230,8 +257,15 @@ fn signal_request(
             };
         }
     };
-    record.result = Outcome::Allow;
-    record.reason = Some(format!("{} matching process(es)", targets.len()));
+    if record.result != Outcome::AskAllow {
+        record.result = Outcome::Allow;
+    }
+    let approval = record
+        .reason
+        .take()
+        .map(|r| format!("; {r}"))
+        .unwrap_or_default();
+    record.reason = Some(format!("{} matching process(es){approval}", targets.len()));
     if !journal(ctx, record) {
         return VmReply::Failed {
             message: "the audit journal cannot be written: refused".into(),
@@ -291,4 +325,32 @@ fn is_vm_init(pid: i32) -> bool {
                 .map(|v| v.split_whitespace().last() == Some("1"))
         })
         .unwrap_or(false)
+}
+
+/// Puts an `ask` question to the broker and waits for the answer. Anything but an explicit
+/// "allow" — no broker, a broken connection, a timeout — is a denial (fail closed).
+fn ask_broker(layout: &Layout, question: Question) -> (bool, String) {
+    let unavailable = |e: &dyn std::fmt::Display| {
+        (
+            false,
+            format!("the broker could not ask anyone ({e}): denied"),
+        )
+    };
+    let chan = match Channel::connect(&layout.broker_socket()) {
+        Ok(c) => c,
+        Err(e) => return unavailable(&e),
+    };
+    let exchange = || -> Result<BrokerReply, ChannelError> {
+        chan.send(&BrokerRequest::Hello(Hello {
+            version: PROTOCOL_VERSION,
+        }))?;
+        chan.recv::<BrokerReply>()?;
+        chan.send(&BrokerRequest::Ask(question))?;
+        chan.recv::<BrokerReply>()
+    };
+    match exchange() {
+        Ok(BrokerReply::Answer { allow, how }) => (allow, how),
+        Ok(other) => unavailable(&format!("unexpected reply {other:?}")),
+        Err(e) => unavailable(&e),
+    }
 }

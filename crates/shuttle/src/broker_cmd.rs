@@ -117,3 +117,58 @@ pub fn signal(vm: &str, program: &str, signal: &str) -> Result<i32> {
         other => bail!("unexpected answer: {other:?}"),
     }
 }
+
+pub fn pending(layout: &Layout, json: bool) -> Result<i32> {
+    let chan = shuttle_broker::client::connect(layout, "list waiting requests")?;
+    let questions = match shuttle_broker::client::request(&chan, &BrokerRequest::Pending)? {
+        shuttle_proto::BrokerReply::Pending { questions } => questions,
+        other => bail!("the broker answered unexpectedly: {other:?}"),
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&questions)?);
+        return Ok(0);
+    }
+    if questions.is_empty() {
+        eprintln!("no request is waiting for an answer");
+    }
+    for p in questions {
+        let q = &p.question;
+        println!(
+            "{:>4}  {} from {} to {} object {}  ({}; waiting {:.1}s of {:.0}s)",
+            p.id,
+            q.op,
+            q.vm,
+            q.to.as_deref().unwrap_or("-"),
+            q.object,
+            q.rule,
+            p.waiting_ms as f64 / 1000.0,
+            q.timeout_ms as f64 / 1000.0
+        );
+    }
+    Ok(0)
+}
+
+pub fn answer(layout: &Layout, id: u64, answer: &str, remember: Option<&str>) -> Result<i32> {
+    let remember_ms = match remember {
+        Some(r) => Some(
+            shuttle_audit::parse_duration(r)
+                .map_err(|e| anyhow::anyhow!("invalid --for {r:?}: {e}"))?
+                .as_millis() as u64,
+        ),
+        None => None,
+    };
+    let chan = shuttle_broker::client::connect(layout, "answer a request")?;
+    let req = BrokerRequest::Answer {
+        id,
+        allow: answer == "allow",
+        remember_ms,
+    };
+    match shuttle_broker::client::request(&chan, &req)? {
+        shuttle_proto::BrokerReply::Answered => {
+            eprintln!("request {id}: {answer}");
+            Ok(0)
+        }
+        shuttle_proto::BrokerReply::Failed { message } => bail!("{message}"),
+        other => bail!("the broker answered unexpectedly: {other:?}"),
+    }
+}

@@ -60,6 +60,25 @@ pub enum Command {
     ///   shuttle audit --vm web --follow
     ///   shuttle audit --json | jq .
     Audit(AuditArgs),
+    /// List requests that wait for an operator's answer (rules with action = "ask")
+    Pending {
+        /// Print a JSON array
+        #[arg(long)]
+        json: bool,
+    },
+    /// Answer a waiting request: allow or deny it
+    ///
+    /// Example: shuttle answer 3 allow --for 10m   (the same request is allowed for 10 minutes)
+    Answer {
+        /// The request's id, from `shuttle pending`
+        id: u64,
+        /// allow or deny
+        #[arg(value_parser = ["allow", "deny"])]
+        answer: String,
+        /// Remember the answer for the same request for this long (90s, 15m, 2h, 7d)
+        #[arg(long = "for", value_name = "DURATION")]
+        remember: Option<String>,
+    },
     /// Inside a VM: send a signal to a program running in another VM, as the policy allows
     ///
     /// The request goes to this VM's own broker socket (/run/shuttle/broker.sock), which is

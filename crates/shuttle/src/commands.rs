@@ -54,6 +54,12 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Policy(cmd) => crate::policy_cmd::run(&layout, cmd),
         Command::Daemon { ready_fd } => crate::broker_cmd::daemon(&layout, ready_fd),
         Command::Audit(args) => crate::broker_cmd::audit(&layout, args),
+        Command::Pending { json } => crate::broker_cmd::pending(&layout, json),
+        Command::Answer {
+            id,
+            answer,
+            remember,
+        } => crate::broker_cmd::answer(&layout, id, &answer, remember.as_deref()),
         Command::Signal {
             vm,
             program,

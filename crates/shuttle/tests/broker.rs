@@ -215,3 +215,176 @@ fn a_vm_cannot_reach_another_vms_broker_socket_or_the_hosts() {
         stdout(&out)
     );
 }
+
+const ASK_A_TO_SIGNAL_SLEEP_IN_B: &str = r#"
+[[rule]]
+name = "ask-first"
+op = "signal"
+from = "a"
+to = "b"
+object = "sleep"
+action = "ask"
+timeout = "20s"
+"#;
+
+fn pending(env: &Env) -> Vec<Value> {
+    let out = env.output(&["pending", "--json"]);
+    assert_success(&out, "pending");
+    serde_json::from_slice::<Value>(&out.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn ask_waits_for_an_answer_that_can_be_remembered() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    env.ok(&["vm", "start", "a"]);
+    env.run_ok(
+        "b",
+        "sleep 300 >/dev/null 2>&1 & sleep 300 >/dev/null 2>&1 &",
+    );
+    let file = write_policy(&env, ASK_A_TO_SIGNAL_SLEEP_IN_B);
+    assert_success(&env.output(&["policy", "load", &file]), "policy load");
+
+    // The request waits; an operator sees it and allows it, for a while.
+    let asking = std::process::Command::new(Env::bin())
+        .args(["run", "a", "--", Env::bin(), "signal", "b", "sleep"])
+        .env("SHUTTLE_ROOT", env.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut questions = Vec::new();
+    assert!(wait_for(Duration::from_secs(10), || {
+        questions = pending(&env);
+        !questions.is_empty()
+    }));
+    let q = &questions[0];
+    assert_eq!(q["question"]["vm"], "a");
+    assert_eq!(q["question"]["to"], "b");
+    assert_eq!(q["question"]["object"], "sleep");
+    assert!(q["question"]["rule"]
+        .as_str()
+        .unwrap()
+        .contains("ask-first"));
+    let id = q["id"].as_u64().unwrap().to_string();
+    assert_code(
+        &env.output(&["answer", "999", "allow"]),
+        125,
+        "unknown question",
+    );
+    assert_success(
+        &env.output(&["answer", &id, "allow", "--for", "10m"]),
+        "answer",
+    );
+    let done = asking.wait_with_output().unwrap();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    assert!(wait_for(Duration::from_secs(5), || sleeps_in(&env, "b") == 0));
+
+    // Remembered: the same request is allowed at once, without a question.
+    env.run_ok("b", "sleep 300 >/dev/null 2>&1 &");
+    assert_success(&signal_from(&env, "a", "b", "sleep"), "remembered answer");
+    assert!(pending(&env).is_empty());
+    let results: Vec<String> = audit(&env, &[])
+        .iter()
+        .map(|r| r["result"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(results, ["ask-allow", "ask-allow"]);
+}
+
+#[test]
+fn an_unanswered_question_is_denied_after_its_timeout() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    env.ok(&["vm", "start", "a"]);
+    env.run_ok("b", "sleep 300 >/dev/null 2>&1 &");
+    let file = write_policy(&env, &ASK_A_TO_SIGNAL_SLEEP_IN_B.replace("20s", "1s"));
+    assert_success(&env.output(&["policy", "load", &file]), "policy load");
+    let started = std::time::Instant::now();
+    let out = signal_from(&env, "a", "b", "sleep");
+    assert_code(&out, 1, "unanswered");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    assert!(
+        stderr(&out).contains("no answer within"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(sleeps_in(&env, "b"), 1);
+    assert_eq!(audit(&env, &["--denied"])[0]["result"], "ask-deny");
+}
+
+#[test]
+fn sighup_reloads_the_policy_file() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    env.ok(&["vm", "start", "a"]);
+    env.run_ok("b", "sleep 300 >/dev/null 2>&1 &");
+    let file = write_policy(&env, ALLOW_A_TO_SIGNAL_SLEEP_IN_B);
+    assert_success(&env.output(&["policy", "load", &file]), "policy load");
+    // The file changes to deny; nothing changes until SIGHUP.
+    std::fs::write(
+        &file,
+        ALLOW_A_TO_SIGNAL_SLEEP_IN_B.replace("\"allow\"", "\"deny\""),
+    )
+    .unwrap();
+    let pid = nix::unistd::Pid::from_raw(broker_pid(&env));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+    assert!(wait_for(Duration::from_secs(5), || {
+        std::fs::read_to_string(env.path().join("state/policy/active.toml"))
+            .map(|t| t.contains("\"deny\""))
+            .unwrap_or(false)
+    }));
+    std::thread::sleep(Duration::from_millis(200));
+    assert_code(
+        &signal_from(&env, "a", "b", "sleep"),
+        1,
+        "denied after reload",
+    );
+    assert_eq!(sleeps_in(&env, "b"), 1);
+}
+
+#[test]
+fn a_vm_cannot_claim_another_identity_on_its_socket() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    env.run_ok("b", "sleep 300 >/dev/null 2>&1 &");
+    let file = write_policy(&env, ALLOW_A_TO_SIGNAL_SLEEP_IN_B);
+    assert_success(&env.output(&["policy", "load", &file]), "policy load");
+    // From VM c (no rules), a hand-made request that claims to come from a.
+    env.create("c", &[]);
+    let forged = r#"
+import json, socket
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect("/run/shuttle/broker.sock")
+s.send(json.dumps({"hello": {"version": 1}}).encode()); print(s.recv(65536).decode())
+s.send(json.dumps({"signal": {"vm": "b", "program": "sleep", "signal": 15, "from": "a"}}).encode())
+print(s.recv(65536).decode())
+s2 = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s2.connect("/run/shuttle/broker.sock")
+s2.send(json.dumps({"hello": {"version": 1}}).encode()); print(s2.recv(65536).decode())
+s2.send(json.dumps({"signal": {"vm": "b", "program": "sleep", "signal": 15}}).encode())
+print(s2.recv(65536).decode())
+"#;
+    let out = env.py_ok("c", forged);
+    assert!(
+        out.contains(r#""vm":"c""#),
+        "the socket names the VM it belongs to: {out}"
+    );
+    assert!(
+        out.contains("bad request"),
+        "unknown fields are refused: {out}"
+    );
+    assert!(out.contains("denied"), "c is not a: {out}");
+    assert_eq!(sleeps_in(&env, "b"), 1);
+}
