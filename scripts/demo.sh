@@ -21,6 +21,7 @@ SHUTTLE_ROOT=$(mktemp -d /tmp/shuttle-demo.XXXXXX)
 shuttle=target/release/shuttle
 cleanup() {
   for vm in shop intruder; do "$shuttle" vm rm --force "$vm" >/dev/null 2>&1 || true; done
+  "$shuttle" daemon --stop >/dev/null 2>&1 || true
   rm -rf "$SHUTTLE_ROOT"
 }
 trap cleanup EXIT

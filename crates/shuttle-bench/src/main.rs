@@ -152,7 +152,7 @@ fn main() -> Result<()> {
         root: tempfile::Builder::new().prefix("shb").tempdir_in("/tmp")?,
     };
     let result = run_all(&bench, runs, fleet);
-    // Clean up whatever is left, even after a failure.
+    // Clean up whatever is left, even after a failure (VMs, then the broker).
     if let Ok(list) = bench.json(&["vm", "ls", "--json"]) {
         for vm in list.as_array().into_iter().flatten() {
             if let Some(name) = vm["name"].as_str() {
@@ -160,6 +160,7 @@ fn main() -> Result<()> {
             }
         }
     }
+    let _ = bench.check(&["daemon", "--stop"]);
     result
 }
 

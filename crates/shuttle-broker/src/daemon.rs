@@ -83,6 +83,7 @@ pub fn run(layout: &Layout, ready: Option<OwnedFd>) -> Result<(), DaemonError> {
     });
     // Collect what monitors journaled while no broker ran, before answering anything.
     broker.collect_all();
+    broker.reattach();
 
     let collector = Arc::clone(&broker);
     thread::spawn(move || loop {
@@ -234,6 +235,21 @@ impl Broker {
                         },
                     }
                 }
+                Ok(BrokerRequest::VmCreate(spec)) => {
+                    self.lifecycle(|| crate::lifecycle::create(&self.layout, spec))
+                }
+                Ok(BrokerRequest::VmStart { name }) => {
+                    self.lifecycle(|| crate::lifecycle::start(&self.layout, &name))
+                }
+                Ok(BrokerRequest::VmStop { name, grace_ms }) => self.lifecycle(|| {
+                    crate::lifecycle::stop(&self.layout, &name, Duration::from_millis(grace_ms))
+                }),
+                Ok(BrokerRequest::VmRemove { name, force }) => self.lifecycle(|| {
+                    let r = crate::lifecycle::remove(&self.layout, &name, force);
+                    // Its journal moved aside on removal; collect it now.
+                    self.collect_all();
+                    r
+                }),
                 Ok(BrokerRequest::Hello(_)) => BrokerReply::Failed {
                     message: "hello twice".into(),
                 },
@@ -241,6 +257,13 @@ impl Broker {
                 Err(e) => return Err(e),
             };
             chan.send(&reply)?;
+        }
+    }
+
+    fn lifecycle(&self, f: impl FnOnce() -> Result<(), String>) -> BrokerReply {
+        match f() {
+            Ok(()) => BrokerReply::Done,
+            Err(message) => BrokerReply::Failed { message },
         }
     }
 
@@ -281,6 +304,28 @@ impl Broker {
             rules: policy.len(),
             monitors,
             unreached,
+        }
+    }
+
+    /// Makes every running VM's monitor enforce the active policy, in case a load happened
+    /// while it could not be reached.
+    fn reattach(&self) {
+        let Some(source) = policy_store::active_source(&self.layout) else {
+            return;
+        };
+        let Ok(text) = fs::read_to_string(self.layout.active_policy()) else {
+            return;
+        };
+        for config in store::list(&self.layout)
+            .unwrap_or_default()
+            .into_iter()
+            .flatten()
+        {
+            if store::is_running(&self.layout, &config.name) {
+                if let Err(e) = vm_client::set_policy(&self.layout, &config.name, &source, &text) {
+                    tracing::warn!(vm = %config.name, error = %e, "re-attaching: monitor did not take the policy");
+                }
+            }
         }
     }
 

@@ -10,5 +10,6 @@
 
 pub mod client;
 pub mod daemon;
+pub mod lifecycle;
 pub mod policy_store;
 pub mod questions;

@@ -195,12 +195,38 @@ pub enum BrokerRequest {
     Ask(Question),
     /// The questions waiting for an answer.
     Pending,
+    /// VM lifecycle, which the broker owns.
+    VmCreate(VmCreateSpec),
+    VmStart {
+        name: String,
+    },
+    VmStop {
+        name: String,
+        grace_ms: u64,
+    },
+    VmRemove {
+        name: String,
+        force: bool,
+    },
     /// An operator's answer; `remember_ms` keeps it for the same question for that long.
     Answer {
         id: u64,
         allow: bool,
         remember_ms: Option<u64>,
     },
+}
+
+/// What `shuttle vm create` asks for, before validation (the broker validates).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct VmCreateSpec {
+    pub name: String,
+    pub base: Option<String>,
+    pub net: Option<String>,
+    pub memory: Option<String>,
+    pub pids: Option<u64>,
+    pub hide: Vec<String>,
+    pub tags: Vec<String>,
 }
 
 /// A request held for an operator's answer.
@@ -259,6 +285,8 @@ pub enum BrokerReply {
         questions: Vec<PendingQuestion>,
     },
     Answered,
+    /// A lifecycle request was carried out.
+    Done,
     Failed {
         message: String,
     },

@@ -109,7 +109,6 @@ struct Started {
     cgroup: VmCgroup,
     listener: OwnedFd,
     api_listener: OwnedFd,
-    journal: shuttle_audit::Journal,
     _lock: nix::fcntl::Flock<fs::File>,
     started_at: u64,
 }
@@ -153,21 +152,6 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
                     return Err(e);
                 }
             };
-            // No journal, no decisions: a VM whose decisions cannot be audited does not start.
-            let journal_path = layout.audit_journal(name);
-            let journal = match shuttle_audit::Journal::open(&journal_path) {
-                Ok(j) => j,
-                Err(e) => {
-                    let _ = kill(init_pid, Signal::SIGKILL);
-                    let _ = waitpid(init_pid, None);
-                    cleanup(layout, name, Some(&cgroup));
-                    return Err(MonitorError::Io {
-                        what: "opening the audit journal",
-                        path: journal_path.display().to_string(),
-                        source: std::io::Error::other(e.to_string()),
-                    });
-                }
-            };
             let started_at = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -180,7 +164,6 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
                 cgroup,
                 listener,
                 api_listener,
-                journal,
                 _lock: lock,
                 started_at,
             })
@@ -435,7 +418,6 @@ impl Started {
             cgroup,
             listener,
             api_listener,
-            journal,
             _lock,
             started_at,
         } = self;
@@ -447,7 +429,7 @@ impl Started {
             vm: config.name.clone(),
             tags: config.tags.clone(),
             policy: Arc::clone(&policy),
-            journal: Mutex::new(journal),
+            journal: Mutex::new(None),
         });
         thread::spawn(move || crate::vm_api::serve(api_listener, api));
         let reader = match init.try_clone() {

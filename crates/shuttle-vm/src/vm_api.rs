@@ -52,7 +52,9 @@ pub struct ApiContext {
     pub vm: String,
     pub tags: Vec<String>,
     pub policy: SharedPolicy,
-    pub journal: Mutex<Journal>,
+    /// Opened at the first decision, not at VM start: opening syncs several files, which would
+    /// add milliseconds to every start for VMs that never ask for anything.
+    pub journal: Mutex<Option<Journal>>,
 }
 
 /// Accepts connections from inside the VM, one thread each. Returns when accept fails for
@@ -141,7 +143,19 @@ fn rule_ref(policy: &Policy, rule: &shuttle_policy::Rule) -> RuleRef {
 
 /// Records `record` durably; false when that failed (the caller must refuse).
 fn journal(ctx: &ApiContext, record: AuditRecord) -> bool {
-    let mut j = ctx.journal.lock().unwrap_or_else(|e| e.into_inner());
+    let mut guard = ctx.journal.lock().unwrap_or_else(|e| e.into_inner());
+    if guard.is_none() {
+        match Journal::open(ctx.layout.audit_journal(&ctx.vm)) {
+            Ok(j) => *guard = Some(j),
+            Err(e) => {
+                tracing::error!(vm = %ctx.vm, error = %e, "cannot open the audit journal; refusing");
+                return false;
+            }
+        }
+    }
+    let Some(j) = guard.as_mut() else {
+        return false;
+    };
     match j.append(&record) {
         Ok(_) => true,
         Err(e) => {

@@ -25,6 +25,41 @@ pub fn daemon(layout: &Layout, ready_fd: Option<i32>) -> Result<i32> {
     Ok(0)
 }
 
+/// Stops the running broker and waits until it is gone.
+pub fn stop_daemon(layout: &Layout) -> Result<i32> {
+    let held = |l: &Layout| {
+        std::fs::File::open(l.broker_lock())
+            .map(|f| {
+                matches!(
+                    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockSharedNonblock),
+                    Err((_, nix::errno::Errno::EWOULDBLOCK))
+                )
+            })
+            .unwrap_or(false)
+    };
+    if !held(layout) {
+        eprintln!("no broker is running");
+        return Ok(0);
+    }
+    let pid: i32 = std::fs::read_to_string(layout.broker_pid())
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+        .context("the broker runs but its pid file is missing")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .with_context(|| format!("signalling the broker (pid {pid})"))?;
+    for _ in 0..500 {
+        if !held(layout) {
+            eprintln!("broker stopped (VMs keep running)");
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("the broker (pid {pid}) did not stop within 5 s")
+}
+
 pub fn audit(layout: &Layout, args: AuditArgs) -> Result<i32> {
     // Fresh records first, when a broker runs; without one, what is collected is shown (the
     // rest waits, durable, in the monitors' journals).

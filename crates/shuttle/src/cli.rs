@@ -52,6 +52,9 @@ pub enum Command {
     Daemon {
         #[arg(long = "ready-fd", hide = true)]
         ready_fd: Option<i32>,
+        /// Stop the running broker instead (SIGTERM; VMs keep running)
+        #[arg(long)]
+        stop: bool,
     },
     /// Show the audit trail: every cross-VM decision, allowed or denied
     ///

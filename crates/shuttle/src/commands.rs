@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
-use shuttle_proto::{Bytes, CommandSpec};
+use shuttle_proto::{BrokerReply, BrokerRequest, Bytes, CommandSpec, VmCreateSpec};
 use shuttle_vm::client::{self, ClientError};
 use shuttle_vm::store::{self, StoreError};
 use shuttle_vm::{Base, Layout, NetMode, VmConfig, VmOptions};
@@ -52,7 +52,11 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Vm(vm) => vm_command(&layout, vm).map(|()| 0),
         Command::Run(args) => run(&layout, args),
         Command::Policy(cmd) => crate::policy_cmd::run(&layout, cmd),
-        Command::Daemon { ready_fd } => crate::broker_cmd::daemon(&layout, ready_fd),
+        Command::Daemon {
+            ready_fd,
+            stop: false,
+        } => crate::broker_cmd::daemon(&layout, ready_fd),
+        Command::Daemon { stop: true, .. } => crate::broker_cmd::stop_daemon(&layout),
         Command::Audit(args) => crate::broker_cmd::audit(&layout, args),
         Command::Pending { json } => crate::broker_cmd::pending(&layout, json),
         Command::Answer {
@@ -114,8 +118,13 @@ fn vm_command(layout: &Layout, cmd: VmCommand) -> Result<()> {
         VmCommand::Start { name } => {
             require_root()?;
             require_kernel_features()?;
+            store::load(layout, &name)?;
             let t = std::time::Instant::now();
-            client::start(layout, &name, &shuttle_exe()?)?;
+            lifecycle(
+                layout,
+                BrokerRequest::VmStart { name: name.clone() },
+                "start a VM",
+            )?;
             eprintln!("VM {name} started in {} ms", t.elapsed().as_millis());
             Ok(())
         }
@@ -125,7 +134,15 @@ fn vm_command(layout: &Layout, cmd: VmCommand) -> Result<()> {
             if !store::is_running(layout, &name) {
                 bail!(ClientError::NotRunning(name));
             }
-            client::stop(layout, &name, Duration::from_secs(timeout))?;
+            let grace_ms = timeout.saturating_mul(1000);
+            lifecycle(
+                layout,
+                BrokerRequest::VmStop {
+                    name: name.clone(),
+                    grace_ms,
+                },
+                "stop a VM",
+            )?;
             eprintln!("VM {name} stopped");
             Ok(())
         }
@@ -135,16 +152,31 @@ fn vm_command(layout: &Layout, cmd: VmCommand) -> Result<()> {
                 Ok(_) | Err(StoreError::Damaged { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
-            if store::is_running(layout, &name) {
-                if !force {
-                    bail!(StoreError::Running(name));
-                }
-                client::stop(layout, &name, Duration::from_secs(10))?;
+            if store::is_running(layout, &name) && !force {
+                bail!(StoreError::Running(name));
             }
-            store::remove(layout, &name)?;
+            lifecycle(
+                layout,
+                BrokerRequest::VmRemove {
+                    name: name.clone(),
+                    force,
+                },
+                "remove a VM",
+            )?;
             eprintln!("VM {name} removed");
             Ok(())
         }
+    }
+}
+
+/// Has the broker carry out a lifecycle request (starting the broker first if needed).
+/// Preconditions the user can fix are checked before, so bad input starts nothing.
+fn lifecycle(layout: &Layout, req: BrokerRequest, purpose: &'static str) -> Result<()> {
+    let chan = shuttle_broker::client::connect_or_start(layout, &shuttle_exe()?, purpose)?;
+    match shuttle_broker::client::request(&chan, &req)? {
+        BrokerReply::Done => Ok(()),
+        BrokerReply::Failed { message } => bail!("{message}"),
+        other => bail!("the broker answered unexpectedly: {other:?}"),
     }
 }
 
@@ -160,7 +192,26 @@ fn create(layout: &Layout, args: CreateArgs) -> Result<()> {
         hide: args.hide,
         tags: args.tag,
     };
-    let config = store::create(layout, &options)?;
+    // Validated here first: bad input gets its error without starting anything.
+    options.validate(0)?;
+    let spec = VmCreateSpec {
+        name: options.name.clone(),
+        base: options.base.clone(),
+        net: options.net.clone(),
+        memory: options.memory.clone(),
+        pids: options.pids,
+        hide: options
+            .hide
+            .iter()
+            .map(|h| h.display().to_string())
+            .collect(),
+        tags: options.tags.clone(),
+    };
+    if layout.vm_dir(&options.name).exists() {
+        bail!(StoreError::Exists(options.name));
+    }
+    lifecycle(layout, BrokerRequest::VmCreate(spec), "create a VM")?;
+    let config = store::load(layout, &options.name)?;
     if args.json {
         println!(
             "{}",
@@ -337,13 +388,19 @@ fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
             bail!(ClientError::NotRunning(name));
         }
         require_kernel_features()?;
-        match client::start(layout, &config.name, &shuttle_exe()?) {
-            Ok(()) => {}
-            // Someone else is starting it right now: wait for them.
-            Err(ClientError::AlreadyRunning(_)) => {
-                client::wait_until_ready(layout, &name, Duration::from_secs(60))?
+        let started = lifecycle(
+            layout,
+            BrokerRequest::VmStart {
+                name: config.name.clone(),
+            },
+            "start a VM",
+        );
+        if let Err(e) = started {
+            // Someone else started it meanwhile: wait until it is ready rather than fail.
+            if !store::is_running(layout, &name) {
+                return Err(e);
             }
-            Err(e) => return Err(e.into()),
+            client::wait_until_ready(layout, &name, Duration::from_secs(60))?;
         }
     }
     let command = CommandSpec {

@@ -267,21 +267,6 @@ impl Env {
     /// Removes every VM and returns what is left behind, if anything.
     fn clean_up(&self) -> Vec<String> {
         let mut problems = Vec::new();
-        // A broker the test started (policy load starts one) goes first.
-        let pid_file = self.path().join("run/broker.pid");
-        if let Some(pid) = std::fs::read_to_string(&pid_file)
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-        {
-            let pid = nix::unistd::Pid::from_raw(pid);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            if !wait_for(Duration::from_secs(5), || {
-                nix::sys::signal::kill(pid, None).is_err() || is_zombie(pid.as_raw())
-            }) {
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-                problems.push(format!("the broker (pid {pid}) did not stop on SIGTERM"));
-            }
-        }
         let mut names = self.names_on_disk();
         match self.cmd(&["vm", "ls", "--json"]).output() {
             Ok(out) if out.status.success() => {
@@ -322,6 +307,21 @@ impl Env {
                     String::from_utf8_lossy(&out.stderr)
                 )),
                 Err(e) => problems.push(format!("running `vm rm --force {n}`: {e}")),
+            }
+        }
+        // The broker goes last: removing VMs goes through it (and would start a new one).
+        let pid_file = self.path().join("run/broker.pid");
+        if let Some(pid) = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            if !wait_for(Duration::from_secs(5), || {
+                nix::sys::signal::kill(pid, None).is_err() || is_zombie(pid.as_raw())
+            }) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                problems.push(format!("the broker (pid {pid}) did not stop on SIGTERM"));
             }
         }
         for n in self.names_on_disk() {
