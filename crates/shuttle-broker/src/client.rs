@@ -1,13 +1,9 @@
 //! The CLI's side of the broker.
 
 use std::fs;
-use std::io::BufRead;
-use std::os::fd::AsRawFd;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use shuttle_proto::{BrokerReply, BrokerRequest, Channel, ChannelError, Hello, PROTOCOL_VERSION};
 use shuttle_vm::Layout;
 
@@ -72,37 +68,9 @@ pub fn start(layout: &Layout, shuttle_exe: &Path) -> Result<(), BrokerClientErro
         log: log.display().to_string(),
     };
     fs::create_dir_all(&layout.runtime).map_err(|e| failed(e.to_string()))?;
-    let out = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log)
+    let line = shuttle_vm::detach::spawn_detached(shuttle_exe, &["daemon", READY_FD_FLAG], &log)
         .map_err(|e| failed(e.to_string()))?;
-    let (r, w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| failed(e.to_string()))?;
-    fcntl(&w, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| failed(e.to_string()))?;
-    let mut cmd = Command::new(shuttle_exe);
-    cmd.env_clear().env(
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    );
-    for passed in ["SHUTTLE_ROOT", "SHUTTLE_LOG"] {
-        if let Some(v) = std::env::var_os(passed) {
-            cmd.env(passed, v);
-        }
-    }
-    let spawned = cmd
-        .arg("daemon")
-        .arg(READY_FD_FLAG)
-        .arg(w.as_raw_fd().to_string())
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().map_err(|e| failed(e.to_string()))?)
-        .stderr(out)
-        .spawn();
-    drop(w);
-    let _child = spawned.map_err(|e| failed(e.to_string()))?;
-    let mut line = String::new();
-    let _ = std::io::BufReader::new(fs::File::from(r)).read_line(&mut line);
-    if line.trim() == "ok" {
+    if line == "ok" {
         return Ok(());
     }
     // Lost a race with another starter: fine if a broker now answers.
@@ -116,7 +84,7 @@ pub fn start(layout: &Layout, shuttle_exe: &Path) -> Result<(), BrokerClientErro
     Err(failed(if line.is_empty() {
         "the broker exited during start".into()
     } else {
-        line.trim().to_owned()
+        line
     }))
 }
 

@@ -1,13 +1,10 @@
 //! The CLI's side of a VM: starting its monitor, and talking to it.
 
 use std::fs;
-use std::io::BufRead;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use nix::fcntl::{fcntl, FcntlArg, FdFlag};
 use shuttle_proto::{
     Channel, ChannelError, CommandSpec, ExitStatus, Hello, MonitorReply, MonitorRequest, VmStatus,
     PROTOCOL_VERSION,
@@ -65,67 +62,11 @@ pub fn start(layout: &Layout, name: &str, shuttle_exe: &Path) -> Result<(), Clie
         source,
     })?;
     let log_path = layout.monitor_log(name);
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&log_path)
+    let answer = crate::detach::spawn_detached(shuttle_exe, &[MONITOR_SUBCOMMAND, name], &log_path)
         .map_err(|source| ClientError::Io {
-            what: format!("opening {}", log_path.display()),
+            what: format!("starting the monitor {}", shuttle_exe.display()),
             source,
         })?;
-    let (ready_read, ready_write) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(|e| ClientError::Io {
-            what: "pipe".into(),
-            source: e.into(),
-        })?;
-    // The write end must survive the exec of the monitor (and only that one: the CLI is
-    // single-threaded here, so no other exec can inherit it meanwhile).
-    fcntl(&ready_write, FcntlArg::F_SETFD(FdFlag::empty())).map_err(|e| ClientError::Io {
-        what: "fcntl".into(),
-        source: e.into(),
-    })?;
-    // The monitor (and the VM's init, forked from it without exec, whose environment any
-    // root process in the VM can read in /proc/1/environ) gets a clean environment: nothing
-    // of the caller's leaks into the VM.
-    let mut cmd = Command::new(shuttle_exe);
-    cmd.env_clear().env(
-        "PATH",
-        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-    );
-    // One malloc arena and a fixed mmap threshold: the monitor's few threads allocate little,
-    // and glibc would otherwise give each thread an arena and, once the first large receive
-    // buffer is freed, raise the threshold and keep such buffers in a heap that never shrinks:
-    // hundreds of KiB more for every idle VM. (glibc tunables; ignored by other C libraries.)
-    cmd.env("MALLOC_ARENA_MAX", "1")
-        .env("MALLOC_MMAP_THRESHOLD_", "131072");
-    for passed in ["SHUTTLE_ROOT", "SHUTTLE_LOG"] {
-        if let Some(v) = std::env::var_os(passed) {
-            cmd.env(passed, v);
-        }
-    }
-    let spawned = cmd
-        .arg(MONITOR_SUBCOMMAND)
-        .arg(name)
-        .arg(ready_write.as_raw_fd().to_string())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|source| ClientError::Io {
-            what: "dup log".into(),
-            source,
-        })?)
-        .stderr(log)
-        .spawn();
-    drop(ready_write);
-    let mut child = spawned.map_err(|source| ClientError::Io {
-        what: format!("starting the monitor {}", shuttle_exe.display()),
-        source,
-    })?;
-    // One line: `ok` or `error: ...` (read to the newline, not to EOF: nothing else may
-    // decide when the pipe closes).
-    let mut answer = String::new();
-    let _ = std::io::BufReader::new(fs::File::from(ready_read)).read_line(&mut answer);
-    // The monitor detaches (setsid) and outlives us; reap it only if it already failed.
-    let _ = child.try_wait();
-    let answer = answer.trim();
     if answer == "ok" {
         return Ok(());
     }

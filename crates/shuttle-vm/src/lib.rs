@@ -11,6 +11,7 @@
 pub mod cgroup;
 pub mod client;
 pub mod config;
+pub mod detach;
 pub mod hardening;
 pub mod init;
 pub mod layout;

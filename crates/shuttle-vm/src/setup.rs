@@ -150,7 +150,20 @@ fn hide_dir(target: &Path) -> Result<(), SetupError> {
 }
 
 fn hide_file(target: &Path) -> Result<(), SetupError> {
-    do_mount("/dev/null", target, None, MsFlags::MS_BIND, None)?;
+    bind_read_only(Path::new("/dev/null"), target, MsFlags::empty())
+}
+
+/// Binds `source` onto `target` and makes the new mount read-only, nosuid, nodev and noexec
+/// (a bind mount takes its flags only from a remount). `extra` adds flags to the bind itself
+/// (MS_REC to carry submounts along).
+fn bind_read_only(source: &Path, target: &Path, extra: MsFlags) -> Result<(), SetupError> {
+    do_mount(
+        &source.to_string_lossy(),
+        target,
+        None,
+        MsFlags::MS_BIND | extra,
+        None,
+    )?;
     do_mount(
         "none",
         target,
@@ -235,23 +248,7 @@ pub fn execute(steps: &[Step]) -> Result<(), SetupError> {
             Step::BindApiDir { source, target } => {
                 guarded(target)?;
                 mkdir_all(target)?;
-                do_mount(
-                    &source.to_string_lossy(),
-                    target,
-                    None,
-                    MsFlags::MS_BIND,
-                    None,
-                )?;
-                do_mount(
-                    "none",
-                    target,
-                    None,
-                    MsFlags::MS_BIND
-                        | MsFlags::MS_REMOUNT
-                        | MsFlags::MS_RDONLY
-                        | NOSUID_NODEV_NOEXEC,
-                    None,
-                )?;
+                bind_read_only(source, target, MsFlags::empty())?;
             }
             Step::MountProc { target } => {
                 guarded(target)?;
@@ -347,23 +344,7 @@ pub fn execute(steps: &[Step]) -> Result<(), SetupError> {
             }
             Step::ReadOnlyIfPresent { target } => {
                 if guarded(target)? {
-                    do_mount(
-                        &target.to_string_lossy(),
-                        target,
-                        None,
-                        MsFlags::MS_BIND | MsFlags::MS_REC,
-                        None,
-                    )?;
-                    do_mount(
-                        "none",
-                        target,
-                        None,
-                        MsFlags::MS_BIND
-                            | MsFlags::MS_REMOUNT
-                            | MsFlags::MS_RDONLY
-                            | NOSUID_NODEV_NOEXEC,
-                        None,
-                    )?;
+                    bind_read_only(target, target, MsFlags::MS_REC)?;
                 }
             }
             Step::PivotRoot { new_root } => pivot_root(new_root)?,

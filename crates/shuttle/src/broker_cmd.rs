@@ -17,8 +17,12 @@ pub fn daemon(layout: &Layout, ready_fd: Option<i32>) -> Result<i32> {
         bail!("the broker needs root: run `shuttle daemon` as root, for example with sudo");
     }
     let ready = ready_fd.and_then(shuttle_sys::fdpass::own_inherited);
-    if ready.is_some() {
+    if let Some(r) = &ready {
+        // Started in the background by the CLI: detach, and keep nothing it inherited by
+        // accident (a stray pipe kept open can make a waiting parent hang).
         let _ = nix::unistd::setsid();
+        shuttle_sys::process::close_descriptors_except(&[std::os::fd::AsRawFd::as_raw_fd(r)])
+            .context("closing inherited descriptors")?;
     }
     let _ = nix::sys::prctl::set_name(c"shuttle-broker");
     shuttle_broker::daemon::run(layout, ready)?;
