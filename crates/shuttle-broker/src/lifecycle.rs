@@ -9,8 +9,17 @@ use shuttle_vm::client::{self, ClientError};
 use shuttle_vm::store::{self, StoreError};
 use shuttle_vm::{Layout, VmOptions};
 
+/// The shuttle binary monitors are started from: the broker's own. After an upgrade replaced
+/// the file, the running broker's image reads as "PATH (deleted)"; the new binary at PATH is
+/// the one to use (the version handshake catches incompatible pairs).
 fn exe() -> Result<PathBuf, String> {
-    std::env::current_exe().map_err(|e| format!("cannot find the shuttle binary: {e}"))
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the shuttle binary: {e}"))?;
+    let text = exe.to_string_lossy();
+    match text.strip_suffix(" (deleted)") {
+        Some(original) if std::path::Path::new(original).exists() => Ok(PathBuf::from(original)),
+        _ => Ok(exe),
+    }
 }
 
 pub fn create(layout: &Layout, spec: VmCreateSpec) -> Result<(), String> {

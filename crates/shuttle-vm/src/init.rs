@@ -113,12 +113,15 @@ pub fn run(ctx: InitContext) -> ! {
         }
         built.and_then(|()| enter_cgroup_namespace())
     };
-    if let Err(message) = result.and_then(|()| harden(&ctx.config)) {
-        let _ = ctx.channel.send(&InitEvent::SetupFailed { message });
-        shuttle_sys::process::exit_immediately(1);
-    }
+    let listener = match result.and_then(|()| harden(&ctx.config)) {
+        Ok(l) => l,
+        Err(message) => {
+            let _ = ctx.channel.send(&InitEvent::SetupFailed { message });
+            shuttle_sys::process::exit_immediately(1);
+        }
+    };
     let code = match Init::new(ctx.channel) {
-        Ok(mut init) => init.serve(),
+        Ok(mut init) => init.serve(listener),
         Err(_) => 1,
     };
     shuttle_sys::process::exit_immediately(code)
@@ -146,14 +149,18 @@ fn build_root(plan: &[Step]) -> Result<(), String> {
     Ok(())
 }
 
-fn harden(config: &VmConfig) -> Result<(), String> {
+/// no_new_privs, capabilities, and the seccomp filter, whose user-notification descriptor
+/// (for the calls the monitor mediates, such as `connect`) is returned for the monitor.
+fn harden(config: &VmConfig) -> Result<OwnedFd, String> {
     nix::sys::prctl::set_no_new_privs().map_err(|e| format!("prctl(PR_SET_NO_NEW_PRIVS): {e}"))?;
     shuttle_sys::caps::restrict_to(hardening::kept_capabilities(config.net))
         .map_err(|e| e.to_string())?;
+    // init is single-threaded, so the filter (installed without TSYNC, which cannot be
+    // combined with a listener) covers all of it, and every process it forks inherits it.
     hardening::seccomp_program()
-        .and_then(|p| p.install(false))
-        .map_err(|e| e.to_string())?;
-    Ok(())
+        .and_then(|p| p.install(true))
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "seccomp did not return a notification descriptor".to_owned())
 }
 
 struct Init {
@@ -177,8 +184,14 @@ impl Init {
         })
     }
 
-    fn serve(&mut self) -> i32 {
-        if self.channel.send(&InitEvent::Ready).is_err() {
+    fn serve(&mut self, listener: OwnedFd) -> i32 {
+        // The notification descriptor goes to the monitor with Ready; init keeps no copy, so
+        // that the monitor alone answers the VM's mediated calls.
+        let sent = self
+            .channel
+            .send_with_fds(&InitEvent::Ready, &[listener.as_fd()]);
+        drop(listener);
+        if sent.is_err() {
             return 1;
         }
         loop {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod detach;
 pub mod hardening;
 pub mod init;
+pub mod intercept;
 pub mod layout;
 pub mod monitor;
 pub mod plan;

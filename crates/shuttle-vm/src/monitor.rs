@@ -109,6 +109,8 @@ struct Started {
     cgroup: VmCgroup,
     listener: OwnedFd,
     api_listener: OwnedFd,
+    /// The VM's seccomp user-notification descriptor.
+    notify: OwnedFd,
     _lock: nix::fcntl::Flock<fs::File>,
     started_at: u64,
 }
@@ -131,7 +133,7 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
 
     let result = launch(layout, &config);
     match result {
-        Ok((init_pid, init, cgroup)) => {
+        Ok((init_pid, init, cgroup, notify)) => {
             // The VM's own API socket: any user inside the VM may connect (the VM, not the
             // user, is the identity), so 0666 in a 0755 directory only the monitor writes.
             let api_dir = layout.vm_api_dir(name);
@@ -164,6 +166,7 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
                 cgroup,
                 listener,
                 api_listener,
+                notify,
                 _lock: lock,
                 started_at,
             })
@@ -180,7 +183,10 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
 }
 
 /// Creates the cgroup, forks init into new namespaces and waits until it reports ready.
-fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup), MonitorError> {
+/// The running VM: its init, the channel to it, its cgroup and its seccomp notification fd.
+type Launched = (Pid, Channel, VmCgroup, OwnedFd);
+
+fn launch(layout: &Layout, config: &VmConfig) -> Result<Launched, MonitorError> {
     let t0 = Instant::now();
     let cgroup = VmCgroup::create(
         &layout.cgroup_parent(),
@@ -264,8 +270,11 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup)
                 }))
             }
         }
-        match ours.recv::<InitEvent>() {
-            Ok(InitEvent::Ready) => {
+        match ours
+            .recv_with_fds::<InitEvent>()
+            .map(|(ev, mut fds)| (ev, fds.pop()))
+        {
+            Ok((InitEvent::Ready, Some(listener))) => {
                 tracing::debug!(elapsed = ?attach.elapsed(), "init ready");
                 // Verify, whoever moved it: a VM outside its cgroup would escape its limits.
                 if !cgroup.contains(init_pid.as_raw()) {
@@ -284,15 +293,15 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<(Pid, Channel, VmCgroup)
                         ),
                     }));
                 }
-                return Ok((init_pid, ours, cgroup));
+                return Ok((init_pid, ours, cgroup, listener));
             }
-            Ok(InitEvent::SetupFailed { message }) => {
+            Ok((InitEvent::SetupFailed { message }, _)) => {
                 return Err(fail(MonitorError::Setup {
                     name: config.name.clone(),
                     message,
                 }))
             }
-            Ok(other) => {
+            Ok((other, _)) => {
                 return Err(fail(MonitorError::Setup {
                     name: config.name.clone(),
                     message: format!("unexpected message from init: {other:?}"),
@@ -418,6 +427,7 @@ impl Started {
             cgroup,
             listener,
             api_listener,
+            notify,
             _lock,
             started_at,
         } = self;
@@ -431,7 +441,9 @@ impl Started {
             policy: Arc::clone(&policy),
             journal: Mutex::new(None),
         });
+        let intercept = Arc::clone(&api);
         thread::spawn(move || crate::vm_api::serve(api_listener, api));
+        thread::spawn(move || crate::intercept::serve(notify, intercept));
         let reader = match init.try_clone() {
             Ok(r) => r,
             Err(e) => {

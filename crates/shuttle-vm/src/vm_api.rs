@@ -130,7 +130,7 @@ fn handle(ctx: &ApiContext, chan: &Channel) -> Result<(), ChannelError> {
     }
 }
 
-fn rule_ref(policy: &Policy, rule: &shuttle_policy::Rule) -> RuleRef {
+pub(crate) fn rule_ref(policy: &Policy, rule: &shuttle_policy::Rule) -> RuleRef {
     let loc = rule.location();
     RuleRef {
         index: rule.number().saturating_sub(1),
@@ -142,7 +142,7 @@ fn rule_ref(policy: &Policy, rule: &shuttle_policy::Rule) -> RuleRef {
 }
 
 /// Records `record` durably; false when that failed (the caller must refuse).
-fn journal(ctx: &ApiContext, record: AuditRecord) -> bool {
+pub(crate) fn journal(ctx: &ApiContext, record: AuditRecord) -> bool {
     let mut guard = ctx.journal.lock().unwrap_or_else(|e| e.into_inner());
     if guard.is_none() {
         match Journal::open(ctx.layout.audit_journal(&ctx.vm)) {
@@ -330,7 +330,7 @@ fn processes_running(layout: &Layout, vm: &str, program: &str) -> Result<Vec<Own
 }
 
 /// Whether host pid `pid` is PID 1 of its PID namespace (a VM's init).
-fn is_vm_init(pid: i32) -> bool {
+pub(crate) fn is_vm_init(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
@@ -343,7 +343,7 @@ fn is_vm_init(pid: i32) -> bool {
 
 /// Puts an `ask` question to the broker and waits for the answer. Anything but an explicit
 /// "allow" — no broker, a broken connection, a timeout — is a denial (fail closed).
-fn ask_broker(layout: &Layout, question: Question) -> (bool, String) {
+pub(crate) fn ask_broker(layout: &Layout, question: Question) -> (bool, String) {
     let unavailable = |e: &dyn std::fmt::Display| {
         (
             false,

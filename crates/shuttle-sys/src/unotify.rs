@@ -1,0 +1,220 @@
+//! Seccomp user notification (seccomp_unotify(2)): receiving intercepted system calls,
+//! answering them, and injecting descriptors into the caller (SECCOMP_IOCTL_NOTIF_ADDFD).
+//! Plus the helpers a supervisor needs to act for a caller: reading its memory, duplicating
+//! its descriptors (pidfd_getfd(2)), and switching the calling thread's credentials.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::errno::Errno;
+
+/// One intercepted system call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Notification {
+    pub id: u64,
+    /// The caller's thread id, in the listener's PID namespace.
+    pub pid: u32,
+    pub nr: i32,
+    pub arch: u32,
+    pub args: [u64; 6],
+}
+
+fn ioctl<T>(fd: BorrowedFd<'_>, request: libc::Ioctl, arg: *mut T) -> Result<i32, Errno> {
+    // SAFETY: every caller passes a request code together with a pointer to the structure
+    // that request reads or writes (seccomp_unotify(2)), valid for the duration of the call.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), request, arg) };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Waits for the next notification. `ENOENT` means the caller died before it could be read
+/// (try again); `EINTR` is retried here.
+pub fn receive(listener: BorrowedFd<'_>) -> Result<Notification, Errno> {
+    loop {
+        // SAFETY: seccomp_notif is a plain C struct; the kernel requires it zeroed.
+        let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+        match ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut n) {
+            Ok(_) => {
+                return Ok(Notification {
+                    id: n.id,
+                    pid: n.pid,
+                    nr: n.data.nr,
+                    arch: n.data.arch,
+                    args: n.data.args,
+                })
+            }
+            Err(Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether notification `id` is still pending (its caller alive and waiting). Check it after
+/// every read of the caller's memory: the caller's pid could otherwise have been reused.
+pub fn id_valid(listener: BorrowedFd<'_>, id: u64) -> bool {
+    let mut id = id;
+    ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ID_VALID, &mut id).is_ok()
+}
+
+fn send(listener: BorrowedFd<'_>, id: u64, val: i64, error: i32, flags: u32) -> Result<(), Errno> {
+    let mut resp = libc::seccomp_notif_resp {
+        id,
+        val,
+        error,
+        flags,
+    };
+    ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_SEND, &mut resp).map(|_| ())
+}
+
+/// Lets the intercepted call run as if it had not been intercepted. Only ever for calls whose
+/// effect stays within the caller's own namespaces: the caller may change the arguments
+/// between our check and the kernel's use of them.
+pub fn allow_to_continue(listener: BorrowedFd<'_>, id: u64) -> Result<(), Errno> {
+    send(
+        listener,
+        id,
+        0,
+        0,
+        libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+    )
+}
+
+/// Completes the call with return value `val` (for success) or fails it with `errno`.
+pub fn complete(
+    listener: BorrowedFd<'_>,
+    id: u64,
+    result: Result<i64, Errno>,
+) -> Result<(), Errno> {
+    match result {
+        Ok(val) => send(listener, id, val, 0, 0),
+        Err(e) => send(listener, id, 0, -(e as i32), 0),
+    }
+}
+
+/// Installs `fd` in the caller as descriptor number `target` (replacing what was there),
+/// close-on-exec if `cloexec`.
+pub fn inject_fd(
+    listener: BorrowedFd<'_>,
+    id: u64,
+    fd: BorrowedFd<'_>,
+    target: u32,
+    cloexec: bool,
+) -> Result<(), Errno> {
+    let mut addfd = libc::seccomp_notif_addfd {
+        id,
+        flags: libc::SECCOMP_ADDFD_FLAG_SETFD as u32,
+        srcfd: fd.as_raw_fd() as u32,
+        newfd: target,
+        newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
+    };
+    ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ADDFD, &mut addfd).map(|_| ())
+}
+
+/// Copies `len` bytes at `addr` out of process `pid` (process_vm_readv(2)).
+pub fn read_memory(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
+    let mut buf = vec![0u8; len];
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: len,
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: `local` describes our own buffer of `len` bytes; the kernel validates `remote`
+    // against the other process's address space and never writes to it.
+    let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &remote, 1, 0) };
+    if n < 0 {
+        return Err(Errno::last());
+    }
+    buf.truncate(n as usize);
+    Ok(buf)
+}
+
+/// Duplicates descriptor `fd` of the process behind `pidfd` into this process
+/// (pidfd_getfd(2)); the copy is close-on-exec.
+pub fn duplicate_from(pidfd: BorrowedFd<'_>, fd: i32) -> Result<OwnedFd, Errno> {
+    // SAFETY: pidfd_getfd takes descriptors and flags and returns a new descriptor.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0u32) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Sets the effective uid and gid of the calling *thread* only (raw setresuid/setresgid:
+/// the C library's wrappers would change every thread of the process). Real and saved ids
+/// stay, so [`restore_thread_ids`] can switch back. Used so that a connection made for a VM
+/// process carries that process's identity (SO_PEERCRED) and permissions.
+pub fn set_thread_effective_ids(uid: u32, gid: u32) -> Result<(), Errno> {
+    // SAFETY: plain integer arguments; -1 leaves an id unchanged.
+    let r = unsafe { libc::syscall(libc::SYS_setresgid, -1i32, gid, -1i32) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: as above.
+    let r = unsafe { libc::syscall(libc::SYS_setresuid, -1i32, uid, -1i32) };
+    if r < 0 {
+        let e = Errno::last();
+        let _ = restore_thread_ids();
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Switches the calling thread back to effective uid and gid 0.
+pub fn restore_thread_ids() -> Result<(), Errno> {
+    // SAFETY: plain integer arguments. The uid goes first: changing the gid needs it.
+    let r = unsafe { libc::syscall(libc::SYS_setresuid, -1i32, 0u32, -1i32) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: as above.
+    let r = unsafe { libc::syscall(libc::SYS_setresgid, -1i32, 0u32, -1i32) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Moves the calling thread into the network namespace `ns` (setns(2) with CLONE_NEWNET,
+/// which applies to this thread alone). Sockets created afterwards belong to that namespace.
+pub fn enter_network_namespace(ns: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: setns takes a descriptor and a flag.
+    let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// The domain, type and protocol of a socket (SO_DOMAIN, SO_TYPE, SO_PROTOCOL).
+pub fn socket_kind(fd: BorrowedFd<'_>) -> Result<(i32, i32, i32), Errno> {
+    let get = |opt: i32| -> Result<i32, Errno> {
+        let mut v: libc::c_int = 0;
+        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: v and len are valid for writes of the sizes given.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&mut v as *mut i32).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            Err(Errno::last())
+        } else {
+            Ok(v)
+        }
+    };
+    Ok((
+        get(libc::SO_DOMAIN)?,
+        get(libc::SO_TYPE)?,
+        get(libc::SO_PROTOCOL)?,
+    ))
+}

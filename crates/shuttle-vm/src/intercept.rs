@@ -1,0 +1,510 @@
+//! The VM's mediated system calls, answered by its monitor (seccomp user notification).
+//!
+//! Every `connect` made in the VM stops here. Most stay inside the VM: no rule publishes their
+//! address, so the call continues unchanged (counted, not logged) and resolves in the VM's own
+//! namespaces, exactly as without Shuttle. When the policy routes the address to another VM
+//! and allows it, the monitor makes the connection itself, in the target VM's namespaces, on
+//! its own copy of the address, as the caller's uid and gid (so the server's SO_PEERCRED names
+//! the caller), and injects the connected socket under the caller's descriptor number. After
+//! that the kernel carries the data: Shuttle is out of the path. Denials are audited and the
+//! call resolves locally, so the caller sees what it would see without Shuttle. Any error on
+//! the cross-VM path refuses the connection (ECONNREFUSED): fail closed.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
+use std::sync::Arc;
+
+use nix::errno::Errno;
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::socket::{
+    connect, socket, AddressFamily, SockFlag, SockProtocol, SockType, SockaddrIn, SockaddrIn6,
+    UnixAddr,
+};
+use nix::sys::stat::Mode;
+use shuttle_audit::{AuditRecord, Caller, Outcome};
+use shuttle_policy::{Action, Op, OpParams, Request, Target, VmIdentity};
+use shuttle_sys::unotify::{self, Notification};
+
+use crate::cgroup::VmCgroup;
+use crate::vm_api::{self, ApiContext};
+
+/// Serves the VM's notifications until the listener fails (the VM is gone).
+pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
+    loop {
+        let n = match unotify::receive(listener.as_fd()) {
+            Ok(n) => n,
+            // The caller died before we could read the notification.
+            Err(Errno::ENOENT) => continue,
+            Err(e) => {
+                tracing::debug!(vm = %ctx.vm, error = %e, "notification listener closed");
+                return;
+            }
+        };
+        if n.nr as i64 == libc::SYS_connect {
+            handle_connect(listener.as_fd(), &ctx, &n);
+        } else {
+            // The filter sends nothing else; continuing is what the VM would get without us.
+            let _ = unotify::allow_to_continue(listener.as_fd(), n.id);
+        }
+    }
+}
+
+/// A destination address as the caller gave it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Destination {
+    UnixPath(String),
+    Abstract(String),
+    Inet { port: u16, v6: bool },
+}
+
+/// Parses a sockaddr copied from the caller. `None` for anything Shuttle never routes
+/// (relative paths, non-loopback addresses, other families): those stay local.
+fn parse_destination(bytes: &[u8]) -> Option<Destination> {
+    let family = u16::from_ne_bytes([*bytes.first()?, *bytes.get(1)?]) as i32;
+    match family {
+        libc::AF_UNIX => {
+            let path = &bytes[2..];
+            if path.first() == Some(&0) {
+                let name = &path[1..];
+                return Some(Destination::Abstract(
+                    String::from_utf8(name.to_vec()).ok()?,
+                ));
+            }
+            let end = path.iter().position(|b| *b == 0).unwrap_or(path.len());
+            let p = std::str::from_utf8(&path[..end]).ok()?;
+            p.starts_with('/')
+                .then(|| Destination::UnixPath(p.to_owned()))
+        }
+        libc::AF_INET if bytes.len() >= 8 => {
+            let port = u16::from_be_bytes([bytes[2], bytes[3]]);
+            let ip = Ipv4Addr::new(bytes[4], bytes[5], bytes[6], bytes[7]);
+            ip.is_loopback()
+                .then_some(Destination::Inet { port, v6: false })
+        }
+        libc::AF_INET6 if bytes.len() >= 24 => {
+            let port = u16::from_be_bytes([bytes[2], bytes[3]]);
+            let mut a = [0u8; 16];
+            a.copy_from_slice(&bytes[8..24]);
+            let ip = Ipv6Addr::from(a);
+            let mapped_loopback = ip.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback());
+            (ip.is_loopback() || mapped_loopback).then_some(Destination::Inet { port, v6: true })
+        }
+        _ => None,
+    }
+}
+
+/// The caller's thread-group id and effective uid/gid, from /proc.
+fn caller_identity(tid: u32) -> Option<(i32, u32, u32)> {
+    let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+    let field = |name: &str, idx: usize| -> Option<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().nth(idx))
+            .and_then(|v| v.parse().ok())
+    };
+    Some((
+        field("Tgid:", 0)? as i32,
+        field("Uid:", 1)?,
+        field("Gid:", 1)?,
+    ))
+}
+
+/// Whether the caller's descriptor `fd` is close-on-exec (from /proc/PID/fdinfo).
+fn caller_fd_cloexec(tgid: i32, fd: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{tgid}/fdinfo/{fd}"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .is_some_and(|flags| flags & 0o2000000 != 0)
+}
+
+fn handle_connect(listener: BorrowedFd<'_>, ctx: &ApiContext, n: &Notification) {
+    // SAFETY of every `allow_to_continue` below (the only way a call continues here): the
+    // call then runs in the caller's own namespaces, so even a caller that rewrites the
+    // address after our check reaches only what its VM could reach without Shuttle.
+    let stay_local = || {
+        let _ = unotify::allow_to_continue(listener, n.id);
+    };
+    let (fd, addr, len) = (n.args[0] as i32, n.args[1], n.args[2] as usize);
+    if addr == 0 || !(2..=128).contains(&len) {
+        return stay_local();
+    }
+    let Ok(bytes) = unotify::read_memory(n.pid, addr, len) else {
+        return stay_local();
+    };
+    // The caller may have died and its pid been reused between the notification and the read.
+    if !unotify::id_valid(listener, n.id) {
+        return;
+    }
+    let Some(dest) = parse_destination(&bytes) else {
+        return stay_local();
+    };
+    let policy = ctx.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let candidates: Vec<String> = match &dest {
+        Destination::UnixPath(p) => vec![format!("unix:{p}")],
+        Destination::Abstract(name) => vec![format!("abstract:{name}")],
+        Destination::Inet { port, .. } => vec![format!("tcp:{port}"), format!("udp:{port}")],
+    };
+    // Fast path: nothing publishes this address across VMs.
+    if !candidates.iter().any(|o| policy.publishes(Op::Connect, o)) {
+        return stay_local();
+    }
+    let Some((tgid, uid, gid)) = caller_identity(n.pid) else {
+        return stay_local();
+    };
+    let caller = Caller {
+        pid_in_vm: None,
+        pid_on_host: Some(tgid),
+        uid: Some(uid),
+        program: std::fs::read_to_string(format!("/proc/{tgid}/comm"))
+            .ok()
+            .map(|s| s.trim().to_owned()),
+    };
+    // The caller's socket tells the kind (stream or datagram) and its flags.
+    let sock = shuttle_sys::process::pidfd_open(tgid)
+        .and_then(|pidfd| unotify::duplicate_from(pidfd.as_fd(), fd));
+    let Ok(sock) = sock else { return stay_local() };
+    let Ok((domain, stype, protocol)) = unotify::socket_kind(sock.as_fd()) else {
+        return stay_local();
+    };
+    let object = match &dest {
+        Destination::Inet { port, .. } if stype == libc::SOCK_DGRAM => format!("udp:{port}"),
+        Destination::Inet { port, .. } => format!("tcp:{port}"),
+        _ => candidates[0].clone(),
+    };
+    let from = VmIdentity::vm(&ctx.vm, &ctx.tags);
+    let req = Request::new(Op::Connect, from, &object);
+    let mut record = AuditRecord {
+        time: shuttle_audit::now_unix_nanos(),
+        op: "connect".into(),
+        from: ctx.vm.clone(),
+        to: None,
+        object: object.clone(),
+        result: Outcome::Deny,
+        rule: None,
+        caller,
+        reason: None,
+        seq: 0,
+    };
+    let Some((decision, target)) = policy.route(&req) else {
+        // Published to others, not to this VM: audited as a denial, then resolved locally.
+        if policy.publishes(Op::Connect, &object) {
+            record.reason = Some("no rule matched: default deny".into());
+            if !vm_api::journal(ctx, record) {
+                let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
+                return;
+            }
+        }
+        return stay_local();
+    };
+    record.rule = decision.rule.map(|r| vm_api::rule_ref(&policy, r));
+    record.to = target.map(|t| match t {
+        Target::Host => shuttle_audit::HOST.to_owned(),
+        Target::Vm(name) => name.to_string(),
+    });
+    match decision.action {
+        Action::Deny => {
+            record.reason = Some(
+                decision
+                    .rule
+                    .map(|r| format!("denied by {}", r.label()))
+                    .unwrap_or_default(),
+            );
+            if !vm_api::journal(ctx, record) {
+                let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
+                return;
+            }
+            return stay_local();
+        }
+        Action::Ask => {
+            let Some(rule) = decision.rule else {
+                return refuse(listener, ctx, n, record, "ask without a rule");
+            };
+            let loc = rule.location();
+            let question = shuttle_proto::Question {
+                vm: ctx.vm.clone(),
+                op: "connect".into(),
+                to: record.to.clone(),
+                object: object.clone(),
+                rule: format!(
+                    "{} at {}:{}:{}",
+                    rule.label(),
+                    policy.source_name(),
+                    loc.line,
+                    loc.column
+                ),
+                timeout_ms: rule.params().ask_timeout().as_millis() as u64,
+            };
+            let (allow, how) = vm_api::ask_broker(&ctx.layout, question);
+            record.result = if allow {
+                Outcome::AskAllow
+            } else {
+                Outcome::AskDeny
+            };
+            record.reason = Some(how);
+            if !allow {
+                if !vm_api::journal(ctx, record) {
+                    let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
+                    return;
+                }
+                return stay_local();
+            }
+        }
+        Action::Allow => record.result = Outcome::Allow,
+    }
+    // Allowed: where exactly, possibly translated by the rule.
+    let translated = decision.rule.and_then(|r| match &r.params().op {
+        OpParams::Connect { target } => target.clone(),
+        _ => None,
+    });
+    let dest = match translated.as_deref() {
+        Some(t) => match t.split_once(':') {
+            Some(("unix", p)) => Destination::UnixPath(p.to_owned()),
+            Some(("abstract", a)) => Destination::Abstract(a.to_owned()),
+            Some(("tcp" | "udp", p)) => match (p.parse(), &dest) {
+                (Ok(port), Destination::Inet { v6, .. }) => Destination::Inet { port, v6: *v6 },
+                _ => {
+                    return refuse(
+                        listener,
+                        ctx,
+                        n,
+                        record,
+                        "the rule's target does not fit the caller's address",
+                    )
+                }
+            },
+            _ => return refuse(listener, ctx, n, record, "the rule's target is malformed"),
+        },
+        None => dest,
+    };
+    let target_init = match target {
+        Some(Target::Vm(name)) => match vm_init_pid(ctx, name) {
+            Some(pid) => Some(pid),
+            None => {
+                return refuse(
+                    listener,
+                    ctx,
+                    n,
+                    record,
+                    &format!("VM {name} is not running"),
+                )
+            }
+        },
+        Some(Target::Host) => None,
+        None => return refuse(listener, ctx, n, record, "the rule names no single target"),
+    };
+    let nonblocking = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_GETFL)
+        .map(|f| OFlag::from_bits_truncate(f).contains(OFlag::O_NONBLOCK))
+        .unwrap_or(false);
+    let connected = connect_in(target_init, (domain, stype, protocol), &dest, (uid, gid));
+    let new_sock = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            // Nobody listening there (yet): the same answer a local connect would give.
+            record.result = Outcome::Error;
+            record.reason = Some(format!("connecting in the target failed: {e}"));
+            let _ = vm_api::journal(ctx, record);
+            let _ = unotify::complete(listener, n.id, Err(e));
+            return;
+        }
+    };
+    if nonblocking {
+        let _ = nix::fcntl::fcntl(&new_sock, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK));
+    }
+    record.reason = Some(format!("connected to {dest:?}"));
+    if !vm_api::journal(ctx, record) {
+        let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
+        return;
+    }
+    let cloexec = caller_fd_cloexec(tgid, fd);
+    match unotify::inject_fd(listener, n.id, new_sock.as_fd(), fd as u32, cloexec) {
+        Ok(()) => {
+            let _ = unotify::complete(listener, n.id, Ok(0));
+        }
+        Err(e) => {
+            tracing::warn!(vm = %ctx.vm, error = %e, "injecting the connected socket failed");
+            let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
+        }
+    }
+}
+
+fn refuse(
+    listener: BorrowedFd<'_>,
+    ctx: &ApiContext,
+    n: &Notification,
+    mut record: AuditRecord,
+    why: &str,
+) {
+    record.result = Outcome::Error;
+    record.reason = Some(why.to_owned());
+    let _ = vm_api::journal(ctx, record);
+    let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
+}
+
+/// PID (host view) of a running VM's init.
+fn vm_init_pid(ctx: &ApiContext, vm: &str) -> Option<i32> {
+    if !crate::store::is_running(&ctx.layout, vm) {
+        return None;
+    }
+    let cg = VmCgroup::existing(&ctx.layout.cgroup_parent(), vm)?;
+    cg.pids().into_iter().find(|p| vm_api::is_vm_init(*p))
+}
+
+/// Creates a socket of the caller's kind in the target's namespaces and connects it, as the
+/// caller's effective uid and gid. `target_init` is the target VM's init, or `None` for the
+/// host.
+fn connect_in(
+    target_init: Option<i32>,
+    (domain, stype, protocol): (i32, i32, i32),
+    dest: &Destination,
+    (uid, gid): (u32, u32),
+) -> Result<OwnedFd, Errno> {
+    let family = AddressFamily::from_i32(domain).ok_or(Errno::EAFNOSUPPORT)?;
+    let kind = SockType::try_from(stype & 0xf).map_err(|_| Errno::EPROTOTYPE)?;
+    let proto = match protocol {
+        0 => None,
+        p if p == libc::IPPROTO_TCP => Some(SockProtocol::Tcp),
+        p if p == libc::IPPROTO_UDP => Some(SockProtocol::Udp),
+        _ => None,
+    };
+    // Abstract and IP sockets belong to a network namespace: make the socket in the target's.
+    let needs_netns = !matches!(dest, Destination::UnixPath(_));
+    let sock = match (needs_netns, target_init) {
+        (true, Some(pid)) => {
+            in_network_namespace(pid, || socket(family, kind, SockFlag::SOCK_CLOEXEC, proto))?
+        }
+        _ => socket(family, kind, SockFlag::SOCK_CLOEXEC, proto)?,
+    };
+    // Resolve the address first, as root: opening the target's root through /proc needs
+    // privileges the caller's identity does not have.
+    let resolved = resolve(target_init, dest)?;
+    let switch = uid != 0 || gid != 0;
+    if switch {
+        unotify::set_thread_effective_ids(uid, gid)?;
+    }
+    let result = connect(sock.as_raw_fd(), &*resolved.addr);
+    if switch {
+        // Never keep working under the caller's identity: failing to switch back is fatal.
+        if unotify::restore_thread_ids().is_err() {
+            tracing::error!("cannot restore the monitor thread's credentials; exiting");
+            std::process::exit(70);
+        }
+    }
+    drop(resolved);
+    result.map(|()| sock)
+}
+
+/// An address ready to connect to, with whatever descriptor it refers through.
+struct Resolved {
+    addr: Box<dyn nix::sys::socket::SockaddrLike>,
+    _path_fd: Option<OwnedFd>,
+}
+
+fn resolve(target_init: Option<i32>, dest: &Destination) -> Result<Resolved, Errno> {
+    Ok(match dest {
+        Destination::UnixPath(path) => {
+            // Resolved inside the target's root (symlinks included): nothing leads out of it.
+            let root_path = match target_init {
+                Some(pid) => format!("/proc/{pid}/root"),
+                None => "/".to_owned(),
+            };
+            let root = nix::fcntl::open(
+                Path::new(&root_path),
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )?;
+            let how = OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+                .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+            let target = openat2(&root, Path::new(path.trim_start_matches('/')), how)?;
+            // Connecting through the O_PATH descriptor's magic link reaches exactly the inode
+            // resolved above, whatever its path length.
+            let addr =
+                UnixAddr::new(format!("/proc/thread-self/fd/{}", target.as_raw_fd()).as_str())?;
+            Resolved {
+                addr: Box::new(addr),
+                _path_fd: Some(target),
+            }
+        }
+        Destination::Abstract(name) => Resolved {
+            addr: Box::new(UnixAddr::new_abstract(name.as_bytes())?),
+            _path_fd: None,
+        },
+        Destination::Inet { port, v6: false } => Resolved {
+            addr: Box::new(SockaddrIn::new(127, 0, 0, 1, *port)),
+            _path_fd: None,
+        },
+        Destination::Inet { port, v6: true } => Resolved {
+            addr: Box::new(SockaddrIn6::from(std::net::SocketAddrV6::new(
+                Ipv6Addr::LOCALHOST,
+                *port,
+                0,
+                0,
+            ))),
+            _path_fd: None,
+        },
+    })
+}
+
+/// Runs `f` with this thread in the network namespace of process `pid`, then switches back.
+fn in_network_namespace<T>(pid: i32, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
+    let own = nix::fcntl::open(
+        "/proc/thread-self/ns/net",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let theirs = nix::fcntl::open(
+        Path::new(&format!("/proc/{pid}/ns/net")),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    unotify::enter_network_namespace(theirs.as_fd())?;
+    let result = f();
+    if unotify::enter_network_namespace(own.as_fd()).is_err() {
+        tracing::error!("cannot return to the monitor's network namespace; exiting");
+        std::process::exit(70);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unix(path: &[u8]) -> Vec<u8> {
+        let mut v = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+        v.extend_from_slice(path);
+        v
+    }
+
+    #[test]
+    fn addresses() {
+        assert_eq!(
+            parse_destination(&unix(b"/run/x.sock\0")),
+            Some(Destination::UnixPath("/run/x.sock".into()))
+        );
+        assert_eq!(parse_destination(&unix(b"rel.sock\0")), None);
+        assert_eq!(
+            parse_destination(&unix(b"\0name")),
+            Some(Destination::Abstract("name".into()))
+        );
+        let mut v4 = (libc::AF_INET as u16).to_ne_bytes().to_vec();
+        v4.extend_from_slice(&5432u16.to_be_bytes());
+        v4.extend_from_slice(&[127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(
+            parse_destination(&v4),
+            Some(Destination::Inet {
+                port: 5432,
+                v6: false
+            })
+        );
+        v4[4] = 10;
+        assert_eq!(parse_destination(&v4), None, "only loopback is ever routed");
+        assert_eq!(parse_destination(&[1]), None);
+    }
+}
