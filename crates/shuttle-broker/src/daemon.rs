@@ -46,9 +46,9 @@ struct Broker {
 /// Runs the broker in the foreground until SIGTERM or SIGINT. `ready` is told `ok` once the
 /// socket accepts connections (for the CLI that started it in the background).
 pub fn run(layout: &Layout, ready: Option<OwnedFd>) -> Result<(), DaemonError> {
-    fs::create_dir_all(&layout.runtime)
+    shuttle_vm::layout::ensure_private_dir(&layout.runtime)
         .map_err(|e| setup("creating the runtime directory")(e.to_string()))?;
-    fs::create_dir_all(&layout.state)
+    shuttle_vm::layout::ensure_private_dir(&layout.state)
         .map_err(|e| setup("creating the state directory")(e.to_string()))?;
     let lock_file = fs::OpenOptions::new()
         .create(true)

@@ -109,7 +109,21 @@ impl Channel {
             other => other?,
         };
         if n == 0 && fds.is_empty() {
-            return Err(ChannelError::Disconnected);
+            // End of file, or an empty packet (which a peer can send on purpose): only the
+            // former ends the conversation; the latter is a malformed message.
+            let mut pfd = [nix::poll::PollFd::new(
+                self.socket.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let hung_up = nix::poll::poll(&mut pfd, nix::poll::PollTimeout::ZERO).is_ok()
+                && pfd[0]
+                    .revents()
+                    .is_some_and(|r| r.contains(nix::poll::PollFlags::POLLHUP));
+            return Err(if hung_up {
+                ChannelError::Disconnected
+            } else {
+                ChannelError::Unexpected("an empty message".into())
+            });
         }
         let msg = serde_json::from_slice(&buf[..n]).map_err(ChannelError::Decode)?;
         Ok((msg, fds))

@@ -114,7 +114,17 @@ pub fn run(ctx: InitContext) -> ! {
         built.and_then(|()| enter_cgroup_namespace())
     };
     let listener = match result.and_then(|()| harden(&ctx.config)) {
-        Ok(l) => l,
+        // Not dumpable: a VM's root (same uid, same capabilities) can neither ptrace init nor
+        // take its descriptors with pidfd_getfd, and so cannot speak for init to the monitor.
+        // Programs init starts become dumpable again when they exec.
+        Ok(l) => match nix::sys::prctl::set_dumpable(false) {
+            Ok(()) => l,
+            Err(e) => {
+                let message = format!("prctl(PR_SET_DUMPABLE, 0): {e}");
+                let _ = ctx.channel.send(&InitEvent::SetupFailed { message });
+                shuttle_sys::process::exit_immediately(1);
+            }
+        },
         Err(message) => {
             let _ = ctx.channel.send(&InitEvent::SetupFailed { message });
             shuttle_sys::process::exit_immediately(1);

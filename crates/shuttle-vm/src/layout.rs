@@ -12,6 +12,31 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/shuttle";
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/shuttle";
 
+/// `path` with every symlink resolved, as far as it exists. Shuttle hides its directories
+/// inside VMs by path; a symlink on the way (`SHUTTLE_ROOT=/link/to/dir`) would resolve
+/// differently inside a VM and leave the real directory visible.
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(c) = path.canonicalize() {
+        return c;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) if parent != path => canonical(parent).join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Creates `path` (and its parents) if needed and makes it accessible to root only. Shuttle's
+/// trees hold every VM's files (including setuid programs a VM's root may have made) and
+/// every VM's API socket (whoever connects speaks as that VM): no other host user may enter.
+pub fn ensure_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Layout {
     pub state: PathBuf,
@@ -21,12 +46,16 @@ pub struct Layout {
 impl Layout {
     /// The layout from `SHUTTLE_ROOT`, or the system-wide default.
     pub fn from_env() -> Layout {
-        match std::env::var_os("SHUTTLE_ROOT") {
+        let layout = match std::env::var_os("SHUTTLE_ROOT") {
             Some(root) if !root.is_empty() => Layout::under(Path::new(&root)),
             _ => Layout {
                 state: PathBuf::from(DEFAULT_STATE_DIR),
                 runtime: PathBuf::from(DEFAULT_RUNTIME_DIR),
             },
+        };
+        Layout {
+            state: canonical(&layout.state),
+            runtime: canonical(&layout.runtime),
         }
     }
 

@@ -119,6 +119,12 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
     let lock =
         store::try_lock(layout, name)?.ok_or_else(|| MonitorError::AlreadyRunning(name.into()))?;
     let config = store::load(layout, name)?;
+    // Installations made before Shuttle locked its state down get repaired here.
+    crate::layout::ensure_private_dir(&layout.state).map_err(|source| MonitorError::Io {
+        what: "securing",
+        path: layout.state.display().to_string(),
+        source,
+    })?;
     // Whatever a crashed monitor left behind goes first.
     let run_dir = layout.runtime_vm_dir(name);
     let _ = fs::remove_dir_all(&run_dir);

@@ -118,6 +118,13 @@ fn check_no_symlink(root: &Path, path: &Path) -> Result<bool, SetupError> {
 }
 
 /// The root of the plan's overlay, once mounted (targets below it get the symlink check).
+fn upper_of(steps: &[Step]) -> Option<PathBuf> {
+    steps.iter().find_map(|s| match s {
+        Step::MountOverlay { upper, .. } => Some(upper.clone()),
+        _ => None,
+    })
+}
+
 fn root_of(steps: &[Step]) -> Option<PathBuf> {
     steps.iter().find_map(|s| match s {
         Step::MountOverlay { target, .. } => Some(target.clone()),
@@ -200,25 +207,43 @@ pub fn execute(steps: &[Step]) -> Result<(), SetupError> {
             } => {
                 mkdir_all(target)?;
                 let data = format!(
-                    "lowerdir={},upperdir={},workdir={}",
+                    // redirect_dir, metacopy and index off: a rename inside the VM must never
+                    // make a hidden lower directory reachable under another name.
+                    "lowerdir={},upperdir={},workdir={},redirect_dir=off,metacopy=off,index=off",
                     overlay_option_path(lower)?,
                     overlay_option_path(upper)?,
                     overlay_option_path(work)?
                 );
+                // nodev: device nodes reach a VM only through its own /dev (a separate mount).
                 do_mount(
                     "shuttle",
                     target,
                     Some("overlay"),
-                    MsFlags::empty(),
+                    MsFlags::MS_NODEV,
                     Some(&data),
                 )?;
                 verify(target, OVERLAYFS_SUPER_MAGIC)?;
             }
             Step::HideIfPresent { target } => {
-                // A symlink here was made by the VM itself: it shadows whatever the lower
-                // layer has at this path, which is then unreachable anyway.
                 match check_no_symlink(root.as_deref().unwrap_or(Path::new("/")), target) {
-                    Err(SetupError::SymlinkInRoot { .. }) | Ok(false) => {}
+                    Ok(false) => {}
+                    // A symlink the VM made itself (it is in the upper layer) shadows whatever
+                    // the lower layer has at this path, which is then unreachable anyway. A
+                    // symlink of the lower layer would resolve inside the VM to what we must
+                    // hide: refuse to start rather than leave it visible.
+                    Err(SetupError::SymlinkInRoot { path }) => {
+                        let made_by_vm = match (&root, upper_of(steps)) {
+                            (Some(r), Some(upper)) => path
+                                .strip_prefix(r)
+                                .ok()
+                                .and_then(|rel| fs::symlink_metadata(upper.join(rel)).ok())
+                                .is_some_and(|m| m.file_type().is_symlink()),
+                            _ => false,
+                        };
+                        if !made_by_vm {
+                            return Err(SetupError::SymlinkInRoot { path });
+                        }
+                    }
                     Ok(true) => {
                         let meta =
                             fs::symlink_metadata(target).map_err(|source| SetupError::Io {

@@ -56,6 +56,7 @@ fn now() -> u64 {
 pub fn create(layout: &Layout, options: &VmOptions) -> Result<VmConfig, StoreError> {
     let config = options.validate(now())?;
     let vms = layout.vms_dir();
+    crate::layout::ensure_private_dir(&layout.state).map_err(io_err("creating", &layout.state))?;
     fs::create_dir_all(&vms).map_err(io_err("creating", &vms))?;
     let final_dir = layout.vm_dir(&config.name);
     if final_dir.exists() {
@@ -153,6 +154,8 @@ pub fn list(layout: &Layout) -> Result<Vec<Result<VmConfig, StoreError>>, StoreE
 /// The lock a VM's monitor holds while the VM runs.
 pub fn open_lock(layout: &Layout, name: &str) -> Result<fs::File, StoreError> {
     let dir = layout.runtime_vms_dir();
+    crate::layout::ensure_private_dir(&layout.runtime)
+        .map_err(io_err("creating", &layout.runtime))?;
     fs::create_dir_all(&dir).map_err(io_err("creating", &dir))?;
     let path = layout.lock_file(name);
     fs::OpenOptions::new()

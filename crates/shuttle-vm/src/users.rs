@@ -100,9 +100,29 @@ pub fn resolve_in(spec: &str, passwd: &str, group: &str) -> Result<User, UserErr
 
 /// Resolves `spec` against the files of the root the caller is in (the VM's, for its init).
 pub fn resolve(spec: &str, root: &Path) -> Result<User, UserError> {
-    let passwd = std::fs::read_to_string(root.join("etc/passwd")).unwrap_or_default();
-    let group = std::fs::read_to_string(root.join("etc/group")).unwrap_or_default();
+    let passwd = read_small(&root.join("etc/passwd"));
+    let group = read_small(&root.join("etc/group"));
     resolve_in(spec, &passwd, &group)
+}
+
+/// Reads a VM-controlled file without letting it hang or flood init: a regular file only,
+/// never through a final symlink, never blocking, at most 4 MiB.
+fn read_small(path: &Path) -> String {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path)
+    else {
+        return String::new();
+    };
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return String::new();
+    }
+    let mut text = String::new();
+    let _ = f.take(4 << 20).read_to_string(&mut text);
+    text
 }
 
 #[cfg(test)]
