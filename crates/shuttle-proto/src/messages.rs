@@ -64,6 +64,12 @@ pub struct CommandSpec {
     pub cwd: Option<Bytes>,
     /// `NAME`, `UID` or `UID:GID`, resolved against the VM's own /etc/passwd; root if absent.
     pub user: Option<String>,
+    /// Run on a new pseudo-terminal of the VM's own, of this size (rows, columns), instead of
+    /// on descriptors passed alongside. Used when the caller's stdin is a terminal: handing the
+    /// caller's own terminal to a VM would let the VM's processes keep reading it after the
+    /// command ends (everything typed into the host shell).
+    #[serde(default)]
+    pub terminal: Option<(u16, u16)>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -8,4 +8,5 @@ pub mod fdpass;
 pub mod net;
 pub mod process;
 pub mod seccomp;
+pub mod terminal;
 pub mod unotify;

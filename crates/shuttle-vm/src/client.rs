@@ -141,6 +141,8 @@ pub struct RunSession {
     chan: Channel,
     /// Its PID inside the VM.
     pub pid: i32,
+    /// The master side of the VM terminal the command runs on, when one was asked for.
+    pub terminal: Option<std::os::fd::OwnedFd>,
 }
 
 impl RunSession {
@@ -186,13 +188,17 @@ pub fn run(
     layout: &Layout,
     name: &str,
     command: CommandSpec,
-    stdio: [BorrowedFd<'_>; 3],
+    stdio: &[BorrowedFd<'_>],
 ) -> Result<RunSession, ClientError> {
     let chan = connect(layout, name)?;
-    chan.send_with_fds(&MonitorRequest::Run(command), &stdio)
+    chan.send_with_fds(&MonitorRequest::Run(command), stdio)
         .map_err(chan_err(name))?;
-    match chan.recv::<MonitorReply>().map_err(chan_err(name))? {
+    let (reply, mut fds) = chan
+        .recv_with_fds::<MonitorReply>()
+        .map_err(chan_err(name))?;
+    match reply {
         MonitorReply::Started { pid } => Ok(RunSession {
+            terminal: fds.pop(),
             name: name.into(),
             chan,
             pid,

@@ -241,21 +241,31 @@ impl Init {
     fn handle_request(&mut self, req: InitRequest, fds: Vec<OwnedFd>) -> Option<i32> {
         match req {
             InitRequest::Spawn { id, command } => {
-                let event = match spawn(&command, fds) {
-                    Ok(pid) => {
+                let (event, master) = match spawn(&command, fds) {
+                    Ok((pid, master)) => {
                         self.commands.insert(pid, id);
-                        InitEvent::Spawned {
-                            id,
-                            pid: pid.as_raw(),
-                        }
+                        (
+                            InitEvent::Spawned {
+                                id,
+                                pid: pid.as_raw(),
+                            },
+                            master,
+                        )
                     }
-                    Err(SpawnError { message, exit_code }) => InitEvent::SpawnFailed {
-                        id,
-                        message,
-                        exit_code,
-                    },
+                    Err(SpawnError { message, exit_code }) => (
+                        InitEvent::SpawnFailed {
+                            id,
+                            message,
+                            exit_code,
+                        },
+                        None,
+                    ),
                 };
-                let _ = self.channel.send(&event);
+                // With a terminal, its master side goes to the caller (through the monitor).
+                let _ = match &master {
+                    Some(m) => self.channel.send_with_fds(&event, &[m.as_fd()]),
+                    None => self.channel.send(&event),
+                };
                 None
             }
             InitRequest::Signal { id, signal } => {
@@ -430,13 +440,30 @@ fn prepare_command(cmd: &CommandSpec) -> Result<Prepared, SpawnError> {
 }
 
 /// Forks and execs a command with the given stdio, in a session of its own.
-fn spawn(cmd: &CommandSpec, fds: Vec<OwnedFd>) -> Result<Pid, SpawnError> {
+/// Forks and execs a command in a session of its own, on the given stdio or, when asked for,
+/// on a new pseudo-terminal of the VM's devpts whose master side is returned.
+fn spawn(cmd: &CommandSpec, fds: Vec<OwnedFd>) -> Result<(Pid, Option<OwnedFd>), SpawnError> {
+    let (fds, master) = match cmd.terminal {
+        Some((rows, cols)) => {
+            let pty = nix::pty::openpty(None, None)
+                .map_err(|e| fail(format!("allocating a terminal: {e}"), 126))?;
+            let _ = shuttle_sys::terminal::set_window_size(pty.master.as_fd(), rows, cols);
+            let slave = pty.slave;
+            let copies = (slave.try_clone(), slave.try_clone());
+            let (Ok(out), Ok(err)) = copies else {
+                return Err(fail("duplicating the terminal", 126));
+            };
+            (vec![slave, out, err], Some(pty.master))
+        }
+        None => (fds, None),
+    };
     if fds.len() != 3 {
         return Err(fail(
             format!("expected 3 standard descriptors, got {}", fds.len()),
             126,
         ));
     }
+    let terminal = master.is_some();
     let prepared = prepare_command(cmd)?;
     let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| fail(format!("pipe: {e}"), 126))?;
@@ -445,7 +472,8 @@ fn spawn(cmd: &CommandSpec, fds: Vec<OwnedFd>) -> Result<Pid, SpawnError> {
     match forked {
         None => {
             drop(err_read);
-            let err = exec_child(&prepared, &fds);
+            drop(master);
+            let err = exec_child(&prepared, &fds, terminal);
             let mut w = std::fs::File::from(err_write);
             let _ = w.write_all(err.message.as_bytes());
             shuttle_sys::process::exit_immediately(err.exit_code);
@@ -456,7 +484,7 @@ fn spawn(cmd: &CommandSpec, fds: Vec<OwnedFd>) -> Result<Pid, SpawnError> {
             let mut report = String::new();
             let _ = std::fs::File::from(err_read).read_to_string(&mut report);
             if report.is_empty() {
-                return Ok(child);
+                return Ok((child, master));
             }
             let code = match waitpid(child, None) {
                 Ok(WaitStatus::Exited(_, c)) => c,
@@ -474,7 +502,7 @@ fn shuttle_sys_fork() -> Result<Option<Pid>, Errno> {
 }
 
 /// In the forked child: set up and exec. Returns only on failure.
-fn exec_child(p: &Prepared, fds: &[OwnedFd]) -> SpawnError {
+fn exec_child(p: &Prepared, fds: &[OwnedFd], terminal: bool) -> SpawnError {
     // init blocks the signals it reads through its signalfd; the command starts with none
     // blocked, as after a login.
     if let Err(e) = SigSet::empty().thread_set_mask() {
@@ -482,6 +510,13 @@ fn exec_child(p: &Prepared, fds: &[OwnedFd]) -> SpawnError {
     }
     if let Err(e) = nix::unistd::setsid() {
         return fail(format!("setsid: {e}"), 126);
+    }
+    // A terminal of its own becomes the session's controlling terminal: job control, Ctrl-C
+    // and Ctrl-Z work inside the VM as on a login.
+    if terminal {
+        if let Err(e) = shuttle_sys::terminal::make_controlling(fds[0].as_fd()) {
+            return fail(format!("making the terminal controlling: {e}"), 126);
+        }
     }
     for (target, fd) in fds.iter().enumerate() {
         if fd.as_raw_fd() == target as i32 {

@@ -372,7 +372,8 @@ struct Shared {
     init_pid: Pid,
     started_at: u64,
     next_id: AtomicU64,
-    waiters: Mutex<HashMap<u64, mpsc::Sender<InitEvent>>>,
+    /// Per running command: where its events (and a terminal's master side) go.
+    waiters: Mutex<HashMap<u64, mpsc::Sender<(InitEvent, Option<OwnedFd>)>>>,
     state: Mutex<VmState>,
     state_changed: Condvar,
     /// Clients waiting to be told the VM stopped; the process lingers until they are.
@@ -490,8 +491,8 @@ impl Started {
 
         // This thread follows init: its events, and its end.
         loop {
-            match reader.recv::<InitEvent>() {
-                Ok(ev) => dispatch(&shared, ev),
+            match reader.recv_with_fds::<InitEvent>() {
+                Ok((ev, mut fds)) => dispatch(&shared, ev, fds.pop()),
                 Err(ChannelError::Disconnected) => break,
                 Err(e) => tracing::warn!(error = %e, "bad message from init"),
             }
@@ -517,7 +518,7 @@ impl Started {
     }
 }
 
-fn dispatch(shared: &Shared, ev: InitEvent) {
+fn dispatch(shared: &Shared, ev: InitEvent, fd: Option<OwnedFd>) {
     let (id, last) = match &ev {
         InitEvent::Spawned { id, .. } => (*id, false),
         InitEvent::SpawnFailed { id, .. } | InitEvent::Exited { id, .. } => (*id, true),
@@ -531,7 +532,7 @@ fn dispatch(shared: &Shared, ev: InitEvent) {
     };
     drop(waiters);
     if let Some(tx) = tx {
-        let _ = tx.send(ev);
+        let _ = tx.send((ev, fd));
     }
 }
 
@@ -668,10 +669,16 @@ fn run_command(
         exit_code: 137,
     };
     match rx.recv() {
-        Ok(InitEvent::Spawned { pid, .. }) => chan.send(&MonitorReply::Started { pid })?,
-        Ok(InitEvent::SpawnFailed {
-            message, exit_code, ..
-        }) => return chan.send(&MonitorReply::Failed { message, exit_code }),
+        Ok((InitEvent::Spawned { pid, .. }, master)) => match &master {
+            Some(m) => chan.send_with_fds(&MonitorReply::Started { pid }, &[m.as_fd()])?,
+            None => chan.send(&MonitorReply::Started { pid })?,
+        },
+        Ok((
+            InitEvent::SpawnFailed {
+                message, exit_code, ..
+            },
+            _,
+        )) => return chan.send(&MonitorReply::Failed { message, exit_code }),
         _ => return chan.send(&gone()),
     }
     // Signals from the client, while we wait for the exit.
@@ -695,7 +702,7 @@ fn run_command(
         }
     });
     let reply = match rx.recv() {
-        Ok(InitEvent::Exited { status, .. }) => MonitorReply::Exited(status),
+        Ok((InitEvent::Exited { status, .. }, _)) => MonitorReply::Exited(status),
         _ => gone(),
     };
     let r = chan.send(&reply);

@@ -1,7 +1,9 @@
 //! What each subcommand does, and how its result is shown.
 
 use std::io::{IsTerminal, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +14,7 @@ use shuttle_vm::store::{self, StoreError};
 use shuttle_vm::{Base, Layout, NetMode, VmConfig, VmOptions};
 
 use crate::cli::{Cli, Command, CreateArgs, RunArgs, VmCommand};
+use crate::terminal_io;
 
 /// Exit status when shuttle itself fails (as container tools do, so that it is not confused
 /// with a command's own status).
@@ -412,25 +415,78 @@ fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
         env: command_env(&args)?,
         cwd: args.workdir.as_ref().map(|w| Bytes::from(w.as_os_str())),
         user: args.user.clone(),
+        terminal: None,
     };
     let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
-    if stdin.is_terminal() {
-        tracing::debug!("stdin is a terminal; the command gets it as its stdin (no relay)");
+    let done = Arc::new(AtomicBool::new(false));
+    let mut relays = Vec::new();
+    let mut command = command;
+    // Never hand a terminal to the VM (see terminal_io.rs): a pseudo-terminal of the VM's own
+    // when stdin is one; pipes copied to it when only stdout or stderr is one.
+    let pty_mode = stdin.is_terminal();
+    if pty_mode {
+        command.terminal = Some(terminal_io::size_of(stdin.as_fd()));
     }
-    let stdio = [stdin.as_fd(), stdout.as_fd(), stderr.as_fd()];
-    let session = match client::run(layout, &name, command.clone(), stdio) {
+    let mut out_pipe = None;
+    let mut err_pipe = None;
+    if !pty_mode && stdout.is_terminal() {
+        let (w, relay) = terminal_io::output_pipe(std::io::stdout(), Arc::clone(&done))?;
+        out_pipe = Some(w);
+        relays.push(relay);
+    }
+    if !pty_mode && stderr.is_terminal() {
+        let (w, relay) = terminal_io::output_pipe(std::io::stderr(), Arc::clone(&done))?;
+        err_pipe = Some(w);
+        relays.push(relay);
+    }
+    let stdio: Vec<BorrowedFd<'_>> = if pty_mode {
+        Vec::new()
+    } else {
+        vec![
+            stdin.as_fd(),
+            out_pipe.as_ref().map_or(stdout.as_fd(), |w| w.as_fd()),
+            err_pipe.as_ref().map_or(stderr.as_fd(), |w| w.as_fd()),
+        ]
+    };
+    let session = match client::run(layout, &name, command.clone(), &stdio) {
         // Its lock is held but its socket is not there yet: another `run` or `vm start` is
         // still setting the VM up. Wait for it rather than fail.
         Err(ClientError::NotRunning(_)) if store::is_running(layout, &name) => {
             client::wait_until_ready(layout, &name, Duration::from_secs(60))?;
-            client::run(layout, &name, command, stdio)?
+            client::run(layout, &name, command, &stdio)?
         }
         other => other?,
     };
+    // The command has its copies; ours must go so the relays see end of file.
+    drop(stdio);
+    drop(out_pipe);
+    drop(err_pipe);
+    let mut session = session;
+    let mut raw = None;
+    let master = session.terminal.take();
+    if let Some(m) = &master {
+        raw = terminal_io::RawMode::enter();
+        terminal_io::copy_stdin_to(m.try_clone()?);
+        relays.push(terminal_io::copy_until_done(
+            m.try_clone()?,
+            std::io::stdout(),
+            Arc::clone(&done),
+        ));
+    }
     let signaller = session.signaller()?;
     let handle = signals.handle();
+    let winch_target = match &master {
+        Some(m) => Some(m.try_clone()?),
+        None => None,
+    };
     let forwarder = std::thread::spawn(move || {
         for sig in signals.forever() {
+            // A terminal of the VM's own: resize it; the kernel tells its foreground group.
+            if let (libc::SIGWINCH, Some(m)) = (sig, &winch_target) {
+                let (rows, cols) = terminal_io::size_of(std::io::stdin().as_fd());
+                let _ = shuttle_sys::terminal::set_window_size(m.as_fd(), rows, cols);
+                continue;
+            }
             if signaller.signal(sig).is_err() {
                 break;
             }
@@ -439,5 +495,7 @@ fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
     let status = session.wait();
     handle.close();
     let _ = forwarder.join();
+    terminal_io::finish(&done, relays);
+    drop(raw);
     Ok(status?.shell_code())
 }

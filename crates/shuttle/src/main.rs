@@ -8,6 +8,7 @@ mod broker_cmd;
 mod cli;
 mod commands;
 mod policy_cmd;
+mod terminal_io;
 
 use std::process::ExitCode;
 
