@@ -365,6 +365,9 @@ enum VmState {
     Stopped,
 }
 
+/// An event about one command from init, with a terminal's master side when it has one.
+type CommandEvent = (InitEvent, Option<OwnedFd>);
+
 struct Shared {
     name: String,
     policy: crate::vm_api::SharedPolicy,
@@ -373,7 +376,7 @@ struct Shared {
     started_at: u64,
     next_id: AtomicU64,
     /// Per running command: where its events (and a terminal's master side) go.
-    waiters: Mutex<HashMap<u64, mpsc::Sender<(InitEvent, Option<OwnedFd>)>>>,
+    waiters: Mutex<HashMap<u64, mpsc::Sender<CommandEvent>>>,
     state: Mutex<VmState>,
     state_changed: Condvar,
     /// Clients waiting to be told the VM stopped; the process lingers until they are.
