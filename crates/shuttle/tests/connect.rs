@@ -1,0 +1,189 @@
+//! Cross-VM connections through mediated `connect`: allowed ones reach the server in the other
+//! VM (with the caller's identity); others resolve in the caller's own VM, exactly as without
+//! Shuttle, and are audited when the address is published to someone.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{assert_success, stdout, Env};
+use serde_json::Value;
+
+/// A server in `vm` answering every connection with "NAME uid=U" (U from SO_PEERCRED for unix
+/// sockets) on a unix path and a loopback TCP port.
+fn serve(env: &Env, vm: &str, path: &str, port: u16) {
+    let code = format!(
+        r#"
+import os, socket, struct, sys, select
+if os.fork(): sys.exit(0)
+os.setsid()
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2): os.dup2(null, fd)
+t = socket.socket(); t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); t.bind(("127.0.0.1", {port})); t.listen(64)
+u = socket.socket(socket.AF_UNIX); u.bind("{path}"); os.chmod("{path}", 0o777); u.listen(64)
+while True:
+    r, _, _ = select.select([u, t], [], [])
+    for s in r:
+        c, _ = s.accept()
+        uid = struct.unpack("3i", c.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))[1] if s is u else -1
+        try:
+            c.sendall(b"{vm} uid=%d\n" % uid)
+        except OSError:
+            pass  # a client that left early must not end the server
+        c.close()
+"#
+    );
+    let out = env.exec(vm, &["python3", "-c", &code]);
+    assert_success(&out, "server");
+    // Wait until it listens.
+    let probe = format!("import socket,time\nfor _ in range(100):\n    try:\n        s=socket.socket(socket.AF_UNIX); s.connect('{path}'); s.recv(100); break\n    except OSError: time.sleep(0.05)\n");
+    env.py_ok(vm, &probe);
+}
+
+const CLIENT: &str = r#"
+import socket, sys
+def go(fam, addr):
+    try:
+        s = socket.socket(fam); s.connect(addr); print(s.recv(100).decode().strip())
+    except OSError as e:
+        print("errno", e.errno)
+kind, where = sys.argv[1], sys.argv[2]
+go(socket.AF_UNIX, where) if kind == "unix" else go(socket.AF_INET, ("127.0.0.1", int(where)))
+"#;
+
+fn client(env: &Env, vm: &str, user: Option<&str>, kind: &str, target: &str) -> String {
+    let mut args = vec!["run", vm];
+    if let Some(u) = user {
+        args.extend(["-u", u]);
+    }
+    args.extend(["--", "python3", "-c", CLIENT, kind, target]);
+    stdout(&env.output(&args)).trim().to_owned()
+}
+
+fn load(env: &Env, policy: &str) {
+    let file = env.path().join("policy.toml");
+    std::fs::write(&file, policy).unwrap();
+    assert_success(
+        &env.output(&["policy", "load", file.to_str().unwrap()]),
+        "policy load",
+    );
+}
+
+fn audit(env: &Env) -> Vec<Value> {
+    stdout(&env.output(&["audit", "--json"]))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+const POLICY: &str = r#"
+[[rule]]
+op = "connect"
+from = "app"
+to = "db"
+object = "unix:/run/db.sock"
+action = "allow"
+
+[[rule]]
+op = "connect"
+from = "app"
+to = "db"
+object = "tcp:7000"
+action = "allow"
+
+[[rule]]
+op = "connect"
+from = "app"
+to = "db"
+object = "unix:/run/alias.sock"
+target = "unix:/run/db.sock"
+action = "allow"
+"#;
+
+#[test]
+fn allowed_connections_reach_the_other_vm_with_the_callers_identity() {
+    let Some(env) = Env::new() else { return };
+    for vm in ["db", "app", "other"] {
+        env.create(vm, &[]);
+    }
+    serve(&env, "db", "/run/db.sock", 7000);
+    // Without a rule: the address resolves in app's own VM, where nothing listens.
+    assert_eq!(client(&env, "app", None, "unix", "/run/db.sock"), "errno 2");
+    load(&env, POLICY);
+    assert_eq!(
+        client(&env, "app", None, "unix", "/run/db.sock"),
+        "db uid=0"
+    );
+    assert_eq!(
+        client(&env, "app", Some("nobody"), "unix", "/run/db.sock"),
+        "db uid=65534"
+    );
+    assert_eq!(
+        client(&env, "app", Some("1234:99"), "unix", "/run/db.sock"),
+        "db uid=1234"
+    );
+    assert_eq!(client(&env, "app", None, "tcp", "7000"), "db uid=-1");
+    // Address translation: app asks for /run/alias.sock, reaches db's /run/db.sock.
+    assert_eq!(
+        client(&env, "app", None, "unix", "/run/alias.sock"),
+        "db uid=0"
+    );
+    // A VM without a rule gets what it would get without Shuttle, and the attempt is audited.
+    assert_eq!(
+        client(&env, "other", None, "unix", "/run/db.sock"),
+        "errno 2"
+    );
+    assert_eq!(client(&env, "other", None, "tcp", "7000"), "errno 111");
+    let records = audit(&env);
+    let denied: Vec<&Value> = records.iter().filter(|r| r["from"] == "other").collect();
+    assert_eq!(denied.len(), 2, "{records:?}");
+    assert!(denied
+        .iter()
+        .all(|r| r["result"] == "deny" && r["op"] == "connect"));
+    let allowed = records
+        .iter()
+        .filter(|r| r["from"] == "app" && r["result"] == "allow")
+        .count();
+    assert_eq!(allowed, 5, "{records:?}");
+}
+
+#[test]
+fn a_vm_keeps_its_own_server_at_an_address_published_elsewhere() {
+    let Some(env) = Env::new() else { return };
+    for vm in ["db", "app", "other"] {
+        env.create(vm, &[]);
+    }
+    load(&env, POLICY);
+    serve(&env, "db", "/run/db.sock", 7000);
+    serve(&env, "other", "/run/db.sock", 7000);
+    assert_eq!(
+        client(&env, "other", None, "unix", "/run/db.sock"),
+        "other uid=0"
+    );
+    assert_eq!(client(&env, "other", None, "tcp", "7000"), "other uid=-1");
+    assert_eq!(client(&env, "app", None, "tcp", "7000"), "db uid=-1");
+}
+
+#[test]
+fn ordinary_connections_inside_a_vm_are_untouched() {
+    let Some(env) = Env::new() else { return };
+    env.create("solo", &[]);
+    serve(&env, "solo", "/run/local.sock", 7100);
+    assert_eq!(
+        client(&env, "solo", Some("nobody"), "unix", "/run/local.sock"),
+        "solo uid=65534"
+    );
+    assert_eq!(client(&env, "solo", None, "tcp", "7100"), "solo uid=-1");
+    // Nothing published, nothing audited.
+    assert!(audit(&env).is_empty());
+}
+
+#[test]
+fn a_rule_for_a_stopped_vm_refuses_the_connection() {
+    let Some(env) = Env::new() else { return };
+    env.create("db", &[]);
+    env.create("app", &[]);
+    load(&env, POLICY);
+    assert_eq!(client(&env, "app", None, "tcp", "7000"), "errno 111");
+    let records = audit(&env);
+    assert_eq!(records.last().unwrap()["result"], "error", "{records:?}");
+}
