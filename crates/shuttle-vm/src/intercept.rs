@@ -158,7 +158,7 @@ fn handle_connect(listener: BorrowedFd<'_>, ctx: &ApiContext, n: &Notification) 
         return stay_local();
     };
     let caller = Caller {
-        pid_in_vm: None,
+        pid_in_vm: vm_api::pid_in_vm(tgid),
         pid_on_host: Some(tgid),
         uid: Some(uid),
         program: std::fs::read_to_string(format!("/proc/{tgid}/comm"))

@@ -86,7 +86,7 @@ fn handle(ctx: &ApiContext, chan: &Channel) -> Result<(), ChannelError> {
     // Who is calling, from the kernel: pid (host view) and uid of the connecting process.
     let cred = getsockopt(&chan.as_fd(), sockopt::PeerCredentials).ok();
     let caller = Caller {
-        pid_in_vm: None,
+        pid_in_vm: cred.and_then(|c| pid_in_vm(c.pid())),
         pid_on_host: cred.map(|c| c.pid()),
         uid: cred.map(|c| c.uid()),
         program: cred
@@ -367,4 +367,14 @@ pub(crate) fn ask_broker(layout: &Layout, question: Question) -> (bool, String) 
         Ok(other) => unavailable(&format!("unexpected reply {other:?}")),
         Err(e) => unavailable(&e),
     }
+}
+
+/// The pid of host process `pid` as its own VM sees it (the last NSpid field).
+pub(crate) fn pid_in_vm(pid: i32) -> Option<i32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("NSpid:"))
+        .and_then(|v| v.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
 }

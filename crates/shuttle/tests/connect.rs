@@ -187,3 +187,69 @@ fn a_rule_for_a_stopped_vm_refuses_the_connection() {
     let records = audit(&env);
     assert_eq!(records.last().unwrap()["result"], "error", "{records:?}");
 }
+
+#[test]
+fn an_established_connection_outlives_a_killed_broker() {
+    let Some(env) = Env::new() else { return };
+    env.create("db", &[]);
+    env.create("app", &[]);
+    // An echo server in db; app talks to it before and after the broker is killed.
+    let echo = r#"
+import os, socket, sys
+if os.fork(): sys.exit(0)
+os.setsid()
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2): os.dup2(null, fd)
+u = socket.socket(socket.AF_UNIX); u.bind("/run/echo.sock"); os.chmod("/run/echo.sock", 0o777); u.listen(8)
+c, _ = u.accept()
+while True:
+    d = c.recv(100)
+    if not d: break
+    c.sendall(d)
+"#;
+    assert_success(&env.exec("db", &["python3", "-c", echo]), "echo server");
+    load(&env, "[[rule]]\nop = \"connect\"\nfrom = \"app\"\nto = \"db\"\nobject = \"unix:/run/echo.sock\"\naction = \"allow\"\n");
+    let talk = r#"
+import os, signal, socket, sys, time
+s = socket.socket(socket.AF_UNIX)
+for _ in range(100):
+    try:
+        s.connect("/run/echo.sock"); break
+    except OSError: time.sleep(0.05)
+s.sendall(b"before"); print(s.recv(100).decode())
+open("/tmp/connected", "w").close()
+while not os.path.exists("/tmp/go"): time.sleep(0.02)
+s.sendall(b"after"); print(s.recv(100).decode())
+"#;
+    let mut client = std::process::Command::new(Env::bin())
+        .args(["run", "app", "--", "python3", "-c", talk])
+        .env("SHUTTLE_ROOT", env.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(common::wait_for(std::time::Duration::from_secs(10), || {
+        env.run("app", "test -e /tmp/connected").status.success()
+    }));
+    let pid: i32 = std::fs::read_to_string(env.path().join("run/broker.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    env.run_ok("app", "touch /tmp/go");
+    let mut out = String::new();
+    std::io::Read::read_to_string(client.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(client.wait().unwrap().success());
+    assert_eq!(out, "before\nafter\n");
+    let records = audit(&env);
+    assert!(
+        records
+            .iter()
+            .all(|r| r["caller"]["pid_in_vm"].as_i64().is_some()),
+        "{records:?}"
+    );
+}
