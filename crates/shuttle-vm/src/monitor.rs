@@ -202,7 +202,17 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<Launched, MonitorError> 
             pids: config.pids,
         },
     )?;
-    let steps = plan::build(config, layout, cgroup::host_cgroups());
+    // The running binary, for /run/shuttle/shuttle inside the VM (its mount point, an empty
+    // file, is made in the API directory now, before the VM's root is built).
+    let exe = std::env::current_exe().ok().map(|e| {
+        let text = e.to_string_lossy().into_owned();
+        text.strip_suffix(" (deleted)")
+            .map(std::path::PathBuf::from)
+            .unwrap_or(e)
+    });
+    let exe =
+        exe.filter(|_| fs::File::create(layout.vm_api_dir(&config.name).join("shuttle")).is_ok());
+    let steps = plan::build(config, layout, cgroup::host_cgroups(), exe.as_deref());
     let (ours, theirs) = Channel::pair()?;
     let (go_read, go_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe2"))?;

@@ -41,6 +41,12 @@ pub enum Step {
         source: PathBuf,
         target: PathBuf,
     },
+    /// The shuttle binary, read-only and executable, at /run/shuttle/shuttle: what a VM's
+    /// programs run for `shuttle signal` (and later `shuttle open`).
+    BindShuttleBinary {
+        source: PathBuf,
+        target: PathBuf,
+    },
     MountProc {
         target: PathBuf,
     },
@@ -99,7 +105,12 @@ fn inside(root: &Path, abs: &str) -> PathBuf {
 
 /// Builds the plan for `config`. `hidden` lists host paths that must be invisible in every VM
 /// (Shuttle's state and runtime directories) besides the VM's own `--hide` paths.
-pub fn build(config: &VmConfig, layout: &Layout, cgroups: HostCgroups) -> Vec<Step> {
+pub fn build(
+    config: &VmConfig,
+    layout: &Layout,
+    cgroups: HostCgroups,
+    shuttle_binary: Option<&Path>,
+) -> Vec<Step> {
     let root = layout.root_mount_point(&config.name);
     let lower = match &config.base {
         Base::Host => PathBuf::from("/"),
@@ -132,6 +143,12 @@ pub fn build(config: &VmConfig, layout: &Layout, cgroups: HostCgroups) -> Vec<St
         source: layout.vm_api_dir(&config.name),
         target: inside(&root, "/run/shuttle"),
     });
+    if let Some(exe) = shuttle_binary {
+        steps.push(Step::BindShuttleBinary {
+            source: exe.to_path_buf(),
+            target: inside(&root, "/run/shuttle/shuttle"),
+        });
+    }
     steps.push(Step::MountProc {
         target: inside(&root, "/proc"),
     });
@@ -236,7 +253,12 @@ mod tests {
 
     #[test]
     fn host_base_overlays_the_host_root_and_hides_shuttle_itself() {
-        let plan = build(&config(|_| {}), &layout(), HostCgroups::LegacyOrHybrid);
+        let plan = build(
+            &config(|_| {}),
+            &layout(),
+            HostCgroups::LegacyOrHybrid,
+            None,
+        );
         assert_eq!(plan[0], Step::MakeMountsPrivate);
         assert_eq!(
             plan[1],
@@ -289,7 +311,7 @@ mod tests {
             o.net = Some("host".into());
             o.hide = vec!["/home".into()];
         });
-        let plan = build(&c, &layout(), HostCgroups::Unified);
+        let plan = build(&c, &layout(), HostCgroups::Unified, None);
         assert!(!plan.contains(&Step::LoopbackUp));
         assert!(plan.contains(&Step::HideIfPresent {
             target: "/srv/sh/run/vms/web/root/home".into()
@@ -300,7 +322,12 @@ mod tests {
 
     #[test]
     fn proc_is_masked_and_dev_is_minimal() {
-        let plan = build(&config(|_| {}), &layout(), HostCgroups::LegacyOrHybrid);
+        let plan = build(
+            &config(|_| {}),
+            &layout(),
+            HostCgroups::LegacyOrHybrid,
+            None,
+        );
         let r = Path::new("/srv/sh/run/vms/web/root");
         assert!(plan.contains(&Step::HideFile {
             target: r.join("proc/kcore")

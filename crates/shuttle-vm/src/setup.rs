@@ -275,6 +275,28 @@ pub fn execute(steps: &[Step]) -> Result<(), SetupError> {
                 mkdir_all(target)?;
                 bind_read_only(source, target, MsFlags::empty())?;
             }
+            Step::BindShuttleBinary { source, target } => {
+                // The mount point is a file the monitor created in the API directory; the
+                // bind is read-only but, unlike that directory, executable.
+                do_mount(
+                    &source.to_string_lossy(),
+                    target,
+                    None,
+                    MsFlags::MS_BIND,
+                    None,
+                )?;
+                do_mount(
+                    "none",
+                    target,
+                    None,
+                    MsFlags::MS_BIND
+                        | MsFlags::MS_REMOUNT
+                        | MsFlags::MS_RDONLY
+                        | MsFlags::MS_NOSUID
+                        | MsFlags::MS_NODEV,
+                    None,
+                )?;
+            }
             Step::MountProc { target } => {
                 guarded(target)?;
                 mkdir_all(target)?;

@@ -10,6 +10,9 @@ use std::time::Duration;
 use common::{assert_code, assert_success, stderr, stdout, wait_for, Env};
 use serde_json::Value;
 
+/// Where every VM finds the shuttle binary.
+const IN_VM_SHUTTLE: &str = "/run/shuttle/shuttle";
+
 const ALLOW_A_TO_SIGNAL_SLEEP_IN_B: &str = r#"
 [[rule]]
 name = "a-stops-b-sleep"
@@ -24,7 +27,7 @@ action = "allow"
 fn signal_from(env: &Env, from: &str, to: &str, program: &str) -> std::process::Output {
     env.exec(
         from,
-        &[Env::bin(), "signal", to, program, "--signal", "TERM"],
+        &[IN_VM_SHUTTLE, "signal", to, program, "--signal", "TERM"],
     )
 }
 
@@ -252,7 +255,7 @@ fn ask_waits_for_an_answer_that_can_be_remembered() {
 
     // The request waits; an operator sees it and allows it, for a while.
     let asking = std::process::Command::new(Env::bin())
-        .args(["run", "a", "--", Env::bin(), "signal", "b", "sleep"])
+        .args(["run", "a", "--", IN_VM_SHUTTLE, "signal", "b", "sleep"])
         .env("SHUTTLE_ROOT", env.path())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
