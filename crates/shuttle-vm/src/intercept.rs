@@ -225,22 +225,7 @@ fn handle_connect(listener: BorrowedFd<'_>, ctx: &ApiContext, n: &Notification) 
             let Some(rule) = decision.rule else {
                 return refuse(listener, ctx, n, record, "ask without a rule");
             };
-            let loc = rule.location();
-            let question = shuttle_proto::Question {
-                vm: ctx.vm.clone(),
-                op: "connect".into(),
-                to: record.to.clone(),
-                object: object.clone(),
-                rule: format!(
-                    "{} at {}:{}:{}",
-                    rule.label(),
-                    policy.source_name(),
-                    loc.line,
-                    loc.column
-                ),
-                timeout_ms: rule.params().ask_timeout().as_millis() as u64,
-            };
-            let (allow, how) = vm_api::ask_broker(&ctx.layout, question);
+            let (allow, how) = vm_api::ask(ctx, &policy, rule, &record);
             record.result = if allow {
                 Outcome::AskAllow
             } else {

@@ -164,6 +164,16 @@ fn hide_file(target: &Path) -> Result<(), SetupError> {
 /// (a bind mount takes its flags only from a remount). `extra` adds flags to the bind itself
 /// (MS_REC to carry submounts along).
 fn bind_read_only(source: &Path, target: &Path, extra: MsFlags) -> Result<(), SetupError> {
+    bind_read_only_with(source, target, extra, NOSUID_NODEV_NOEXEC)
+}
+
+/// [`bind_read_only`] with the remount's flags besides MS_RDONLY given.
+fn bind_read_only_with(
+    source: &Path,
+    target: &Path,
+    extra: MsFlags,
+    flags: MsFlags,
+) -> Result<(), SetupError> {
     do_mount(
         &source.to_string_lossy(),
         target,
@@ -175,7 +185,7 @@ fn bind_read_only(source: &Path, target: &Path, extra: MsFlags) -> Result<(), Se
         "none",
         target,
         None,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | NOSUID_NODEV_NOEXEC,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | flags,
         None,
     )
 }
@@ -278,23 +288,11 @@ pub fn execute(steps: &[Step]) -> Result<(), SetupError> {
             Step::BindShuttleBinary { source, target } => {
                 // The mount point is a file the monitor created in the API directory; the
                 // bind is read-only but, unlike that directory, executable.
-                do_mount(
-                    &source.to_string_lossy(),
+                bind_read_only_with(
+                    source,
                     target,
-                    None,
-                    MsFlags::MS_BIND,
-                    None,
-                )?;
-                do_mount(
-                    "none",
-                    target,
-                    None,
-                    MsFlags::MS_BIND
-                        | MsFlags::MS_REMOUNT
-                        | MsFlags::MS_RDONLY
-                        | MsFlags::MS_NOSUID
-                        | MsFlags::MS_NODEV,
-                    None,
+                    MsFlags::empty(),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
                 )?;
             }
             Step::MountProc { target } => {

@@ -226,22 +226,7 @@ fn signal_request(
         }
         Action::Ask => {
             let rule = decision.rule.expect("an ask decision comes from a rule");
-            let loc = rule.location();
-            let question = Question {
-                vm: ctx.vm.clone(),
-                op: "signal".into(),
-                to: Some(target.to_owned()),
-                object: program.to_owned(),
-                rule: format!(
-                    "{} at {}:{}:{}",
-                    rule.label(),
-                    policy.source_name(),
-                    loc.line,
-                    loc.column
-                ),
-                timeout_ms: rule.params().ask_timeout().as_millis() as u64,
-            };
-            let (allow, how) = ask_broker(&ctx.layout, question);
+            let (allow, how) = ask(ctx, &policy, rule, &record);
             record.result = if allow {
                 Outcome::AskAllow
             } else {
@@ -377,4 +362,30 @@ pub(crate) fn pid_in_vm(pid: i32) -> Option<i32> {
         .find_map(|l| l.strip_prefix("NSpid:"))
         .and_then(|v| v.split_whitespace().last())
         .and_then(|v| v.parse().ok())
+}
+
+/// Puts the question an `ask` rule raises about `record`'s request to the operator (through
+/// the broker) and waits for the answer.
+pub(crate) fn ask(
+    ctx: &ApiContext,
+    policy: &Policy,
+    rule: &shuttle_policy::Rule,
+    record: &AuditRecord,
+) -> (bool, String) {
+    let loc = rule.location();
+    let question = Question {
+        vm: ctx.vm.clone(),
+        op: record.op.clone(),
+        to: record.to.clone(),
+        object: record.object.clone(),
+        rule: format!(
+            "{} at {}:{}:{}",
+            rule.label(),
+            policy.source_name(),
+            loc.line,
+            loc.column
+        ),
+        timeout_ms: rule.params().ask_timeout().as_millis() as u64,
+    };
+    ask_broker(&ctx.layout, question)
 }
