@@ -3,6 +3,7 @@
 //!
 //! Usage (as root, after `cargo build --release`):
 //!   target/release/shuttle-bench [--runs N] [--fleet N]
+//!   target/release/shuttle-bench --connect [--connects N]   (what mediation adds to connect)
 //!
 //! It measures, interleaving the two sides so that drift in machine load hits both alike:
 //! * `shuttle run VM -- true` into a running VM vs `bwrap --unshare-all ... true`
@@ -18,6 +19,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+mod connect;
 
 const BWRAP_ARGS: &[&str] = &[
     "--unshare-all",
@@ -151,7 +154,11 @@ fn main() -> Result<()> {
         shuttle,
         root: tempfile::Builder::new().prefix("shb").tempdir_in("/tmp")?,
     };
-    let result = run_all(&bench, runs, fleet);
+    let result = if args.iter().any(|a| a == "--connect") {
+        connect::run(&bench, arg(&args, "--connects", 2000)?)
+    } else {
+        run_all(&bench, runs, fleet)
+    };
     // Clean up whatever is left, even after a failure (VMs, then the broker).
     if let Ok(list) = bench.json(&["vm", "ls", "--json"]) {
         for vm in list.as_array().into_iter().flatten() {

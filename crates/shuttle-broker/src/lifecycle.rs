@@ -38,7 +38,10 @@ pub fn create(layout: &Layout, spec: VmCreateSpec) -> Result<(), String> {
 }
 
 pub fn start(layout: &Layout, name: &str) -> Result<(), String> {
-    client::start(layout, name, &exe()?).map_err(|e| e.to_string())
+    tracing::debug!(vm = name, "starting");
+    let r = client::start(layout, name, &exe()?).map_err(|e| e.to_string());
+    tracing::debug!(vm = name, ok = r.is_ok(), "start done");
+    r
 }
 
 pub fn stop(layout: &Layout, name: &str, grace: Duration) -> Result<(), String> {

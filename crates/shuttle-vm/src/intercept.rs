@@ -31,6 +31,9 @@ use crate::vm_api::{self, ApiContext};
 
 /// Serves the VM's notifications until the listener fails (the VM is gone).
 pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
+    if let Err(e) = unotify::prefer_synchronous_wakeups(listener.as_fd()) {
+        tracing::debug!(error = %e, "synchronous seccomp wake-ups unavailable");
+    }
     loop {
         let n = match unotify::receive(listener.as_fd()) {
             Ok(n) => n,

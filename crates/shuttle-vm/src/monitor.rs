@@ -77,6 +77,7 @@ fn sys(what: impl Into<String>) -> impl FnOnce(nix::errno::Errno) -> MonitorErro
 /// Entry point of the monitor role. `ready` receives one line, `ok` or `error: ...`, once the
 /// VM runs or failed to start; the CLI waits for it.
 pub fn main(layout: &Layout, name: &str, ready: Option<OwnedFd>) -> i32 {
+    tracing::debug!(vm = name, "monitor process started");
     let _ = nix::unistd::setsid();
     let _ = nix::sys::prctl::set_name(c"shuttle-monitor");
     let mut ready = ready.map(fs::File::from);
