@@ -289,7 +289,13 @@ fn handle_connect(listener: BorrowedFd<'_>, ctx: &ApiContext, n: &Notification) 
     let nonblocking = nix::fcntl::fcntl(&sock, nix::fcntl::FcntlArg::F_GETFL)
         .map(|f| OFlag::from_bits_truncate(f).contains(OFlag::O_NONBLOCK))
         .unwrap_or(false);
-    let connected = connect_in(target_init, (domain, stype, protocol), &dest, (uid, gid));
+    let connected = connect_in(
+        ctx,
+        target_init,
+        (domain, stype, protocol),
+        &dest,
+        (uid, gid),
+    );
     let new_sock = match connected {
         Ok(s) => s,
         Err(e) => {
@@ -334,19 +340,44 @@ fn refuse(
     let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
 }
 
-/// PID (host view) of a running VM's init.
+/// Whether the cached init with host pid `pid` still lives.
+fn init_alive(ctx: &ApiContext, pid: i32) -> bool {
+    let cache = ctx.targets.lock().unwrap_or_else(|e| e.into_inner());
+    cache
+        .values()
+        .find(|(p, _)| *p == pid)
+        .is_some_and(|(_, fd)| shuttle_sys::process::pidfd_send_signal(fd.as_fd(), 0).is_ok())
+}
+
+/// PID (host view) of a running VM's init, cached while that init lives (its pidfd answers
+/// signal 0; a restarted VM has a new init, found anew).
 fn vm_init_pid(ctx: &ApiContext, vm: &str) -> Option<i32> {
+    let mut cache = ctx.targets.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((pid, pidfd)) = cache.get(vm) {
+        if shuttle_sys::process::pidfd_send_signal(pidfd.as_fd(), 0).is_ok() {
+            return Some(*pid);
+        }
+        cache.remove(vm);
+    }
     if !crate::store::is_running(&ctx.layout, vm) {
         return None;
     }
     let cg = VmCgroup::existing(&ctx.layout.cgroup_parent(), vm)?;
-    cg.pids().into_iter().find(|p| vm_api::is_vm_init(*p))
+    let pid = cg.pids().into_iter().find(|p| vm_api::is_vm_init(*p))?;
+    let pidfd = shuttle_sys::process::pidfd_open(pid).ok()?;
+    // Checked after opening: the pidfd is for a process that was this VM's init.
+    if !vm_api::is_vm_init(pid) || !cg.contains_pid_in_any(pid) {
+        return None;
+    }
+    cache.insert(vm.to_owned(), (pid, pidfd));
+    Some(pid)
 }
 
 /// Creates a socket of the caller's kind in the target's namespaces and connects it, as the
 /// caller's effective uid and gid. `target_init` is the target VM's init, or `None` for the
 /// host.
 fn connect_in(
+    ctx: &ApiContext,
     target_init: Option<i32>,
     (domain, stype, protocol): (i32, i32, i32),
     dest: &Destination,
@@ -371,6 +402,13 @@ fn connect_in(
     // Resolve the address first, as root: opening the target's root through /proc needs
     // privileges the caller's identity does not have.
     let resolved = resolve(target_init, dest)?;
+    // The target's namespaces were reached through /proc/PID: check that PID is still the
+    // target's init (alive, so its number cannot have been reused meanwhile).
+    if let Some(pid) = target_init {
+        if !init_alive(ctx, pid) {
+            return Err(Errno::ECONNREFUSED);
+        }
+    }
     let switch = uid != 0 || gid != 0;
     if switch {
         unotify::set_thread_effective_ids(uid, gid)?;

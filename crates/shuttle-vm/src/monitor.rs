@@ -461,6 +461,7 @@ impl Started {
             tags: config.tags.clone(),
             policy: Arc::clone(&policy),
             journal: Mutex::new(None),
+            targets: Mutex::new(HashMap::new()),
         });
         let intercept = Arc::clone(&api);
         thread::spawn(move || crate::vm_api::serve(api_listener, api));

@@ -55,6 +55,9 @@ pub struct ApiContext {
     /// Opened at the first decision, not at VM start: opening syncs several files, which would
     /// add milliseconds to every start for VMs that never ask for anything.
     pub journal: Mutex<Option<Journal>>,
+    /// Target VMs' inits (host pid and a pidfd that says whether it still lives), so that a
+    /// mediated connect does not look them up in cgroups and /proc every time.
+    pub targets: Mutex<std::collections::HashMap<String, (i32, OwnedFd)>>,
 }
 
 /// Accepts connections from inside the VM, one thread each. Returns when accept fails for
