@@ -413,7 +413,7 @@ fn connect_in(
     if switch {
         unotify::set_thread_effective_ids(uid, gid)?;
     }
-    let result = connect(sock.as_raw_fd(), &*resolved.addr);
+    let result = connect_bounded(&sock, &*resolved.addr);
     if switch {
         // Never keep working under the caller's identity: failing to switch back is fatal.
         if unotify::restore_thread_ids().is_err() {
@@ -423,6 +423,50 @@ fn connect_in(
     }
     drop(resolved);
     result.map(|()| sock)
+}
+
+/// How long the monitor waits for a target to accept. One VM's connects are answered in
+/// order, so a target whose backlog stays full must not hold up the others for long.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// connect(2) that gives up after [`CONNECT_TIMEOUT`] (ETIMEDOUT): non-blocking, waiting for
+/// TCP's handshake with poll and retrying while a unix listener's backlog is full (EAGAIN).
+/// The socket is left blocking; the caller's own flags are applied afterwards.
+fn connect_bounded(sock: &OwnedFd, addr: &dyn nix::sys::socket::SockaddrLike) -> Result<(), Errno> {
+    use nix::fcntl::{fcntl, FcntlArg};
+    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
+    fcntl(sock, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    let result = loop {
+        match connect(sock.as_raw_fd(), addr) {
+            Err(Errno::EAGAIN) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(Errno::EINPROGRESS) => {
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                let mut fds = [nix::poll::PollFd::new(
+                    sock.as_fd(),
+                    nix::poll::PollFlags::POLLOUT,
+                )];
+                let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                break match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+                    Ok(0) => Err(Errno::ETIMEDOUT),
+                    Ok(_) => match nix::sys::socket::getsockopt(
+                        sock,
+                        nix::sys::socket::sockopt::SocketError,
+                    ) {
+                        Ok(0) => Ok(()),
+                        Ok(e) => Err(Errno::from_raw(e)),
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(e),
+                };
+            }
+            Err(Errno::EAGAIN) => break Err(Errno::ETIMEDOUT),
+            other => break other,
+        }
+    };
+    fcntl(sock, FcntlArg::F_SETFL(OFlag::empty()))?;
+    result
 }
 
 /// An address ready to connect to, with whatever descriptor it refers through.
