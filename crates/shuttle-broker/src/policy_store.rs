@@ -27,7 +27,10 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PolicyStoreError> {
     };
     let dir = path.parent().unwrap_or(Path::new("/"));
     fs::create_dir_all(dir).map_err(err)?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+    // Unique per call: the broker loads policies on several threads of one process.
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp-{}-{n}", std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;

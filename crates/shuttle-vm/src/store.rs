@@ -45,6 +45,14 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> S
     }
 }
 
+/// A name no other call in any process can be using at the same time: the broker serves
+/// requests on several threads of one process, so the pid alone is not enough.
+fn unique_suffix() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -62,7 +70,7 @@ pub fn create(layout: &Layout, options: &VmOptions) -> Result<VmConfig, StoreErr
     if final_dir.exists() {
         return Err(StoreError::Exists(config.name));
     }
-    let tmp = vms.join(format!(".{}.creating-{}", config.name, std::process::id()));
+    let tmp = vms.join(format!(".{}.creating-{}", config.name, unique_suffix()));
     let result = (|| {
         fs::create_dir(&tmp).map_err(io_err("creating", &tmp))?;
         for sub in ["upper", "work"] {
@@ -218,7 +226,7 @@ pub fn remove(layout: &Layout, name: &str) -> Result<(), StoreError> {
     // Move aside first so a crash mid-way never leaves a VM that looks valid but is partial.
     let doomed = layout
         .vms_dir()
-        .join(format!(".{name}.removing-{}", std::process::id()));
+        .join(format!(".{name}.removing-{}", unique_suffix()));
     fs::rename(&dir, &doomed).map_err(io_err("moving aside", &dir))?;
     fs::remove_dir_all(&doomed).map_err(io_err("removing", &doomed))?;
     let _ = fs::remove_file(layout.monitor_log(name));

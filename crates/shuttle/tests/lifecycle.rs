@@ -340,17 +340,24 @@ fn concurrent_creates_of_one_name_make_one_vm() {
         .map(|_| {
             env.cmd(&["vm", "create", "same"])
                 .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
                 .spawn()
                 .expect("spawning shuttle vm create")
         })
         .collect();
-    let ok = children
+    let outputs: Vec<_> = children
         .into_iter()
-        .map(|mut c| c.wait().expect("waiting for shuttle vm create"))
-        .filter(std::process::ExitStatus::success)
-        .count();
-    assert_eq!(ok, 1, "exactly one of 4 concurrent creates should succeed");
+        .map(|c| c.wait_with_output().expect("waiting for shuttle vm create"))
+        .collect();
+    let ok = outputs.iter().filter(|o| o.status.success()).count();
+    let errors: Vec<String> = outputs
+        .iter()
+        .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+        .collect();
+    assert_eq!(
+        ok, 1,
+        "exactly one of 4 concurrent creates should succeed: {errors:?}"
+    );
     assert_eq!(env.vms().len(), 1);
     assert_eq!(env.run_ok("same", "hostname"), "same\n");
 }
