@@ -31,6 +31,7 @@ use crate::vm_api::{self, ApiContext};
 
 /// Serves the VM's notifications until the listener fails (the VM is gone).
 pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
+    let listener = Arc::new(listener);
     if let Err(e) = unotify::prefer_synchronous_wakeups(listener.as_fd()) {
         tracing::debug!(error = %e, "synchronous seccomp wake-ups unavailable");
     }
@@ -45,7 +46,7 @@ pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
             }
         };
         if n.nr as i64 == libc::SYS_connect {
-            handle_connect(listener.as_fd(), &ctx, &n);
+            handle_connect(&listener, &ctx, &n);
         } else {
             // The filter sends nothing else; continuing is what the VM would get without us.
             let _ = unotify::allow_to_continue(listener.as_fd(), n.id);
@@ -126,7 +127,11 @@ fn caller_fd_cloexec(tgid: i32, fd: i32) -> bool {
         .is_some_and(|flags| flags & 0o2000000 != 0)
 }
 
-fn handle_connect(listener: BorrowedFd<'_>, ctx: &ApiContext, n: &Notification) {
+/// Answers a `connect`: at once when nothing publishes its address (the common case, kept on
+/// the receiving thread because it is fast), on a thread of its own when it must be mediated,
+/// so that a slow target never holds up the VM's other connects.
+fn handle_connect(listener_fd: &Arc<OwnedFd>, ctx: &Arc<ApiContext>, n: &Notification) {
+    let listener = listener_fd.as_fd();
     // SAFETY of every `allow_to_continue` below (the only way a call continues here): the
     // call then runs in the caller's own namespaces, so even a caller that rewrites the
     // address after our check reaches only what its VM could reach without Shuttle.
@@ -157,6 +162,24 @@ fn handle_connect(listener: BorrowedFd<'_>, ctx: &ApiContext, n: &Notification) 
     if !candidates.iter().any(|o| policy.publishes(Op::Connect, o)) {
         return stay_local();
     }
+    let (listener, ctx, n) = (Arc::clone(listener_fd), Arc::clone(ctx), *n);
+    std::thread::spawn(move || mediate(listener.as_fd(), &ctx, &n, fd, dest, candidates, &policy));
+}
+
+/// The mediated part of a `connect` whose address some rule publishes.
+fn mediate(
+    listener: BorrowedFd<'_>,
+    ctx: &ApiContext,
+    n: &Notification,
+    fd: i32,
+    dest: Destination,
+    candidates: Vec<String>,
+    policy: &shuttle_policy::Policy,
+) {
+    // SAFETY: as in handle_connect; continuing stays inside the caller's own namespaces.
+    let stay_local = || {
+        let _ = unotify::allow_to_continue(listener, n.id);
+    };
     let Some((tgid, uid, gid)) = caller_identity(n.pid) else {
         return stay_local();
     };
@@ -205,7 +228,7 @@ fn handle_connect(listener: BorrowedFd<'_>, ctx: &ApiContext, n: &Notification) 
         }
         return stay_local();
     };
-    record.rule = decision.rule.map(|r| vm_api::rule_ref(&policy, r));
+    record.rule = decision.rule.map(|r| vm_api::rule_ref(policy, r));
     record.to = target.map(|t| match t {
         Target::Host => shuttle_audit::HOST.to_owned(),
         Target::Vm(name) => name.to_string(),
@@ -228,7 +251,7 @@ fn handle_connect(listener: BorrowedFd<'_>, ctx: &ApiContext, n: &Notification) 
             let Some(rule) = decision.rule else {
                 return refuse(listener, ctx, n, record, "ask without a rule");
             };
-            let (allow, how) = vm_api::ask(ctx, &policy, rule, &record);
+            let (allow, how) = vm_api::ask(ctx, policy, rule, &record);
             record.result = if allow {
                 Outcome::AskAllow
             } else {
