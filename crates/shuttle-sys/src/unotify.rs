@@ -122,6 +122,87 @@ pub fn inject_fd(
     ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ADDFD, &mut addfd).map(|_| ())
 }
 
+/// Installs `fd` in the caller as a new descriptor and completes the call with its number
+/// in one step (SECCOMP_ADDFD_FLAG_SEND), as a call that opens something would return it.
+pub fn inject_fd_as_result(
+    listener: BorrowedFd<'_>,
+    id: u64,
+    fd: BorrowedFd<'_>,
+    cloexec: bool,
+) -> Result<i32, Errno> {
+    let mut addfd = libc::seccomp_notif_addfd {
+        id,
+        flags: libc::SECCOMP_ADDFD_FLAG_SEND as u32,
+        srcfd: fd.as_raw_fd() as u32,
+        newfd: 0,
+        newfd_flags: if cloexec { libc::O_CLOEXEC as u32 } else { 0 },
+    };
+    ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ADDFD, &mut addfd)
+}
+
+/// Reads a NUL-terminated string of at most `max` bytes at `addr` in process `pid`, page by
+/// page so that a string ending just before an unmapped page is still read.
+pub fn read_c_string(pid: u32, addr: u64, max: usize) -> Result<Vec<u8>, Errno> {
+    let mut out = Vec::new();
+    let mut at = addr;
+    while out.len() < max {
+        let to_page_end = 4096 - (at % 4096) as usize;
+        let chunk = read_memory(pid, at, to_page_end.min(max - out.len()))?;
+        if chunk.is_empty() {
+            return Err(Errno::EFAULT);
+        }
+        if let Some(end) = chunk.iter().position(|b| *b == 0) {
+            out.extend_from_slice(&chunk[..end]);
+            return Ok(out);
+        }
+        at += chunk.len() as u64;
+        out.extend_from_slice(&chunk);
+    }
+    Err(Errno::ENAMETOOLONG)
+}
+
+/// Moves the calling thread into namespace `ns` of type `nstype` (setns(2); network and IPC
+/// namespaces apply to this thread alone).
+pub fn enter_namespace(ns: BorrowedFd<'_>, nstype: libc::c_int) -> Result<(), Errno> {
+    // SAFETY: setns takes a descriptor and a flag.
+    let r = unsafe { libc::setns(ns.as_raw_fd(), nstype) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// mq_open(3) as the raw system call (the name without its leading slash; `attr` may be
+/// null), returning the queue's descriptor.
+/// `attr` is (flags, maxmsg, msgsize, curmsgs) as in `struct mq_attr`.
+pub fn mq_open_raw(
+    name: &std::ffi::CStr,
+    oflag: i32,
+    mode: u32,
+    attr: Option<[i64; 4]>,
+) -> Result<OwnedFd, Errno> {
+    // SAFETY: mq_attr is a plain C struct (with private padding); all zeroes is valid.
+    let mut a: libc::mq_attr = unsafe { std::mem::zeroed() };
+    if let Some([flags, maxmsg, msgsize, curmsgs]) = attr {
+        a.mq_flags = flags;
+        a.mq_maxmsg = maxmsg;
+        a.mq_msgsize = msgsize;
+        a.mq_curmsgs = curmsgs;
+    }
+    let attr_ptr = if attr.is_some() {
+        &a as *const libc::mq_attr
+    } else {
+        std::ptr::null()
+    };
+    // SAFETY: `name` is NUL-terminated and `attr_ptr` is null or points at a live mq_attr.
+    let r = unsafe { libc::syscall(libc::SYS_mq_open, name.as_ptr(), oflag, mode, attr_ptr) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
 /// Copies `len` bytes at `addr` out of process `pid` (process_vm_readv(2)).
 pub fn read_memory(pid: u32, addr: u64, len: usize) -> Result<Vec<u8>, Errno> {
     let mut buf = vec![0u8; len];

@@ -136,6 +136,8 @@ pub fn seccomp_rules() -> Vec<Rule> {
     // Mediated: every connect goes to the VM's monitor, which lets it continue unless the
     // policy routes its address to another VM (see intercept.rs).
     rules.push(Rule::always(libc::SYS_connect, Action::Notify));
+    // Mediated the same way: POSIX message queues routed to another VM's IPC namespace.
+    rules.push(Rule::always(libc::SYS_mq_open, Action::Notify));
     rules
 }
 

@@ -47,6 +47,8 @@ pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
         };
         if n.nr as i64 == libc::SYS_connect {
             handle_connect(&listener, &ctx, &n);
+        } else if n.nr as i64 == libc::SYS_mq_open {
+            handle_mq_open(&listener, &ctx, &n);
         } else {
             // The filter sends nothing else; continuing is what the VM would get without us.
             let _ = unotify::allow_to_continue(listener.as_fd(), n.id);
@@ -560,6 +562,239 @@ fn in_network_namespace<T>(pid: i32, f: impl FnOnce() -> Result<T, Errno>) -> Re
     let result = f();
     if unotify::enter_network_namespace(own.as_fd()).is_err() {
         tracing::error!("cannot return to the monitor's network namespace; exiting");
+        std::process::exit(70);
+    }
+    result
+}
+
+/// Answers an `mq_open`: at once when no rule publishes the queue's name (it then opens in the
+/// caller's own IPC namespace), on a thread of its own when the policy may route it.
+fn handle_mq_open(listener_fd: &Arc<OwnedFd>, ctx: &Arc<ApiContext>, n: &Notification) {
+    let listener = listener_fd.as_fd();
+    // SAFETY (continuing): the queue is then opened in the caller's own IPC namespace.
+    let stay_local = || {
+        let _ = unotify::allow_to_continue(listener, n.id);
+    };
+    let Ok(raw) = unotify::read_c_string(n.pid, n.args[0], 256) else {
+        return stay_local();
+    };
+    if !unotify::id_valid(listener, n.id) {
+        return;
+    }
+    // The C library strips the leading slash; the kernel refuses names with more slashes.
+    let Ok(name) = String::from_utf8(raw) else {
+        return stay_local();
+    };
+    if name.is_empty() || name.contains('/') {
+        return stay_local();
+    }
+    let object = format!("mq:/{name}");
+    let policy = ctx.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
+    if !policy.publishes(Op::Mq, &object) {
+        return stay_local();
+    }
+    let (listener, ctx, n) = (Arc::clone(listener_fd), Arc::clone(ctx), *n);
+    std::thread::spawn(move || mediate_mq(listener.as_fd(), &ctx, &n, &name, &object, &policy));
+}
+
+fn mediate_mq(
+    listener: BorrowedFd<'_>,
+    ctx: &ApiContext,
+    n: &Notification,
+    name: &str,
+    object: &str,
+    policy: &shuttle_policy::Policy,
+) {
+    let stay_local = || {
+        let _ = unotify::allow_to_continue(listener, n.id);
+    };
+    let Some((tgid, uid, gid)) = caller_identity(n.pid) else {
+        return stay_local();
+    };
+    let mut record = AuditRecord {
+        time: shuttle_audit::now_unix_nanos(),
+        op: "mq".into(),
+        from: ctx.vm.clone(),
+        to: None,
+        object: object.to_owned(),
+        result: Outcome::Deny,
+        rule: None,
+        caller: Caller {
+            pid_in_vm: vm_api::pid_in_vm(tgid),
+            pid_on_host: Some(tgid),
+            uid: Some(uid),
+            program: std::fs::read_to_string(format!("/proc/{tgid}/comm"))
+                .ok()
+                .map(|s| s.trim().to_owned()),
+        },
+        reason: None,
+        seq: 0,
+    };
+    let from = VmIdentity::vm(&ctx.vm, &ctx.tags);
+    let Some((decision, target)) = policy.route(&Request::new(Op::Mq, from, object)) else {
+        record.reason = Some("no rule matched: default deny".into());
+        if !vm_api::journal(ctx, record) {
+            let _ = unotify::complete(listener, n.id, Err(Errno::EACCES));
+            return;
+        }
+        return stay_local();
+    };
+    record.rule = decision.rule.map(|r| vm_api::rule_ref(policy, r));
+    record.to = target.map(|t| match t {
+        Target::Host => shuttle_audit::HOST.to_owned(),
+        Target::Vm(name) => name.to_string(),
+    });
+    match decision.action {
+        Action::Allow => record.result = Outcome::Allow,
+        Action::Deny | Action::Ask => {
+            let allowed = match (decision.action, decision.rule) {
+                (Action::Ask, Some(rule)) => {
+                    let (allow, how) = vm_api::ask(ctx, policy, rule, &record);
+                    record.result = if allow {
+                        Outcome::AskAllow
+                    } else {
+                        Outcome::AskDeny
+                    };
+                    record.reason = Some(how);
+                    allow
+                }
+                _ => false,
+            };
+            if !allowed {
+                if !vm_api::journal(ctx, record) {
+                    let _ = unotify::complete(listener, n.id, Err(Errno::EACCES));
+                    return;
+                }
+                return stay_local();
+            }
+        }
+    }
+    let Some(Target::Vm(target_vm)) = target else {
+        return refuse_with(
+            listener,
+            ctx,
+            n,
+            record,
+            "queues are routed to VMs only",
+            Errno::EACCES,
+        );
+    };
+    let Some(init) = vm_init_pid(ctx, target_vm) else {
+        return refuse_with(
+            listener,
+            ctx,
+            n,
+            record,
+            &format!("VM {target_vm} is not running"),
+            Errno::ENOENT,
+        );
+    };
+    let oflag = n.args[1] as i32;
+    let mode = n.args[2] as u32;
+    // Only with O_CREAT does the kernel read the attributes; copy them the same way.
+    let attr = if oflag & libc::O_CREAT != 0 && n.args[3] != 0 {
+        match unotify::read_memory(n.pid, n.args[3], size_of::<libc::mq_attr>()) {
+            Ok(b) if b.len() == size_of::<libc::mq_attr>() => {
+                let field = |k: usize| {
+                    let mut w = [0u8; 8];
+                    w.copy_from_slice(&b[k * 8..k * 8 + 8]);
+                    i64::from_ne_bytes(w)
+                };
+                Some([field(0), field(1), field(2), field(3)])
+            }
+            _ => {
+                return refuse_with(
+                    listener,
+                    ctx,
+                    n,
+                    record,
+                    "unreadable queue attributes",
+                    Errno::EFAULT,
+                )
+            }
+        }
+    } else {
+        None
+    };
+    if !unotify::id_valid(listener, n.id) {
+        return;
+    }
+    let opened = open_queue_in(ctx, init, name, oflag, mode, attr, (uid, gid));
+    let queue = match opened {
+        Ok(q) => q,
+        Err(e) => {
+            record.result = Outcome::Error;
+            record.reason = Some(format!("opening the queue in VM {target_vm} failed: {e}"));
+            let _ = vm_api::journal(ctx, record);
+            let _ = unotify::complete(listener, n.id, Err(e));
+            return;
+        }
+    };
+    record.reason = Some(format!("opened {object} in VM {target_vm}"));
+    if !vm_api::journal(ctx, record) {
+        let _ = unotify::complete(listener, n.id, Err(Errno::EACCES));
+        return;
+    }
+    if let Err(e) =
+        unotify::inject_fd_as_result(listener, n.id, queue.as_fd(), oflag & libc::O_CLOEXEC != 0)
+    {
+        tracing::warn!(vm = %ctx.vm, error = %e, "injecting the queue failed");
+        let _ = unotify::complete(listener, n.id, Err(Errno::EACCES));
+    }
+}
+
+fn refuse_with(
+    listener: BorrowedFd<'_>,
+    ctx: &ApiContext,
+    n: &Notification,
+    mut record: AuditRecord,
+    why: &str,
+    errno: Errno,
+) {
+    record.result = Outcome::Error;
+    record.reason = Some(why.to_owned());
+    let _ = vm_api::journal(ctx, record);
+    let _ = unotify::complete(listener, n.id, Err(errno));
+}
+
+/// Opens queue `name` in the IPC namespace of process `init`, as the caller's uid and gid.
+fn open_queue_in(
+    ctx: &ApiContext,
+    init: i32,
+    name: &str,
+    oflag: i32,
+    mode: u32,
+    attr: Option<[i64; 4]>,
+    (uid, gid): (u32, u32),
+) -> Result<OwnedFd, Errno> {
+    let own = nix::fcntl::open(
+        "/proc/thread-self/ns/ipc",
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    let theirs = nix::fcntl::open(
+        Path::new(&format!("/proc/{init}/ns/ipc")),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    if !init_alive(ctx, init) {
+        return Err(Errno::ENOENT);
+    }
+    let cname = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
+    unotify::enter_namespace(theirs.as_fd(), libc::CLONE_NEWIPC)?;
+    let switch = uid != 0 || gid != 0;
+    let result = if switch {
+        unotify::set_thread_effective_ids(uid, gid)
+    } else {
+        Ok(())
+    }
+    .and_then(|()| unotify::mq_open_raw(&cname, oflag | libc::O_CLOEXEC, mode, attr));
+    if switch && unotify::restore_thread_ids().is_err() {
+        tracing::error!("cannot restore the monitor thread's credentials; exiting");
+        std::process::exit(70);
+    }
+    if unotify::enter_namespace(own.as_fd(), libc::CLONE_NEWIPC).is_err() {
+        tracing::error!("cannot return to the monitor's IPC namespace; exiting");
         std::process::exit(70);
     }
     result
