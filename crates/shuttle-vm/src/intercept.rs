@@ -221,7 +221,9 @@ fn mediate(
     };
     let Some((decision, target)) = policy.route(&req) else {
         // Published to others, not to this VM: audited as a denial, then resolved locally.
-        if policy.publishes(Op::Connect, &object) {
+        // The VM that serves the object reaching its own is ordinary local traffic.
+        if policy.publishes(Op::Connect, &object) && !serves(policy, Op::Connect, &object, &ctx.vm)
+        {
             record.reason = Some("no rule matched: default deny".into());
             if !vm_api::journal(ctx, record) {
                 let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
@@ -567,6 +569,16 @@ fn in_network_namespace<T>(pid: i32, f: impl FnOnce() -> Result<T, Errno>) -> Re
     result
 }
 
+/// Whether `vm` is the target of a rule publishing `object`: it owns the object, and its own
+/// use of it is local traffic, not an attempt to cross.
+fn serves(policy: &shuttle_policy::Policy, op: Op, object: &str, vm: &str) -> bool {
+    policy.rules().iter().any(|r| {
+        r.op() == op
+            && r.object().matches(object)
+            && matches!(r.target(), Some(Target::Vm(t)) if &**t == vm)
+    })
+}
+
 /// Answers an `mq_open`: at once when no rule publishes the queue's name (it then opens in the
 /// caller's own IPC namespace), on a thread of its own when the policy may route it.
 fn handle_mq_open(listener_fd: &Arc<OwnedFd>, ctx: &Arc<ApiContext>, n: &Notification) {
@@ -632,6 +644,9 @@ fn mediate_mq(
     };
     let from = VmIdentity::vm(&ctx.vm, &ctx.tags);
     let Some((decision, target)) = policy.route(&Request::new(Op::Mq, from, object)) else {
+        if serves(policy, Op::Mq, object, &ctx.vm) {
+            return stay_local();
+        }
         record.reason = Some("no rule matched: default deny".into());
         if !vm_api::journal(ctx, record) {
             let _ = unotify::complete(listener, n.id, Err(Errno::EACCES));
