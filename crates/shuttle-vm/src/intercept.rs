@@ -185,14 +185,7 @@ fn mediate(
     let Some((tgid, uid, gid)) = caller_identity(n.pid) else {
         return stay_local();
     };
-    let caller = Caller {
-        pid_in_vm: vm_api::pid_in_vm(tgid),
-        pid_on_host: Some(tgid),
-        uid: Some(uid),
-        program: std::fs::read_to_string(format!("/proc/{tgid}/comm"))
-            .ok()
-            .map(|s| s.trim().to_owned()),
-    };
+    let caller = caller_of(tgid, uid);
     // The caller's socket tells the kind (stream or datagram) and its flags.
     let sock = shuttle_sys::process::pidfd_open(tgid)
         .and_then(|pidfd| unotify::duplicate_from(pidfd.as_fd(), fd));
@@ -205,73 +198,19 @@ fn mediate(
         Destination::Inet { port, .. } => format!("tcp:{port}"),
         _ => candidates[0].clone(),
     };
-    let from = VmIdentity::vm(&ctx.vm, &ctx.tags);
-    let req = Request::new(Op::Connect, from, &object);
-    let mut record = AuditRecord {
-        time: shuttle_audit::now_unix_nanos(),
-        op: "connect".into(),
-        from: ctx.vm.clone(),
-        to: None,
-        object: object.clone(),
-        result: Outcome::Deny,
-        rule: None,
-        caller,
-        reason: None,
-        seq: 0,
+    let record = new_record(ctx, "connect", &object, caller);
+    let (decision, target, mut record) = match judge(ctx, policy, Op::Connect, &object, record) {
+        Judgement::Local => return stay_local(),
+        Judgement::Refuse => {
+            let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
+            return;
+        }
+        Judgement::Allowed {
+            decision,
+            target,
+            record,
+        } => (decision, target, *record),
     };
-    let Some((decision, target)) = policy.route(&req) else {
-        // Published to others, not to this VM: audited as a denial, then resolved locally.
-        // The VM that serves the object reaching its own is ordinary local traffic.
-        if policy.publishes(Op::Connect, &object) && !serves(policy, Op::Connect, &object, &ctx.vm)
-        {
-            record.reason = Some("no rule matched: default deny".into());
-            if !vm_api::journal(ctx, record) {
-                let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
-                return;
-            }
-        }
-        return stay_local();
-    };
-    record.rule = decision.rule.map(|r| vm_api::rule_ref(policy, r));
-    record.to = target.map(|t| match t {
-        Target::Host => shuttle_audit::HOST.to_owned(),
-        Target::Vm(name) => name.to_string(),
-    });
-    match decision.action {
-        Action::Deny => {
-            record.reason = Some(
-                decision
-                    .rule
-                    .map(|r| format!("denied by {}", r.label()))
-                    .unwrap_or_default(),
-            );
-            if !vm_api::journal(ctx, record) {
-                let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
-                return;
-            }
-            return stay_local();
-        }
-        Action::Ask => {
-            let Some(rule) = decision.rule else {
-                return refuse(listener, ctx, n, record, "ask without a rule");
-            };
-            let (allow, how) = vm_api::ask(ctx, policy, rule, &record);
-            record.result = if allow {
-                Outcome::AskAllow
-            } else {
-                Outcome::AskDeny
-            };
-            record.reason = Some(how);
-            if !allow {
-                if !vm_api::journal(ctx, record) {
-                    let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
-                    return;
-                }
-                return stay_local();
-            }
-        }
-        Action::Allow => record.result = Outcome::Allow,
-    }
     // Allowed: where exactly, possibly translated by the rule.
     let translated = decision.rule.and_then(|r| match &r.params().op {
         OpParams::Connect { target } => target.clone(),
@@ -569,6 +508,103 @@ fn in_network_namespace<T>(pid: i32, f: impl FnOnce() -> Result<T, Errno>) -> Re
     result
 }
 
+/// Who is calling, as the kernel tells it (never as the VM says).
+fn caller_of(tgid: i32, uid: u32) -> Caller {
+    Caller {
+        pid_in_vm: vm_api::pid_in_vm(tgid),
+        pid_on_host: Some(tgid),
+        uid: Some(uid),
+        program: std::fs::read_to_string(format!("/proc/{tgid}/comm"))
+            .ok()
+            .map(|s| s.trim().to_owned()),
+    }
+}
+
+fn new_record(ctx: &ApiContext, op: &str, object: &str, caller: Caller) -> AuditRecord {
+    AuditRecord {
+        time: shuttle_audit::now_unix_nanos(),
+        op: op.into(),
+        from: ctx.vm.clone(),
+        to: None,
+        object: object.to_owned(),
+        result: Outcome::Deny,
+        rule: None,
+        caller,
+        reason: None,
+        seq: 0,
+    }
+}
+
+/// What the policy (and, for `ask`, an operator) says about a mediated request.
+enum Judgement<'p> {
+    /// Resolve it in the caller's own VM; any denial is already journaled.
+    Local,
+    /// Refuse it: the journal could not be written (fail closed).
+    Refuse,
+    /// Carry it out, then journal `record`.
+    Allowed {
+        decision: shuttle_policy::Decision<'p>,
+        target: Option<&'p Target>,
+        record: Box<AuditRecord>,
+    },
+}
+
+/// Routes `object` for the calling VM and audits every refusal before it takes effect.
+fn judge<'p>(
+    ctx: &ApiContext,
+    policy: &'p shuttle_policy::Policy,
+    op: Op,
+    object: &str,
+    mut record: AuditRecord,
+) -> Judgement<'p> {
+    let local_after = |record: AuditRecord| {
+        if vm_api::journal(ctx, record) {
+            Judgement::Local
+        } else {
+            Judgement::Refuse
+        }
+    };
+    let from = VmIdentity::vm(&ctx.vm, &ctx.tags);
+    let Some((decision, target)) = policy.route(&Request::new(op, from, object)) else {
+        // Published to others, not to this VM: audited as a denial, then resolved locally.
+        // The VM that serves the object reaching its own is ordinary local traffic.
+        if !policy.publishes(op, object) || serves(policy, op, object, &ctx.vm) {
+            return Judgement::Local;
+        }
+        record.reason = Some("no rule matched: default deny".into());
+        return local_after(record);
+    };
+    record.rule = decision.rule.map(|r| vm_api::rule_ref(policy, r));
+    record.to = target.map(|t| match t {
+        Target::Host => shuttle_audit::HOST.to_owned(),
+        Target::Vm(name) => name.to_string(),
+    });
+    match (decision.action, decision.rule) {
+        (Action::Allow, _) => record.result = Outcome::Allow,
+        (Action::Ask, Some(rule)) => {
+            let (allow, how) = vm_api::ask(ctx, policy, rule, &record);
+            record.result = if allow {
+                Outcome::AskAllow
+            } else {
+                Outcome::AskDeny
+            };
+            record.reason = Some(how);
+            if !allow {
+                return local_after(record);
+            }
+        }
+        (_, rule) => {
+            record.reason = rule.map(|r| format!("denied by {}", r.label()));
+            return local_after(record);
+        }
+    }
+    Judgement::Allowed {
+        decision,
+        target,
+        record: Box::new(record),
+    }
+}
+
 /// Whether `vm` is the target of a rule publishing `object`: it owns the object, and its own
 /// use of it is local traffic, not an attempt to cross.
 fn serves(policy: &shuttle_policy::Policy, op: Op, object: &str, vm: &str) -> bool {
@@ -623,67 +659,15 @@ fn mediate_mq(
     let Some((tgid, uid, gid)) = caller_identity(n.pid) else {
         return stay_local();
     };
-    let mut record = AuditRecord {
-        time: shuttle_audit::now_unix_nanos(),
-        op: "mq".into(),
-        from: ctx.vm.clone(),
-        to: None,
-        object: object.to_owned(),
-        result: Outcome::Deny,
-        rule: None,
-        caller: Caller {
-            pid_in_vm: vm_api::pid_in_vm(tgid),
-            pid_on_host: Some(tgid),
-            uid: Some(uid),
-            program: std::fs::read_to_string(format!("/proc/{tgid}/comm"))
-                .ok()
-                .map(|s| s.trim().to_owned()),
-        },
-        reason: None,
-        seq: 0,
-    };
-    let from = VmIdentity::vm(&ctx.vm, &ctx.tags);
-    let Some((decision, target)) = policy.route(&Request::new(Op::Mq, from, object)) else {
-        if serves(policy, Op::Mq, object, &ctx.vm) {
-            return stay_local();
-        }
-        record.reason = Some("no rule matched: default deny".into());
-        if !vm_api::journal(ctx, record) {
+    let record = new_record(ctx, "mq", object, caller_of(tgid, uid));
+    let (target, mut record) = match judge(ctx, policy, Op::Mq, object, record) {
+        Judgement::Local => return stay_local(),
+        Judgement::Refuse => {
             let _ = unotify::complete(listener, n.id, Err(Errno::EACCES));
             return;
         }
-        return stay_local();
+        Judgement::Allowed { target, record, .. } => (target, *record),
     };
-    record.rule = decision.rule.map(|r| vm_api::rule_ref(policy, r));
-    record.to = target.map(|t| match t {
-        Target::Host => shuttle_audit::HOST.to_owned(),
-        Target::Vm(name) => name.to_string(),
-    });
-    match decision.action {
-        Action::Allow => record.result = Outcome::Allow,
-        Action::Deny | Action::Ask => {
-            let allowed = match (decision.action, decision.rule) {
-                (Action::Ask, Some(rule)) => {
-                    let (allow, how) = vm_api::ask(ctx, policy, rule, &record);
-                    record.result = if allow {
-                        Outcome::AskAllow
-                    } else {
-                        Outcome::AskDeny
-                    };
-                    record.reason = Some(how);
-                    allow
-                }
-                _ => false,
-            };
-            if !allowed {
-                if !vm_api::journal(ctx, record) {
-                    let _ = unotify::complete(listener, n.id, Err(Errno::EACCES));
-                    return;
-                }
-                return stay_local();
-            }
-        }
-    }
     let Some(Target::Vm(target_vm)) = target else {
         return refuse_with(
             listener,
