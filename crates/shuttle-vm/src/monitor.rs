@@ -384,6 +384,9 @@ struct Shared {
     policy: crate::vm_api::SharedPolicy,
     init: Channel,
     init_pid: Pid,
+    /// Signals to init go through this once it may have been reaped (after which its pid
+    /// could belong to another process).
+    init_pidfd: Option<OwnedFd>,
     started_at: u64,
     next_id: AtomicU64,
     /// Per running command: where its events (and a terminal's master side) go.
@@ -404,7 +407,7 @@ impl Shared {
         drop(state);
         tracing::info!(vm = %self.name, ?grace, "stopping");
         if self.init.send(&InitRequest::Shutdown).is_err() {
-            let _ = kill(self.init_pid, Signal::SIGKILL);
+            self.kill_init();
         }
         let me = Arc::clone(self);
         thread::spawn(move || {
@@ -415,7 +418,7 @@ impl Shared {
                 if left.is_zero() {
                     tracing::warn!(vm = %me.name, "grace period over: SIGKILL");
                     // SIGKILL to PID 1 of a PID namespace kills every process in it.
-                    let _ = kill(me.init_pid, Signal::SIGKILL);
+                    me.kill_init();
                     return;
                 }
                 state = me
@@ -425,6 +428,20 @@ impl Shared {
                     .0;
             }
         });
+    }
+
+    /// SIGKILL to init, which kills every process of the VM's PID namespace.
+    fn kill_init(&self) {
+        match &self.init_pidfd {
+            Some(fd) => {
+                let _ = shuttle_sys::process::pidfd_send_signal(fd.as_fd(), libc::SIGKILL);
+            }
+            // Without a pidfd (kernels before 5.3), by pid: a small window remains there
+            // between init's reaping and the VM being marked stopped.
+            None => {
+                let _ = kill(self.init_pid, Signal::SIGKILL);
+            }
+        }
     }
 
     fn wait_stopped(&self) {
@@ -474,10 +491,13 @@ impl Started {
                 return;
             }
         };
+        // Opened while init cannot have been reaped yet (only this thread reaps it, later).
+        let init_pidfd = shuttle_sys::process::pidfd_open(init_pid.as_raw()).ok();
         let shared = Arc::new(Shared {
             name: config.name.clone(),
             init,
             init_pid,
+            init_pidfd,
             policy,
             started_at,
             next_id: AtomicU64::new(1),
