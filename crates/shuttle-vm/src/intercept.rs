@@ -160,8 +160,15 @@ fn handle_connect(listener_fd: &Arc<OwnedFd>, ctx: &Arc<ApiContext>, n: &Notific
         Destination::Abstract(name) => vec![format!("abstract:{name}")],
         Destination::Inet { port, .. } => vec![format!("tcp:{port}"), format!("udp:{port}")],
     };
-    // Fast path: nothing publishes this address across VMs.
-    if !candidates.iter().any(|o| policy.publishes(Op::Connect, o)) {
+    // Fast path: nothing publishes this address across VMs, or this VM serves it itself and
+    // no rule routes it anywhere (a server's own local connections).
+    let from = VmIdentity::vm(&ctx.vm, &ctx.tags);
+    let local = candidates.iter().all(|o| {
+        !policy.publishes(Op::Connect, o)
+            || (serves(&policy, Op::Connect, o, &ctx.vm)
+                && policy.route(&Request::new(Op::Connect, from, o)).is_none())
+    });
+    if local {
         return stay_local();
     }
     let (listener, ctx, n) = (Arc::clone(listener_fd), Arc::clone(ctx), *n);
