@@ -106,12 +106,6 @@ pub fn restrict_to(keep: u64) -> Result<(), CapsError> {
     Ok(())
 }
 
-/// Whether `cap` is in the bounding set of the calling process.
-pub fn in_bounding_set(cap: u32) -> bool {
-    // SAFETY: PR_CAPBSET_READ takes a capability number and no pointers.
-    unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap as libc::c_ulong, 0, 0, 0) == 1 }
-}
-
 /// Capability numbers (linux/capability.h), which the libc crate does not define.
 pub mod numbers {
     pub const CAP_CHOWN: u32 = 0;

@@ -271,17 +271,6 @@ pub fn restore_thread_ids() -> Result<(), Errno> {
     Ok(())
 }
 
-/// Moves the calling thread into the network namespace `ns` (setns(2) with CLONE_NEWNET,
-/// which applies to this thread alone). Sockets created afterwards belong to that namespace.
-pub fn enter_network_namespace(ns: BorrowedFd<'_>) -> Result<(), Errno> {
-    // SAFETY: setns takes a descriptor and a flag.
-    let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-    if r < 0 {
-        return Err(Errno::last());
-    }
-    Ok(())
-}
-
 /// The domain, type and protocol of a socket (SO_DOMAIN, SO_TYPE, SO_PROTOCOL).
 pub fn socket_kind(fd: BorrowedFd<'_>) -> Result<(i32, i32, i32), Errno> {
     let get = |opt: i32| -> Result<i32, Errno> {

@@ -179,25 +179,6 @@ impl VmCgroup {
         self.cgroup.procs().iter().any(|p| p.pid == pid as u64)
     }
 
-    pub fn process_count(&self) -> usize {
-        self.cgroup.procs().len()
-    }
-
-    /// The memory the VM's processes use, as the kernel charges it (bytes).
-    pub fn memory_usage(&self) -> Option<u64> {
-        let file = if self.cgroup.v2() {
-            "memory.current"
-        } else {
-            "memory.usage_in_bytes"
-        };
-        let dir = self.dirs("memory").into_iter().next()?;
-        std::fs::read_to_string(dir.join(file))
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-    }
-
     /// Kills whatever is left and removes the cgroup, waiting up to `wait` for the kernel to
     /// finish reaping.
     pub fn remove(&self, wait: Duration) -> Result<(), CgroupError> {

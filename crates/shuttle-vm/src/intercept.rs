@@ -304,13 +304,10 @@ fn refuse(
     listener: BorrowedFd<'_>,
     ctx: &ApiContext,
     n: &Notification,
-    mut record: AuditRecord,
+    record: AuditRecord,
     why: &str,
 ) {
-    record.result = Outcome::Error;
-    record.reason = Some(why.to_owned());
-    let _ = vm_api::journal(ctx, record);
-    let _ = unotify::complete(listener, n.id, Err(Errno::ECONNREFUSED));
+    refuse_with(listener, ctx, n, record, why, Errno::ECONNREFUSED)
 }
 
 /// Whether the cached init with host pid `pid` still lives.
@@ -367,9 +364,9 @@ fn connect_in(
     // Abstract and IP sockets belong to a network namespace: make the socket in the target's.
     let needs_netns = !matches!(dest, Destination::UnixPath(_));
     let sock = match (needs_netns, target_init) {
-        (true, Some(pid)) => {
-            in_network_namespace(pid, || socket(family, kind, SockFlag::SOCK_CLOEXEC, proto))?
-        }
+        (true, Some(pid)) => in_namespace(pid, NET, || {
+            socket(family, kind, SockFlag::SOCK_CLOEXEC, proto)
+        })?,
         _ => socket(family, kind, SockFlag::SOCK_CLOEXEC, proto)?,
     };
     // Resolve the address first, as root: opening the target's root through /proc needs
@@ -382,20 +379,25 @@ fn connect_in(
             return Err(Errno::ECONNREFUSED);
         }
     }
-    let switch = uid != 0 || gid != 0;
-    if switch {
-        unotify::set_thread_effective_ids(uid, gid)?;
-    }
-    let result = connect_bounded(&sock, &*resolved.addr);
-    if switch {
-        // Never keep working under the caller's identity: failing to switch back is fatal.
-        if unotify::restore_thread_ids().is_err() {
-            tracing::error!("cannot restore the monitor thread's credentials; exiting");
-            std::process::exit(70);
-        }
-    }
+    let result = as_caller((uid, gid), || connect_bounded(&sock, &*resolved.addr));
     drop(resolved);
     result.map(|()| sock)
+}
+
+/// Runs `f` on this thread with the caller's effective uid and gid (so that permission checks
+/// and SO_PEERCRED see the caller), then switches back.
+fn as_caller<T>((uid, gid): (u32, u32), f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
+    if uid == 0 && gid == 0 {
+        return f();
+    }
+    unotify::set_thread_effective_ids(uid, gid)?;
+    let result = f();
+    // Never keep working under the caller's identity: failing to switch back is fatal.
+    if unotify::restore_thread_ids().is_err() {
+        tracing::error!("cannot restore the monitor thread's credentials; exiting");
+        std::process::exit(70);
+    }
+    result
 }
 
 /// How long the monitor waits for a target to accept. One VM's connects are answered in
@@ -494,26 +496,36 @@ fn resolve(target_init: Option<i32>, dest: &Destination) -> Result<Resolved, Err
     })
 }
 
-/// Runs `f` with this thread in the network namespace of process `pid`, then switches back.
-fn in_network_namespace<T>(pid: i32, f: impl FnOnce() -> Result<T, Errno>) -> Result<T, Errno> {
-    let own = nix::fcntl::open(
-        "/proc/thread-self/ns/net",
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let theirs = nix::fcntl::open(
-        Path::new(&format!("/proc/{pid}/ns/net")),
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    unotify::enter_network_namespace(theirs.as_fd())?;
+/// Runs `f` with this thread in namespace `kind` ("net" or "ipc", setns flag `flag`) of
+/// process `pid`, then switches back. Both apply to the calling thread alone.
+fn in_namespace<T>(
+    pid: i32,
+    (kind, flag): (&str, libc::c_int),
+    f: impl FnOnce() -> Result<T, Errno>,
+) -> Result<T, Errno> {
+    let open = |path: String| {
+        nix::fcntl::open(
+            Path::new(&path),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let own = open(format!("/proc/thread-self/ns/{kind}"))?;
+    let theirs = open(format!("/proc/{pid}/ns/{kind}"))?;
+    unotify::enter_namespace(theirs.as_fd(), flag)?;
     let result = f();
-    if unotify::enter_network_namespace(own.as_fd()).is_err() {
-        tracing::error!("cannot return to the monitor's network namespace; exiting");
+    if unotify::enter_namespace(own.as_fd(), flag).is_err() {
+        tracing::error!(
+            kind,
+            "cannot return to the monitor's own namespace; exiting"
+        );
         std::process::exit(70);
     }
     result
 }
+
+const NET: (&str, libc::c_int) = ("net", libc::CLONE_NEWNET);
+const IPC: (&str, libc::c_int) = ("ipc", libc::CLONE_NEWIPC);
 
 /// Who is calling, as the kernel tells it (never as the VM says).
 fn caller_of(tgid: i32, uid: u32) -> Caller {
@@ -773,37 +785,16 @@ fn open_queue_in(
     attr: Option<[i64; 4]>,
     (uid, gid): (u32, u32),
 ) -> Result<OwnedFd, Errno> {
-    let own = nix::fcntl::open(
-        "/proc/thread-self/ns/ipc",
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    let theirs = nix::fcntl::open(
-        Path::new(&format!("/proc/{init}/ns/ipc")),
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )?;
-    if !init_alive(ctx, init) {
-        return Err(Errno::ENOENT);
-    }
     let cname = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
-    unotify::enter_namespace(theirs.as_fd(), libc::CLONE_NEWIPC)?;
-    let switch = uid != 0 || gid != 0;
-    let result = if switch {
-        unotify::set_thread_effective_ids(uid, gid)
-    } else {
-        Ok(())
-    }
-    .and_then(|()| unotify::mq_open_raw(&cname, oflag | libc::O_CLOEXEC, mode, attr));
-    if switch && unotify::restore_thread_ids().is_err() {
-        tracing::error!("cannot restore the monitor thread's credentials; exiting");
-        std::process::exit(70);
-    }
-    if unotify::enter_namespace(own.as_fd(), libc::CLONE_NEWIPC).is_err() {
-        tracing::error!("cannot return to the monitor's IPC namespace; exiting");
-        std::process::exit(70);
-    }
-    result
+    in_namespace(init, IPC, || {
+        // The namespace was reached through /proc/PID: PID must still be the target's init.
+        if !init_alive(ctx, init) {
+            return Err(Errno::ENOENT);
+        }
+        as_caller((uid, gid), || {
+            unotify::mq_open_raw(&cname, oflag | libc::O_CLOEXEC, mode, attr)
+        })
+    })
 }
 
 #[cfg(test)]
