@@ -26,8 +26,14 @@
 //!
 //! # Crash safety
 //!
-//! * [`Journal::append`] returns only after `fdatasync(2)` of the segment; the segment's directory
-//!   entry was made durable (`fsync` of the directory) when the segment was created.
+//! * With [`Durability::EveryAppend`] (the default), [`Journal::append`] returns only after
+//!   `fdatasync(2)` of the segment; the segment's directory entry was made durable (`fsync` of
+//!   the directory) when the segment was created.
+//! * With [`Durability::Deferred`], `append` returns once the record is written to the file
+//!   (`write(2)`): from then on it survives the death of any process, the writer's included,
+//!   because it is in the kernel's page cache. A flusher makes it durable on disk with
+//!   [`Journal::pending_sync`]; at most [`MAX_UNSYNCED_RECORDS`] records are ever written but not
+//!   yet synced (the writer syncs in line beyond that), and a sealed segment is always synced.
 //! * Only the tail of the newest segment can be torn (a crash in the middle of an append). Readers
 //!   stop at the first line that is incomplete or fails its checksum; [`Journal::open`] cuts it
 //!   off. Everything after such a line was never acknowledged: the writer acknowledges a record
@@ -46,12 +52,31 @@ use std::path::{Path, PathBuf};
 
 use crate::record::AuditRecord;
 
-/// Sequence numbers skipped when a writer reopens a journal; larger than [`MAX_BATCH_RECORDS`],
-/// the most records that can be written but not yet synced at any moment.
+/// Sequence numbers skipped when a writer reopens a journal; larger than the most records that
+/// can be written but not yet synced at any moment ([`MAX_BATCH_RECORDS`] plus, with deferred
+/// durability, [`MAX_UNSYNCED_RECORDS`]).
 pub const RESTART_SEQ_GAP: u64 = 1 << 16;
 
 /// The most records [`Journal::append_batch`] writes per `fdatasync`; larger batches are split.
 pub const MAX_BATCH_RECORDS: usize = 4096;
+
+/// With [`Durability::Deferred`], the most records written but not yet synced; an append beyond
+/// that syncs in line (back-pressure on a writer faster than the disk).
+pub const MAX_UNSYNCED_RECORDS: u64 = 1024;
+
+/// When an appended record reaches stable storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `append` returns after `fdatasync(2)`.
+    #[default]
+    EveryAppend,
+    /// `append` returns after `write(2)`; a flusher syncs through [`Journal::pending_sync`]
+    /// (group commit off the caller's path). See the module documentation.
+    Deferred,
+    /// Never synced: only for measuring what syncing costs.
+    #[doc(hidden)]
+    NeverForBenchmarks,
+}
 
 /// The default size at which the writer starts a new segment.
 pub const DEFAULT_SEGMENT_BYTES: u64 = 1 << 20;
@@ -161,12 +186,15 @@ impl JournalError {
 pub struct JournalOptions {
     /// Start a new segment when the active one reaches this size (bytes).
     pub segment_bytes: u64,
+    /// When appends reach stable storage.
+    pub durability: Durability,
 }
 
 impl Default for JournalOptions {
     fn default() -> Self {
         JournalOptions {
             segment_bytes: DEFAULT_SEGMENT_BYTES,
+            durability: Durability::EveryAppend,
         }
     }
 }
@@ -188,7 +216,9 @@ pub struct Journal {
     active: ActiveSegment,
     next_seq: u64,
     options: JournalOptions,
-    sync: bool,
+    /// Every record with a smaller sequence number is on stable storage (or was written before
+    /// this writer opened the journal, and was repaired and synced then).
+    synced_below: u64,
     poisoned: bool,
 }
 
@@ -249,7 +279,7 @@ impl Journal {
             active,
             next_seq,
             options,
-            sync: true,
+            synced_below: next_seq,
             poisoned: false,
         })
     }
@@ -258,9 +288,13 @@ impl Journal {
     /// costs (`examples/append_rate.rs`); never use it for real audit records.
     #[doc(hidden)]
     pub fn open_unsynced_for_benchmarks(dir: impl AsRef<Path>) -> Result<Journal, JournalError> {
-        let mut journal = Journal::open(dir)?;
-        journal.sync = false;
-        Ok(journal)
+        Journal::open_with(
+            dir,
+            JournalOptions {
+                durability: Durability::NeverForBenchmarks,
+                ..JournalOptions::default()
+            },
+        )
     }
 
     /// The journal directory.
@@ -279,8 +313,9 @@ impl Journal {
     }
 
     /// Appends one record, assigning its sequence number (the `seq` field of `record` is
-    /// ignored), and returns only once the record is durable. See the fail-closed contract on
-    /// [`Journal`]: on error the caller must refuse the request.
+    /// ignored), and returns once the record is as durable as the journal's [`Durability`]
+    /// says. See the fail-closed contract on [`Journal`]: on error the caller must refuse the
+    /// request.
     pub fn append(&mut self, record: &AuditRecord) -> Result<u64, JournalError> {
         let seqs = self.append_batch(std::slice::from_ref(record))?;
         Ok(seqs.first().copied().unwrap_or(self.next_seq))
@@ -319,19 +354,28 @@ impl Journal {
             seqs.push(seq);
             seq += 1;
         }
-        self.write_durably(&buf)?;
+        self.write_durably(&buf, seq)?;
         self.next_seq = seq;
         Ok(())
     }
 
-    fn write_durably(&mut self, buf: &[u8]) -> Result<(), JournalError> {
+    /// Writes `buf` (records below `end_seq`) and syncs as the journal's durability says.
+    fn write_durably(&mut self, buf: &[u8], end_seq: u64) -> Result<(), JournalError> {
+        let sync = match self.options.durability {
+            Durability::EveryAppend => true,
+            Durability::Deferred => {
+                end_seq.saturating_sub(self.synced_below) > MAX_UNSYNCED_RECORDS
+            }
+            Durability::NeverForBenchmarks => false,
+        };
+        let synced_file = self.options.durability != Durability::NeverForBenchmarks;
         let active = &mut self.active;
         if let Err(source) = active.file.write_all(buf) {
             // Cut off whatever part of the lines reached the file, so that the next append does
             // not follow a torn line (readers stop at the first damaged line). If even that
             // fails, the file's state is unknown: refuse everything until reopened, which repairs.
             let restored = active.file.set_len(active.len).is_ok()
-                && (!self.sync || active.file.sync_data().is_ok());
+                && (!synced_file || active.file.sync_data().is_ok());
             if !restored {
                 self.poisoned = true;
             }
@@ -341,23 +385,72 @@ impl Journal {
             });
         }
         active.len += buf.len() as u64;
-        if self.sync {
-            if let Err(source) = active.file.sync_data() {
-                // After a failed fdatasync the kernel may have dropped the dirty pages and marked
-                // them clean, so a retry could "succeed" without the data ever reaching the disk.
-                self.poisoned = true;
-                return Err(JournalError::Sync {
-                    path: active.path.clone(),
-                    source,
-                });
-            }
+        if sync {
+            self.sync_active(end_seq)?;
         }
         Ok(())
     }
 
+    /// Syncs the active segment in line: every record below `below` (all that was written)
+    /// becomes durable.
+    fn sync_active(&mut self, below: u64) -> Result<(), JournalError> {
+        if let Err(source) = self.active.file.sync_data() {
+            // After a failed fdatasync the kernel may have dropped the dirty pages and marked
+            // them clean, so a retry could "succeed" without the data ever reaching the disk.
+            self.poisoned = true;
+            return Err(JournalError::Sync {
+                path: self.active.path.clone(),
+                source,
+            });
+        }
+        self.synced_below = below.max(self.synced_below);
+        Ok(())
+    }
+
     fn rotate(&mut self) -> Result<(), JournalError> {
+        // A sealed segment is never written again, nor synced by a flusher: sync it now.
+        if self.options.durability == Durability::Deferred && self.synced_below < self.next_seq {
+            self.sync_active(self.next_seq)?;
+        }
         self.active = create_segment(&self.dir, self.next_seq)?;
         Ok(())
+    }
+
+    /// With [`Durability::Deferred`]: what a flusher must sync to make every record written so
+    /// far durable, or `None` if nothing is waiting. The flusher runs [`PendingSync::run`]
+    /// without holding the writer (appends go on meanwhile) and reports the outcome with
+    /// [`Journal::record_sync`].
+    pub fn pending_sync(&self) -> Result<Option<PendingSync>, JournalError> {
+        if self.synced_below >= self.next_seq {
+            return Ok(None);
+        }
+        let file = self
+            .active
+            .file
+            .try_clone()
+            .map_err(|source| JournalError::Sync {
+                path: self.active.path.clone(),
+                source,
+            })?;
+        Ok(Some(PendingSync {
+            file,
+            path: self.active.path.clone(),
+            below: self.next_seq,
+        }))
+    }
+
+    /// Takes note of a flusher's [`PendingSync::run`]. A failed sync poisons the journal: every
+    /// later append fails (fail closed) until the journal is reopened, which repairs it.
+    pub fn record_sync(&mut self, outcome: &Result<u64, JournalError>) {
+        match outcome {
+            Ok(below) => self.synced_below = self.synced_below.max(*below),
+            Err(_) => self.poisoned = true,
+        }
+    }
+
+    /// How many appended records are not yet known to be on stable storage.
+    pub fn unsynced(&self) -> u64 {
+        self.next_seq.saturating_sub(self.synced_below)
     }
 
     /// Iterates the records with `seq >= from`, oldest first.
@@ -379,6 +472,28 @@ impl Journal {
             removed += 1;
         }
         Ok(removed)
+    }
+}
+
+/// A sync a flusher owes a [`Durability::Deferred`] journal, taken by [`Journal::pending_sync`].
+#[derive(Debug)]
+pub struct PendingSync {
+    file: File,
+    path: PathBuf,
+    below: u64,
+}
+
+impl PendingSync {
+    /// `fdatasync`s the segment; on success every record with a sequence number below the
+    /// returned one is durable.
+    pub fn run(self) -> Result<u64, JournalError> {
+        self.file
+            .sync_data()
+            .map(|()| self.below)
+            .map_err(|source| JournalError::Sync {
+                path: self.path,
+                source,
+            })
     }
 }
 

@@ -21,8 +21,8 @@ mod store;
 
 pub use duration::{parse_duration, DurationError};
 pub use journal::{
-    Journal, JournalError, JournalOptions, JournalReader, JournalSource, Records,
-    DEFAULT_SEGMENT_BYTES, MAX_BATCH_RECORDS, RESTART_SEQ_GAP,
+    Durability, Journal, JournalError, JournalOptions, JournalReader, JournalSource, PendingSync,
+    Records, DEFAULT_SEGMENT_BYTES, MAX_BATCH_RECORDS, MAX_UNSYNCED_RECORDS, RESTART_SEQ_GAP,
 };
 pub use record::{
     format_record_line, format_rfc3339_utc, now_unix_nanos, AuditRecord, Caller, Outcome, RuleRef,

@@ -32,6 +32,7 @@ fn two_writers_and_a_collector() {
             &path,
             JournalOptions {
                 segment_bytes: 4096,
+                ..JournalOptions::default()
             },
         )
         .unwrap();

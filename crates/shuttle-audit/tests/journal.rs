@@ -140,7 +140,10 @@ fn truncate_through_keeps_later_records() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("j");
     // Small segments so that records spread over several of them.
-    let options = JournalOptions { segment_bytes: 600 };
+    let options = JournalOptions {
+        segment_bytes: 600,
+        ..JournalOptions::default()
+    };
     let mut journal = Journal::open_with(&path, options).unwrap();
     for t in 1..=20 {
         journal.append(&allow(t)).unwrap();
@@ -206,4 +209,84 @@ fn large_batches_are_split_but_complete() {
     let seqs = journal.append_batch(&batch).unwrap();
     assert_eq!(seqs.len(), batch.len());
     assert_eq!(read_all(&journal).len(), batch.len());
+}
+
+fn deferred(path: &std::path::Path, segment_bytes: u64) -> Journal {
+    Journal::open_with(
+        path,
+        JournalOptions {
+            segment_bytes,
+            durability: shuttle_audit::Durability::Deferred,
+        },
+    )
+    .unwrap()
+}
+
+#[test]
+fn deferred_appends_are_readable_at_once_and_a_flusher_syncs_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.journal");
+    let mut journal = deferred(&path, 1 << 20);
+    assert!(
+        journal.pending_sync().unwrap().is_none(),
+        "nothing written yet"
+    );
+    journal.append(&allow(1)).unwrap();
+    journal.append(&allow(2)).unwrap();
+    assert_eq!(journal.unsynced(), 2);
+    // Written means readable by the collector, before any sync.
+    let seen: Vec<u64> = JournalReader::new(&path)
+        .read_from(0)
+        .unwrap()
+        .map(|r| r.unwrap().seq)
+        .collect();
+    assert_eq!(seen, vec![1, 2]);
+
+    let pending = journal.pending_sync().unwrap().expect("two records wait");
+    // Appends go on while the flusher syncs.
+    journal.append(&allow(3)).unwrap();
+    let outcome = pending.run();
+    assert_eq!(outcome.as_ref().ok(), Some(&3), "synced below seq 3");
+    journal.record_sync(&outcome);
+    assert_eq!(
+        journal.unsynced(),
+        1,
+        "record 3 came after the sync was taken"
+    );
+    let outcome = journal.pending_sync().unwrap().unwrap().run();
+    journal.record_sync(&outcome);
+    assert_eq!(journal.unsynced(), 0);
+    assert!(journal.pending_sync().unwrap().is_none());
+}
+
+#[test]
+fn deferred_writer_syncs_in_line_past_the_bound_and_when_sealing() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("audit.journal");
+    let mut journal = deferred(&path, 1 << 30);
+    for i in 0..shuttle_audit::MAX_UNSYNCED_RECORDS + 1 {
+        journal.append(&allow(i)).unwrap();
+    }
+    assert_eq!(journal.unsynced(), 0, "the bound forced an in-line sync");
+
+    // A tiny segment size: every append seals the previous segment, which is synced then.
+    let mut small = deferred(&dir.path().join("small.journal"), 1);
+    small.append(&allow(1)).unwrap();
+    assert_eq!(small.unsynced(), 1);
+    small.append(&allow(2)).unwrap();
+    assert_eq!(small.unsynced(), 1, "sealing segment 1 synced it");
+}
+
+#[test]
+fn a_failed_flush_poisons_the_journal() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut journal = deferred(&dir.path().join("audit.journal"), 1 << 20);
+    journal.append(&allow(1)).unwrap();
+    journal.record_sync(&Err(JournalError::Poisoned {
+        path: dir.path().to_path_buf(),
+    }));
+    assert!(
+        journal.append(&allow(2)).is_err(),
+        "no decision may follow a record that may not have reached the disk"
+    );
 }

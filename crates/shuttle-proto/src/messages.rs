@@ -307,13 +307,18 @@ pub enum InitRequest {
     Signal { id: u64, signal: i32 },
     /// Stop the VM: SIGTERM to every process, then exit when none is left.
     Shutdown,
+    /// The monitor holds the notification listener now: init closes its own copy.
+    ListenerTaken,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum InitEvent {
-    /// Set-up is complete; commands may be spawned.
-    Ready,
+    /// Set-up is complete; commands may be spawned. `listener_fd` is the seccomp notification
+    /// listener's descriptor number in init, which the monitor duplicates (pidfd_getfd): init
+    /// cannot pass it along with a message, because its own sendmsg is caught by the very
+    /// filter whose listener it would carry.
+    Ready { listener_fd: i32 },
     /// Set-up failed before the VM could start; init exits after sending this.
     SetupFailed {
         message: String,

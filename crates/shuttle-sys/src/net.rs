@@ -33,3 +33,22 @@ pub fn bring_up_loopback() -> Result<(), Errno> {
     }
     Ok(())
 }
+
+/// A socket address from the raw bytes of a `struct sockaddr` of that length (as a caller
+/// passed it to the kernel); `None` if the family does not fit the length.
+pub fn sockaddr_from_bytes(bytes: &[u8]) -> Option<nix::sys::socket::SockaddrStorage> {
+    let len = libc::socklen_t::try_from(bytes.len()).ok()?;
+    if bytes.len() < 2 || bytes.len() > size_of::<libc::sockaddr_storage>() {
+        return None;
+    }
+    // SAFETY: `bytes` holds `len` readable bytes, which from_raw copies; it checks the family
+    // against the length itself.
+    unsafe { nix::sys::socket::SockaddrLike::from_raw(bytes.as_ptr().cast(), Some(len)) }
+}
+
+/// `struct sockaddr` with family AF_UNSPEC: connecting to it dissolves an association.
+pub fn unspecified_sockaddr() -> nix::sys::socket::SockaddrStorage {
+    let mut raw = [0u8; size_of::<libc::sockaddr>()];
+    raw[..2].copy_from_slice(&(libc::AF_UNSPEC as libc::sa_family_t).to_ne_bytes());
+    sockaddr_from_bytes(&raw).unwrap_or_else(|| unreachable!("AF_UNSPEC fits any length"))
+}

@@ -66,6 +66,9 @@ pub enum ArgCondition {
     AnyBitSet { arg: u8, mask: u32 },
     /// `arg == value`
     Equals { arg: u8, value: u32 },
+    /// `arg != 0`, all 64 bits of it (for pointers: a null test on the low half alone could be
+    /// slipped past with an address whose low 32 bits are zero).
+    NonZero { arg: u8 },
 }
 
 /// One line of a filter: this call number, optionally under a condition, gets this action.
@@ -123,6 +126,16 @@ fn jump(code: u16, k: u32, jt: u8, jf: u8) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
+/// Where the high half of argument `arg` sits.
+fn arg_high_offset(arg: u8) -> Result<u32, SeccompError> {
+    let low = arg_low_offset(arg)?;
+    Ok(if cfg!(target_endian = "little") {
+        low + 4
+    } else {
+        low - 4
+    })
+}
+
 fn arg_low_offset(arg: u8) -> Result<u32, SeccompError> {
     if arg > 5 {
         return Err(SeccompError::BadArgument(arg));
@@ -158,6 +171,18 @@ impl Program {
                     p.push(jump(BPF_JEQ_K, nr, 0, 1));
                     p.push(ret);
                 }
+                Some(ArgCondition::NonZero { arg }) => {
+                    // Not this call: on to the reload of the number. Low half non-zero: the
+                    // action. Else the high half decides the same way.
+                    p.push(jump(BPF_JEQ_K, nr, 0, 6));
+                    p.push(stmt(BPF_LD_W_ABS, arg_low_offset(arg)?));
+                    p.push(jump(BPF_JEQ_K, 0, 1, 0));
+                    p.push(ret);
+                    p.push(stmt(BPF_LD_W_ABS, arg_high_offset(arg)?));
+                    p.push(jump(BPF_JEQ_K, 0, 1, 0));
+                    p.push(ret);
+                    p.push(stmt(BPF_LD_W_ABS, OFFSET_NR));
+                }
                 Some(cond) => {
                     let (offset, test) = match cond {
                         ArgCondition::AnyBitSet { arg, mask } => {
@@ -166,6 +191,7 @@ impl Program {
                         ArgCondition::Equals { arg, value } => {
                             (arg_low_offset(arg)?, jump(BPF_JEQ_K, value, 0, 1))
                         }
+                        ArgCondition::NonZero { .. } => unreachable!("compiled above"),
                     };
                     // Not this call: skip the 4 instructions below with the number still
                     // in the accumulator. This call but condition false: fall onto the
@@ -304,6 +330,11 @@ mod tests {
                     },
                     Action::Errno(libc::EPERM as u16),
                 ),
+                Rule::when(
+                    libc::SYS_sendto,
+                    ArgCondition::NonZero { arg: 4 },
+                    Action::Notify,
+                ),
                 Rule::always(libc::SYS_connect, Action::Notify),
             ],
             Action::Allow,
@@ -350,6 +381,21 @@ mod tests {
             Action::Allow
         );
         // After a failed condition, later rules still see the call number.
+        assert_eq!(eval(libc::SYS_connect, [0; 6]), Action::Notify);
+    }
+
+    #[test]
+    fn non_zero_tests_all_64_bits() {
+        let sendto = |addr: u64| eval(libc::SYS_sendto, [3, 0, 0, 0, addr, 16]);
+        assert_eq!(sendto(0), Action::Allow, "no address");
+        assert_eq!(sendto(0x7fff_1234), Action::Notify);
+        assert_eq!(
+            sendto(0x7f00_0000_0000),
+            Action::Notify,
+            "an address whose low half is zero"
+        );
+        assert_eq!(sendto(0xffff_ffff_0000_0000), Action::Notify);
+        // The following rules still see the call number.
         assert_eq!(eval(libc::SYS_connect, [0; 6]), Action::Notify);
     }
 

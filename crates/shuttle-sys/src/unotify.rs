@@ -3,7 +3,7 @@
 //! Plus the helpers a supervisor needs to act for a caller: reading its memory, duplicating
 //! its descriptors (pidfd_getfd(2)), and switching the calling thread's credentials.
 
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::errno::Errno;
 
@@ -297,4 +297,24 @@ pub fn socket_kind(fd: BorrowedFd<'_>) -> Result<(i32, i32, i32), Errno> {
         get(libc::SO_TYPE)?,
         get(libc::SO_PROTOCOL)?,
     ))
+}
+
+/// The inode number of the network namespace socket `fd` belongs to (ioctl SIOCGSKNS), to
+/// compare with a VM's own: a socket keeps the namespace it was created in, wherever its
+/// descriptor travels.
+pub fn socket_netns_inode(fd: BorrowedFd<'_>) -> Result<u64, Errno> {
+    const SIOCGSKNS: libc::c_ulong = 0x894C;
+    // SAFETY: SIOCGSKNS takes no argument and returns a new descriptor, owned below.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), SIOCGSKNS as _) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: r is a fresh descriptor that nothing else owns.
+    let ns = unsafe { OwnedFd::from_raw_fd(r) };
+    namespace_inode(ns.as_fd())
+}
+
+/// The inode number of namespace descriptor `ns` (what `/proc/PID/ns/*` links name).
+pub fn namespace_inode(ns: BorrowedFd<'_>) -> Result<u64, Errno> {
+    nix::sys::stat::fstat(ns).map(|st| st.st_ino)
 }

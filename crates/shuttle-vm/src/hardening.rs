@@ -115,6 +115,25 @@ pub fn seccomp_rules() -> Vec<Rule> {
         },
         EPERM,
     ));
+    // A descriptor table is shared only within a thread group: the monitor relies on it when
+    // it lets a checked socket call continue (see intercept/mod.rs, "Lent sockets"). Threads
+    // are allowed first; any other clone sharing the table is refused.
+    rules.push(Rule::when(
+        libc::SYS_clone,
+        ArgCondition::AnyBitSet {
+            arg: 0,
+            mask: libc::CLONE_THREAD as u32,
+        },
+        Action::Allow,
+    ));
+    rules.push(Rule::when(
+        libc::SYS_clone,
+        ArgCondition::AnyBitSet {
+            arg: 0,
+            mask: libc::CLONE_FILES as u32,
+        },
+        EPERM,
+    ));
     // clone3 passes its flags in memory, where a filter cannot look. ENOSYS makes the C
     // library fall back to clone, whose flags the rule above checks (as Docker does).
     rules.push(Rule::always(
@@ -133,9 +152,19 @@ pub fn seccomp_rules() -> Vec<Rule> {
             EPERM,
         ));
     }
-    // Mediated: every connect goes to the VM's monitor, which lets it continue unless the
-    // policy routes its address to another VM (see intercept.rs).
+    // Mediated: every connect and every send that names a destination goes to the VM's
+    // monitor, which lets it continue unless the policy routes its address to another VM (see
+    // intercept/). sendto is caught only with an address (all 64 bits tested: send() is
+    // sendto without one and carries most traffic); sendmsg and sendmmsg keep theirs in
+    // memory, where a filter cannot look, so all of them are caught.
     rules.push(Rule::always(libc::SYS_connect, Action::Notify));
+    rules.push(Rule::when(
+        libc::SYS_sendto,
+        ArgCondition::NonZero { arg: 4 },
+        Action::Notify,
+    ));
+    rules.push(Rule::always(libc::SYS_sendmsg, Action::Notify));
+    rules.push(Rule::always(libc::SYS_sendmmsg, Action::Notify));
     // Mediated the same way: POSIX message queues routed to another VM's IPC namespace.
     rules.push(Rule::always(libc::SYS_mq_open, Action::Notify));
     rules
@@ -216,6 +245,38 @@ mod tests {
             Action::Errno(libc::ENOSYS as u16)
         );
         assert_eq!(eval(libc::SYS_ioctl, [0, libc::TIOCSTI, 0, 0, 0, 0]), EPERM);
+    }
+
+    #[test]
+    fn descriptor_tables_are_shared_only_by_threads() {
+        let thread = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM) as u64;
+        assert_eq!(
+            eval(libc::SYS_clone, [thread, 0, 0, 0, 0, 0]),
+            Action::Allow
+        );
+        let shared_table = (libc::CLONE_FILES | libc::SIGCHLD) as u64;
+        assert_eq!(eval(libc::SYS_clone, [shared_table, 0, 0, 0, 0, 0]), EPERM);
+        let vfork = (libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD) as u64;
+        assert_eq!(eval(libc::SYS_clone, [vfork, 0, 0, 0, 0, 0]), Action::Allow);
+        // A thread asking for a new namespace is still refused.
+        let thread_ns = thread | libc::CLONE_NEWNET as u64;
+        assert_eq!(eval(libc::SYS_clone, [thread_ns, 0, 0, 0, 0, 0]), EPERM);
+    }
+
+    #[test]
+    fn sends_are_caught_only_with_a_destination() {
+        assert_eq!(eval(libc::SYS_sendto, [3, 1, 1, 0, 0, 0]), Action::Allow);
+        assert_eq!(
+            eval(libc::SYS_sendto, [3, 1, 1, 0, 0x7f00_0000_0000, 16]),
+            Action::Notify
+        );
+        assert_eq!(eval(libc::SYS_sendmsg, [0; 6]), Action::Notify);
+        assert_eq!(eval(libc::SYS_sendmmsg, [0; 6]), Action::Notify);
     }
 
     #[test]

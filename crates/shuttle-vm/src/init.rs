@@ -179,6 +179,8 @@ struct Init {
     /// Commands started for the monitor: host of their process group → request id.
     commands: HashMap<Pid, u64>,
     shutting_down: bool,
+    /// The notification listener until the monitor has duplicated it.
+    listener: Option<OwnedFd>,
 }
 
 impl Init {
@@ -191,16 +193,17 @@ impl Init {
             signals,
             commands: HashMap::new(),
             shutting_down: false,
+            listener: None,
         })
     }
 
     fn serve(&mut self, listener: OwnedFd) -> i32 {
-        // The notification descriptor goes to the monitor with Ready; init keeps no copy, so
-        // that the monitor alone answers the VM's mediated calls.
-        let sent = self
-            .channel
-            .send_with_fds(&InitEvent::Ready, &[listener.as_fd()]);
-        drop(listener);
+        // The monitor takes the notification descriptor from us; init keeps its copy only
+        // until the monitor says it has it, so that the monitor alone answers mediated calls.
+        let sent = self.channel.send(&InitEvent::Ready {
+            listener_fd: listener.as_raw_fd(),
+        });
+        self.listener = Some(listener);
         if sent.is_err() {
             return 1;
         }
@@ -284,6 +287,10 @@ impl Init {
                 None
             }
             InitRequest::Shutdown => self.begin_shutdown(),
+            InitRequest::ListenerTaken => {
+                self.listener = None;
+                None
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 //! [`client`].
 #![forbid(unsafe_code)]
 
+pub mod audit_log;
 pub mod cgroup;
 pub mod client;
 pub mod config;

@@ -291,7 +291,23 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<Launched, MonitorError> 
             .recv_with_fds::<InitEvent>()
             .map(|(ev, mut fds)| (ev, fds.pop()))
         {
-            Ok((InitEvent::Ready, Some(listener))) => {
+            Ok((InitEvent::Ready { listener_fd }, _)) => {
+                let listener = shuttle_sys::process::pidfd_open(init_pid.as_raw())
+                    .and_then(|pidfd| {
+                        shuttle_sys::unotify::duplicate_from(pidfd.as_fd(), listener_fd)
+                    })
+                    .map_err(|errno| {
+                        fail(MonitorError::Sys {
+                            what: "taking the notification listener from init".into(),
+                            errno,
+                        })
+                    })?;
+                if ours.send(&InitRequest::ListenerTaken).is_err() {
+                    return Err(fail(MonitorError::Setup {
+                        name: config.name.clone(),
+                        message: "init went away while starting".into(),
+                    }));
+                }
                 tracing::debug!(elapsed = ?attach.elapsed(), "init ready");
                 // Verify, whoever moved it: a VM outside its cgroup would escape its limits.
                 if !cgroup.contains(init_pid.as_raw()) {
@@ -477,10 +493,11 @@ impl Started {
             vm: config.name.clone(),
             tags: config.tags.clone(),
             policy: Arc::clone(&policy),
-            journal: Mutex::new(None),
-            targets: Mutex::new(HashMap::new()),
+            journal: crate::audit_log::VmJournal::new(layout.audit_journal(&config.name)),
+            mediation: crate::intercept::MediationState::new(init_pid.as_raw()),
         });
         let intercept = Arc::clone(&api);
+        let journal = Arc::clone(&api.journal);
         thread::spawn(move || crate::vm_api::serve(api_listener, api));
         thread::spawn(move || crate::intercept::serve(notify, intercept));
         let reader = match init.try_clone() {
@@ -534,6 +551,8 @@ impl Started {
         }
         let status = waitpid(init_pid, None);
         tracing::info!(vm = %config.name, ?status, "init exited");
+        // The VM's last decisions reach the disk before the monitor reports it stopped.
+        journal.flush();
         shared
             .waiters
             .lock()

@@ -4,22 +4,24 @@
 //! Identity comes from the socket: the monitor bound this listener for exactly one VM and
 //! bind-mounted it into that VM only, so whatever arrives on it comes from that VM, whatever
 //! the request says. Decisions use the monitor's copy of the last loaded policy, so they keep
-//! working while the broker is down; each is appended durably to the VM's audit journal
-//! *before* it takes effect, and a journal that cannot be written refuses the request.
+//! working while the broker is down; each is written to the VM's audit journal *before*
+//! it takes effect (and synced right behind, see [`crate::audit_log`]), and a journal that
+//! cannot be written refuses the request.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::thread;
 
 use nix::sys::socket::{accept4, getsockopt, sockopt, SockFlag};
-use shuttle_audit::{AuditRecord, Caller, Journal, Outcome, RuleRef};
+use shuttle_audit::{AuditRecord, Caller, Outcome, RuleRef};
 use shuttle_policy::{Action, Op, Policy, Request, Signal, VmIdentity};
 use shuttle_proto::{
     BrokerReply, BrokerRequest, Channel, ChannelError, Hello, Question, VmReply, VmRequest,
     PROTOCOL_VERSION,
 };
 
+use crate::audit_log::VmJournal;
 use crate::cgroup::VmCgroup;
 use crate::layout::Layout;
 use crate::store;
@@ -52,12 +54,9 @@ pub struct ApiContext {
     pub vm: String,
     pub tags: Vec<String>,
     pub policy: SharedPolicy,
-    /// Opened at the first decision, not at VM start: opening syncs several files, which would
-    /// add milliseconds to every start for VMs that never ask for anything.
-    pub journal: Mutex<Option<Journal>>,
-    /// Target VMs' inits (host pid and a pidfd that says whether it still lives), so that a
-    /// mediated connect does not look them up in cgroups and /proc every time.
-    pub targets: Mutex<std::collections::HashMap<String, (i32, OwnedFd)>>,
+    pub journal: Arc<VmJournal>,
+    /// What mediated calls remember between calls (see [`crate::intercept`]).
+    pub mediation: crate::intercept::MediationState,
 }
 
 /// Accepts connections from inside the VM, one thread each. Returns when accept fails for
@@ -144,28 +143,10 @@ pub(crate) fn rule_ref(policy: &Policy, rule: &shuttle_policy::Rule) -> RuleRef 
     }
 }
 
-/// Records `record` durably; false when that failed (the caller must refuse).
+/// Records `record` before the decision takes effect (see [`crate::audit_log`]); false when
+/// that failed (the caller must refuse).
 pub(crate) fn journal(ctx: &ApiContext, record: AuditRecord) -> bool {
-    let mut guard = ctx.journal.lock().unwrap_or_else(|e| e.into_inner());
-    if guard.is_none() {
-        match Journal::open(ctx.layout.audit_journal(&ctx.vm)) {
-            Ok(j) => *guard = Some(j),
-            Err(e) => {
-                tracing::error!(vm = %ctx.vm, error = %e, "cannot open the audit journal; refusing");
-                return false;
-            }
-        }
-    }
-    let Some(j) = guard.as_mut() else {
-        return false;
-    };
-    match j.append(&record) {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::error!(vm = %ctx.vm, error = %e, "audit journal write failed; refusing");
-            false
-        }
-    }
+    ctx.journal.record(&ctx.vm, &record)
 }
 
 fn signal_request(

@@ -1,0 +1,230 @@
+//! `connect`: continued when it stays in the VM, carried out in the target when a rule routes
+//! it across and allows it.
+
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    bind, connect, socket, AddressFamily, SockFlag, SockProtocol, SockType, UnixAddr,
+};
+use shuttle_audit::Outcome;
+use shuttle_policy::Op;
+use shuttle_sys::unotify;
+
+use super::address::{self, Address, Destination, MAX_SOCKADDR};
+use super::caller::{CallerInfo, CallerSocket};
+use super::target::{as_caller, connect_bounded, in_namespace, Namespace, TargetVm};
+use super::{judge, route, stay_local_on, Call, Judgement, Mediators};
+use crate::vm_api;
+
+pub(super) fn on_connect(call: &Call<'_>, mediators: &Mediators) {
+    let (fd, addr, len) = (call.arg(0) as i32, call.arg(1), call.arg(2) as usize);
+    if addr == 0 || !(2..=MAX_SOCKADDR).contains(&len) {
+        // The kernel refuses these itself (EFAULT, EINVAL) without looking any further.
+        return call.stay_local();
+    }
+    let bytes = match call.read(addr, len) {
+        Ok(Some(b)) => b,
+        Ok(None) => return,
+        Err(_) => return call.stay_local(),
+    };
+    let lent_datagrams = call.ctx.mediation.holds_lent_datagram_sockets();
+    match address::parse(&bytes) {
+        // Disconnecting must never free a lent socket: carried out here on the socket checked.
+        Address::Unspecified => mediators.submit(call, Box::new(move |c| disconnect(c, fd))),
+        Address::Local { needs_netns } if needs_netns && lent_datagrams => {
+            mediators.submit(call, Box::new(move |c| connect_locally(c, fd, bytes)));
+        }
+        Address::Local { .. } => call.stay_local(),
+        Address::Routable(dest) => {
+            if call.stays_local(&call.policy(), Op::Connect, &dest) {
+                if dest.needs_netns() && lent_datagrams {
+                    mediators.submit(call, Box::new(move |c| connect_locally(c, fd, bytes)));
+                } else {
+                    call.stay_local();
+                }
+            } else {
+                mediators.submit(call, Box::new(move |c| mediate(c, fd, dest, bytes)));
+            }
+        }
+    }
+}
+
+/// The caller and its socket, or `None` when the call was answered already (gone, or refused).
+pub(super) fn caller_and_socket(call: &Call<'_>, fd: i32) -> Option<(CallerInfo, CallerSocket)> {
+    let Some(info) = CallerInfo::of(call.n.pid) else {
+        call.answer(Err(Errno::ECONNREFUSED));
+        return None;
+    };
+    let sock = CallerSocket::of(info.tgid, fd);
+    if !call.still_pending() {
+        return None;
+    }
+    match sock {
+        Ok(sock) => Some((info, sock)),
+        // Not a socket, or not a descriptor: the kernel's own answer.
+        Err(_) => {
+            call.stay_local();
+            None
+        }
+    }
+}
+
+fn disconnect(call: &Call<'_>, fd: i32) {
+    let Some((info, sock)) = caller_and_socket(call, fd) else {
+        return;
+    };
+    if sock.netns().ok() != Some(call.ctx.mediation.own_netns) {
+        let record = call.record("connect", "(disconnect)", &info);
+        return call.refuse(
+            record,
+            "a socket Shuttle connected to another VM cannot be disconnected",
+            Errno::EOPNOTSUPP,
+        );
+    }
+    let unspec = shuttle_sys::net::unspecified_sockaddr();
+    call.answer(connect(sock.sock.as_raw_fd(), &unspec).map(|()| 0));
+}
+
+/// A connect that stays in the VM, in a VM that holds lent datagram sockets.
+fn connect_locally(call: &Call<'_>, fd: i32, addr: Vec<u8>) {
+    if let Some((info, sock)) = caller_and_socket(call, fd) {
+        connect_locally_on(call, &info, &sock, &addr);
+    }
+}
+
+/// Continues a connect that stays in the VM once that is safe, or carries it out on the socket
+/// checked.
+fn connect_locally_on(call: &Call<'_>, info: &CallerInfo, sock: &CallerSocket, addr: &[u8]) {
+    let Some(sock) = stay_local_on(call, info, sock, "connect") else {
+        return;
+    };
+    // Carried out on the socket checked, with the caller's own address bytes.
+    let Some(addr) = shuttle_sys::net::sockaddr_from_bytes(addr) else {
+        return call.answer(Err(Errno::EINVAL));
+    };
+    let result = as_caller((info.uid, info.gid), || {
+        if sock.nonblocking() {
+            connect(sock.sock.as_raw_fd(), &addr)
+        } else {
+            connect_bounded(&sock.sock, &addr)
+        }
+    });
+    call.answer(result.map(|()| 0));
+}
+
+/// The mediated part of a `connect` whose address some rule publishes.
+fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
+    let Some((info, sock)) = caller_and_socket(call, fd) else {
+        return;
+    };
+    let policy = call.policy();
+    let object = dest.object(sock.is_datagram());
+    let record = call.record("connect", &object, &info);
+    let (decision, target, mut record) =
+        match judge(call.ctx, &policy, Op::Connect, &object, record) {
+            Judgement::Local if dest.needs_netns() => {
+                return connect_locally_on(call, &info, &sock, &addr)
+            }
+            Judgement::Local => return call.stay_local(),
+            Judgement::Refuse => return call.answer(Err(Errno::ECONNREFUSED)),
+            Judgement::Allowed {
+                decision,
+                target,
+                record,
+            } => (decision, target, *record),
+        };
+    let route = match route(call.ctx, &decision, target, dest) {
+        Ok(r) => r,
+        Err(why) => return call.refuse(record, &why, Errno::ECONNREFUSED),
+    };
+    let connected = connect_in(route.target.as_deref(), &sock, &route.dest, &info);
+    let new_sock = match connected {
+        Ok(s) => s,
+        Err(e) => {
+            // Nobody listening there (yet): the same answer a local connect would give.
+            record.result = Outcome::Error;
+            record.reason = Some(format!("connecting in the target failed: {e}"));
+            let _ = vm_api::journal(call.ctx, record);
+            return call.answer(Err(e));
+        }
+    };
+    if sock.nonblocking() {
+        let _ = nix::fcntl::fcntl(
+            &new_sock,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        );
+    }
+    record.reason = Some(format!("connected to {:?}", route.dest));
+    if !vm_api::journal(call.ctx, record) {
+        return call.answer(Err(Errno::ECONNREFUSED));
+    }
+    let lent_datagram = route.dest.needs_netns() && sock.is_datagram();
+    if lent_datagram {
+        // Before the socket reaches the VM: from now on its calls are checked.
+        call.ctx.mediation.note_lent_datagram_socket();
+    }
+    match unotify::inject_fd(
+        call.listener,
+        call.n.id,
+        new_sock.as_fd(),
+        fd as u32,
+        info.fd_cloexec(fd),
+    ) {
+        Ok(()) => call.answer(Ok(0)),
+        Err(e) => {
+            tracing::warn!(vm = %call.ctx.vm, error = %e, "injecting the connected socket failed");
+            call.answer(Err(Errno::ECONNREFUSED));
+        }
+    }
+}
+
+/// A new socket of the caller's kind, in `target`'s network namespace when `dest` needs one
+/// (`None`: the host's, which is the monitor's). Unix sockets made for another namespace are
+/// bound at once (to an autobound name), so that the VM cannot bind them to a name of its
+/// choosing in that namespace.
+pub(super) fn socket_for(
+    target: Option<&TargetVm>,
+    like: &CallerSocket,
+    dest: &Destination,
+) -> Result<OwnedFd, Errno> {
+    let family = AddressFamily::from_i32(like.domain).ok_or(Errno::EAFNOSUPPORT)?;
+    let kind = SockType::try_from(like.kind).map_err(|_| Errno::EPROTOTYPE)?;
+    let proto = match like.protocol {
+        p if p == libc::IPPROTO_TCP => Some(SockProtocol::Tcp),
+        p if p == libc::IPPROTO_UDP => Some(SockProtocol::Udp),
+        _ => None,
+    };
+    let make = || socket(family, kind, SockFlag::SOCK_CLOEXEC, proto);
+    let sock = match (dest.needs_netns(), target) {
+        (true, Some(t)) => in_namespace(t, Namespace::Net, make)?,
+        _ => make()?,
+    };
+    if dest.needs_netns() && like.domain == libc::AF_UNIX {
+        bind(sock.as_raw_fd(), &UnixAddr::new_unnamed())?;
+    }
+    Ok(sock)
+}
+
+/// Creates a socket like the caller's in the target's namespaces and connects it to `dest`,
+/// as the caller's effective uid and gid.
+fn connect_in(
+    target: Option<&TargetVm>,
+    like: &CallerSocket,
+    dest: &Destination,
+    info: &CallerInfo,
+) -> Result<OwnedFd, Errno> {
+    let sock = socket_for(target, like, dest)?;
+    // Resolve the address first, as root: opening the target's root through /proc needs
+    // privileges the caller's identity does not have.
+    let resolved = address::resolve(target.map(|t| t.pid), dest)?;
+    // The target's root was reached through /proc/PID: PID must still be the target's init
+    // (alive, so its number cannot have been reused meanwhile).
+    if target.is_some_and(|t| !t.alive()) {
+        return Err(Errno::ECONNREFUSED);
+    }
+    as_caller((info.uid, info.gid), || {
+        connect_bounded(&sock, &*resolved.addr)
+    })?;
+    Ok(sock)
+}

@@ -1,0 +1,396 @@
+//! The VM's mediated system calls, answered by its monitor (seccomp user notification).
+//!
+//! Every `connect`, every `sendto`/`sendmsg` that names a destination, every `sendmmsg` and
+//! every `mq_open` made in the VM stops here. Most stay inside the VM: no rule publishes their
+//! address, so the call continues unchanged (counted, not logged) and resolves in the VM's own
+//! namespaces, exactly as without Shuttle. When the policy routes the address to another VM
+//! and allows it, the monitor carries the call out itself, in the target VM's namespaces, on
+//! its own copy of the arguments, as the caller's uid and gid (so the server's SO_PEERCRED
+//! names the caller), and injects the resulting descriptor into the caller. After that the
+//! kernel carries the data: Shuttle is out of the path. Denials are audited and the call
+//! resolves locally, so the caller sees what it would see without Shuttle. Any error on the
+//! cross-VM path refuses the call: fail closed.
+//!
+//! # Lent sockets
+//!
+//! A socket connected to a TCP or UDP port or an abstract name of another VM must live in that
+//! VM's network namespace, and a socket keeps its namespace wherever its descriptor goes. Such
+//! a *lent* socket must never be re-aimed at anything else there, and a call that continues
+//! uses whatever socket the caller's descriptor number names at that moment (another of its
+//! threads can swap it after our check). So:
+//! * a lent socket is always connected and bound: stream sockets then refuse any new
+//!   `connect` (EISCONN), and disconnecting (`AF_UNSPEC`) is carried out here, on the very
+//!   socket checked, and refused for lent ones;
+//! * once a VM holds a lent *datagram* socket (which `connect` and named sends could re-aim),
+//!   every call whose address means something in a network namespace is checked against the
+//!   socket it names, and continues only when that socket is the VM's own and nothing can swap
+//!   it (the caller has one thread; sharing a descriptor table outside a thread group is
+//!   refused by the seccomp filter). Otherwise the monitor performs the call on the socket it
+//!   checked.
+
+mod address;
+mod caller;
+mod connect;
+mod datagram;
+mod mq;
+mod target;
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use nix::errno::Errno;
+use shuttle_audit::{AuditRecord, Outcome};
+use shuttle_policy::{Action, Op, Policy, Request, Target, VmIdentity};
+use shuttle_sys::unotify::{self, Notification};
+
+pub use target::Targets;
+
+use crate::vm_api::{self, ApiContext};
+use address::Destination;
+
+/// What the mediation of one VM remembers between calls.
+#[derive(Debug, Default)]
+pub struct MediationState {
+    /// Target VMs the monitor has carried calls into.
+    pub targets: Targets,
+    /// The VM's own network namespace (inode), to tell its sockets from lent ones; 0 when
+    /// unknown, which makes every socket look lent (fail closed).
+    pub own_netns: u64,
+    /// Whether the VM has ever been lent a datagram socket (see the module documentation).
+    lent_datagram_sockets: AtomicBool,
+}
+
+impl MediationState {
+    pub fn new(init_pid: i32) -> MediationState {
+        use std::os::unix::fs::MetadataExt;
+        MediationState {
+            own_netns: std::fs::metadata(format!("/proc/{init_pid}/ns/net"))
+                .map(|m| m.ino())
+                .unwrap_or(0),
+            ..MediationState::default()
+        }
+    }
+
+    fn holds_lent_datagram_sockets(&self) -> bool {
+        self.lent_datagram_sockets.load(Ordering::Acquire)
+    }
+
+    fn note_lent_datagram_socket(&self) {
+        self.lent_datagram_sockets.store(true, Ordering::Release);
+    }
+}
+
+/// Serves the VM's notifications until the listener fails (the VM is gone).
+pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
+    let listener = Arc::new(listener);
+    if let Err(e) = unotify::prefer_synchronous_wakeups(listener.as_fd()) {
+        tracing::debug!(error = %e, "synchronous seccomp wake-ups unavailable");
+    }
+    let mediators = Mediators {
+        queue: OnceLock::new(),
+        listener: Arc::clone(&listener),
+        ctx: Arc::clone(&ctx),
+    };
+    loop {
+        let n = match unotify::receive(listener.as_fd()) {
+            Ok(n) => n,
+            // The caller died before we could read the notification.
+            Err(Errno::ENOENT) => continue,
+            Err(e) => {
+                tracing::debug!(vm = %ctx.vm, error = %e, "notification listener closed");
+                return;
+            }
+        };
+        let call = Call {
+            listener: listener.as_fd(),
+            ctx: &ctx,
+            n,
+        };
+        match i64::from(n.nr) {
+            libc::SYS_connect => connect::on_connect(&call, &mediators),
+            libc::SYS_sendto => datagram::on_sendto(&call, &mediators),
+            libc::SYS_sendmsg => datagram::on_sendmsg(&call, &mediators),
+            libc::SYS_sendmmsg => datagram::on_sendmmsg(&call, &mediators),
+            libc::SYS_mq_open => mq::on_mq_open(&call, &mediators),
+            // The filter sends nothing else; continuing is what the VM would get without us.
+            _ => call.stay_local(),
+        }
+    }
+}
+
+/// One intercepted call, and the listener that answers it.
+pub(super) struct Call<'a> {
+    listener: BorrowedFd<'a>,
+    ctx: &'a ApiContext,
+    n: Notification,
+}
+
+impl Call<'_> {
+    fn arg(&self, i: usize) -> u64 {
+        self.n.args[i]
+    }
+
+    /// Lets the call run unchanged in the caller's own namespaces. Only for calls that stay in
+    /// the caller's VM: a caller that rewrites its arguments after our check still reaches
+    /// only what its own namespaces reach (see the module documentation for sockets).
+    fn stay_local(&self) {
+        let _ = unotify::allow_to_continue(self.listener, self.n.id);
+    }
+
+    fn answer(&self, result: Result<i64, Errno>) {
+        let _ = unotify::complete(self.listener, self.n.id, result);
+    }
+
+    /// Whether the caller still waits for this call: check after every read of its memory or
+    /// /proc, or its pid could have been reused in between.
+    fn still_pending(&self) -> bool {
+        unotify::id_valid(self.listener, self.n.id)
+    }
+
+    /// Copies `len` bytes of the caller's memory. `Err` if unreadable (the kernel would fail
+    /// the call with EFAULT); `Ok(None)` if the call is gone (nothing left to answer).
+    fn read(&self, addr: u64, len: usize) -> Result<Option<Vec<u8>>, Errno> {
+        let bytes = unotify::read_memory(self.n.pid, addr, len)?;
+        if !self.still_pending() {
+            return Ok(None);
+        }
+        if bytes.len() < len {
+            return Err(Errno::EFAULT);
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Refuses the call with `errno`, audited as an error for `why`.
+    fn refuse(&self, mut record: AuditRecord, why: &str, errno: Errno) {
+        record.result = Outcome::Error;
+        record.reason = Some(why.to_owned());
+        let _ = vm_api::journal(self.ctx, record);
+        self.answer(Err(errno));
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.ctx.policy.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn record(&self, op: &str, object: &str, caller: &caller::CallerInfo) -> AuditRecord {
+        AuditRecord {
+            time: shuttle_audit::now_unix_nanos(),
+            op: op.into(),
+            from: self.ctx.vm.clone(),
+            to: None,
+            object: object.to_owned(),
+            result: Outcome::Deny,
+            rule: None,
+            caller: caller.audit(),
+            reason: None,
+            seq: 0,
+        }
+    }
+
+    /// Whether no rule routes `dest` across VMs for this VM: nothing publishes it, or this
+    /// VM serves it itself and no rule routes it elsewhere (a server's own connections).
+    fn stays_local(&self, policy: &Policy, op: Op, dest: &Destination) -> bool {
+        let from = VmIdentity::vm(&self.ctx.vm, &self.ctx.tags);
+        dest.candidate_objects().iter().all(|o| {
+            !policy.publishes(op, o)
+                || (serves(policy, op, o, &self.ctx.vm)
+                    && policy.route(&Request::new(op, from, o)).is_none())
+        })
+    }
+}
+
+/// A job for a mediator thread: it gets the call to answer.
+type Job = Box<dyn FnOnce(&Call<'_>) + Send>;
+
+/// The threads that carry out mediated calls, so that a slow target never holds up the VM's
+/// other calls, and so that no thread is created per call. Started at the first mediated
+/// call: most VMs never make one.
+pub(super) struct Mediators {
+    queue: OnceLock<SyncSender<(Notification, Job)>>,
+    listener: Arc<OwnedFd>,
+    ctx: Arc<ApiContext>,
+}
+
+/// Mediator threads per VM: a few targets that are slow to accept must not stall the rest.
+const MEDIATORS: usize = 4;
+/// Calls waiting for a mediator; beyond that the VM's calls wait (back-pressure on this VM).
+const MEDIATION_QUEUE: usize = 256;
+
+impl Mediators {
+    fn submit(&self, call: &Call<'_>, job: Job) {
+        let queue = self.queue.get_or_init(|| {
+            let (tx, rx) = sync_channel::<(Notification, Job)>(MEDIATION_QUEUE);
+            let rx = Arc::new(Mutex::new(rx));
+            for _ in 0..MEDIATORS {
+                let (rx, listener, ctx) = (
+                    Arc::clone(&rx),
+                    Arc::clone(&self.listener),
+                    Arc::clone(&self.ctx),
+                );
+                std::thread::spawn(move || mediate_forever(&rx, &listener, &ctx));
+            }
+            tx
+        });
+        if queue.send((call.n, job)).is_err() {
+            // No mediator left: refuse rather than leave the caller hanging.
+            call.answer(Err(Errno::ECONNREFUSED));
+        }
+    }
+}
+
+fn mediate_forever(
+    rx: &Mutex<Receiver<(Notification, Job)>>,
+    listener: &OwnedFd,
+    ctx: &ApiContext,
+) {
+    loop {
+        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
+        let Ok((n, job)) = next else { return };
+        job(&Call {
+            listener: listener.as_fd(),
+            ctx,
+            n,
+        });
+    }
+}
+
+/// What the policy (and, for `ask`, an operator) says about a mediated request.
+enum Judgement<'p> {
+    /// Resolve it in the caller's own VM; any denial is already journaled.
+    Local,
+    /// Refuse it: the journal could not be written (fail closed).
+    Refuse,
+    /// Carry it out, then journal `record`.
+    Allowed {
+        decision: shuttle_policy::Decision<'p>,
+        target: Option<&'p Target>,
+        record: Box<AuditRecord>,
+    },
+}
+
+/// Routes `object` for the calling VM and audits every refusal before it takes effect.
+fn judge<'p>(
+    ctx: &ApiContext,
+    policy: &'p Policy,
+    op: Op,
+    object: &str,
+    mut record: AuditRecord,
+) -> Judgement<'p> {
+    let local_after = |record: AuditRecord| {
+        if vm_api::journal(ctx, record) {
+            Judgement::Local
+        } else {
+            Judgement::Refuse
+        }
+    };
+    let from = VmIdentity::vm(&ctx.vm, &ctx.tags);
+    let Some((decision, target)) = policy.route(&Request::new(op, from, object)) else {
+        // Published to others, not to this VM: audited as a denial, then resolved locally.
+        // The VM that serves the object reaching its own is ordinary local traffic.
+        if !policy.publishes(op, object) || serves(policy, op, object, &ctx.vm) {
+            return Judgement::Local;
+        }
+        record.reason = Some("no rule matched: default deny".into());
+        return local_after(record);
+    };
+    record.rule = decision.rule.map(|r| vm_api::rule_ref(policy, r));
+    record.to = target.map(|t| match t {
+        Target::Host => shuttle_audit::HOST.to_owned(),
+        Target::Vm(name) => name.to_string(),
+    });
+    match (decision.action, decision.rule) {
+        (Action::Allow, _) => record.result = Outcome::Allow,
+        (Action::Ask, Some(rule)) => {
+            let (allow, how) = vm_api::ask(ctx, policy, rule, &record);
+            record.result = if allow {
+                Outcome::AskAllow
+            } else {
+                Outcome::AskDeny
+            };
+            record.reason = Some(how);
+            if !allow {
+                return local_after(record);
+            }
+        }
+        (_, rule) => {
+            record.reason = rule.map(|r| format!("denied by {}", r.label()));
+            return local_after(record);
+        }
+    }
+    Judgement::Allowed {
+        decision,
+        target,
+        record: Box::new(record),
+    }
+}
+
+/// Whether `vm` is the target of a rule publishing `object`: it owns the object, and its own
+/// use of it is local traffic, not an attempt to cross.
+fn serves(policy: &Policy, op: Op, object: &str, vm: &str) -> bool {
+    policy.rules().iter().any(|r| {
+        r.op() == op
+            && r.object().matches(object)
+            && matches!(r.target(), Some(Target::Vm(t)) if &**t == vm)
+    })
+}
+
+/// Where an allowed request goes: the rule's target, possibly with the address translated.
+struct Route {
+    dest: Destination,
+    /// `None` for the host.
+    target: Option<Arc<target::TargetVm>>,
+}
+
+/// Works out [`Route`] for an allowed request, or why it cannot be carried out.
+fn route(
+    ctx: &ApiContext,
+    decision: &shuttle_policy::Decision<'_>,
+    target: Option<&Target>,
+    dest: Destination,
+) -> Result<Route, String> {
+    let translated = decision.rule.and_then(|r| match &r.params().op {
+        shuttle_policy::OpParams::Connect { target } => target.clone(),
+        _ => None,
+    });
+    let dest = match translated.as_deref() {
+        Some(t) => dest.translated(t)?,
+        None => dest,
+    };
+    let target = match target {
+        Some(Target::Vm(name)) => {
+            Some(target::running_vm(ctx, name).ok_or_else(|| format!("VM {name} is not running"))?)
+        }
+        Some(Target::Host) => None,
+        None => return Err("the rule names no single target".into()),
+    };
+    Ok(Route { dest, target })
+}
+
+/// Continues a call on a socket whose address means something in a network namespace, once
+/// that is safe (see the module documentation). Returns the socket back when the monitor must
+/// carry the call out itself (the VM's own socket, but a caller with several threads).
+fn stay_local_on<'s>(
+    call: &Call<'_>,
+    info: &caller::CallerInfo,
+    sock: &'s caller::CallerSocket,
+    op: &str,
+) -> Option<&'s caller::CallerSocket> {
+    let state = &call.ctx.mediation;
+    if sock.netns().ok() != Some(state.own_netns) || state.own_netns == 0 {
+        // A lent socket: it reaches another VM's network, and nothing but what a rule routed.
+        let record = call.record(op, "(a socket connected across VMs)", info);
+        call.refuse(
+            record,
+            "a socket Shuttle connected to another VM cannot be aimed anywhere else",
+            Errno::EISCONN,
+        );
+        return None;
+    }
+    if !state.holds_lent_datagram_sockets() || info.threads == 1 {
+        call.stay_local();
+        return None;
+    }
+    Some(sock)
+}

@@ -1,0 +1,194 @@
+//! Where a mediated call is carried out: another VM's namespaces (or the host's), entered by
+//! one monitor thread at a time and left at once, under the caller's identity.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::sys::socket::{connect, getsockopt, sockopt, SockaddrLike};
+use nix::sys::stat::Mode;
+use shuttle_sys::unotify;
+
+use crate::cgroup::VmCgroup;
+use crate::vm_api::{self, ApiContext};
+
+/// A running VM that calls are carried into: its init, and the namespaces they need, opened
+/// once and checked to be that init's.
+#[derive(Debug)]
+pub(super) struct TargetVm {
+    /// The init's pid on the host; its root (`/proc/PID/root`) is opened per call, so that no
+    /// monitor pins another VM's filesystem after that VM stops.
+    pub pid: i32,
+    pidfd: OwnedFd,
+    net: OwnedFd,
+    ipc: OwnedFd,
+    pub net_inode: u64,
+}
+
+impl TargetVm {
+    /// Whether the init still lives (then its pid cannot have been reused).
+    pub fn alive(&self) -> bool {
+        shuttle_sys::process::pidfd_send_signal(self.pidfd.as_fd(), 0).is_ok()
+    }
+}
+
+/// The running VMs a monitor has carried calls into, by name.
+#[derive(Debug, Default)]
+pub struct Targets(Mutex<HashMap<String, Arc<TargetVm>>>);
+
+/// The running VM `name`, from the cache while its init lives, else looked up anew (a
+/// restarted VM has a new init).
+pub(super) fn running_vm(ctx: &ApiContext, name: &str) -> Option<Arc<TargetVm>> {
+    let mut cache = ctx
+        .mediation
+        .targets
+        .0
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(t) = cache.get(name) {
+        if t.alive() {
+            return Some(Arc::clone(t));
+        }
+    }
+    // Let go of the namespaces of every VM that stopped.
+    cache.retain(|_, t| t.alive());
+    if !crate::store::is_running(&ctx.layout, name) {
+        return None;
+    }
+    let cg = VmCgroup::existing(&ctx.layout.cgroup_parent(), name)?;
+    let pid = cg.pids().into_iter().find(|p| vm_api::is_vm_init(*p))?;
+    let pidfd = shuttle_sys::process::pidfd_open(pid).ok()?;
+    let open_ns = |kind: &str| open_read_only(&format!("/proc/{pid}/ns/{kind}")).ok();
+    let (net, ipc) = (open_ns("net")?, open_ns("ipc")?);
+    let net_inode = unotify::namespace_inode(net.as_fd()).ok()?;
+    let target = TargetVm {
+        pid,
+        pidfd,
+        net,
+        ipc,
+        net_inode,
+    };
+    // Checked after opening: everything above belonged to a process that was this VM's init
+    // and, its pidfd says, still is (so the pid was not reused in between).
+    if !vm_api::is_vm_init(pid) || !cg.contains_pid_in_any(pid) || !target.alive() {
+        return None;
+    }
+    let target = Arc::new(target);
+    cache.insert(name.to_owned(), Arc::clone(&target));
+    Some(target)
+}
+
+fn open_read_only(path: &str) -> Result<OwnedFd, Errno> {
+    nix::fcntl::open(
+        Path::new(path),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Namespace {
+    Net,
+    Ipc,
+}
+
+/// The monitor's own namespaces, to return to.
+fn home(ns: Namespace) -> Result<&'static OwnedFd, Errno> {
+    static HOME: OnceLock<Result<(OwnedFd, OwnedFd), Errno>> = OnceLock::new();
+    let home = HOME.get_or_init(|| {
+        Ok((
+            open_read_only("/proc/self/ns/net")?,
+            open_read_only("/proc/self/ns/ipc")?,
+        ))
+    });
+    match (home, ns) {
+        (Ok((net, _)), Namespace::Net) => Ok(net),
+        (Ok((_, ipc)), Namespace::Ipc) => Ok(ipc),
+        (Err(e), _) => Err(*e),
+    }
+}
+
+/// Runs `f` with this thread in namespace `ns` of `target`, then switches back. Both switches
+/// apply to the calling thread alone.
+pub(super) fn in_namespace<T>(
+    target: &TargetVm,
+    ns: Namespace,
+    f: impl FnOnce() -> Result<T, Errno>,
+) -> Result<T, Errno> {
+    let (theirs, flag) = match ns {
+        Namespace::Net => (&target.net, libc::CLONE_NEWNET),
+        Namespace::Ipc => (&target.ipc, libc::CLONE_NEWIPC),
+    };
+    let home = home(ns)?;
+    unotify::enter_namespace(theirs.as_fd(), flag)?;
+    let result = f();
+    if unotify::enter_namespace(home.as_fd(), flag).is_err() {
+        tracing::error!(?ns, "cannot return to the monitor's own namespace; exiting");
+        std::process::exit(70);
+    }
+    result
+}
+
+/// Runs `f` on this thread with the caller's effective uid and gid (so that permission checks
+/// and SO_PEERCRED see the caller), then switches back.
+pub(super) fn as_caller<T>(
+    (uid, gid): (u32, u32),
+    f: impl FnOnce() -> Result<T, Errno>,
+) -> Result<T, Errno> {
+    if uid == 0 && gid == 0 {
+        return f();
+    }
+    unotify::set_thread_effective_ids(uid, gid)?;
+    let result = f();
+    // Never keep working under the caller's identity: failing to switch back is fatal.
+    if unotify::restore_thread_ids().is_err() {
+        tracing::error!("cannot restore the monitor thread's credentials; exiting");
+        std::process::exit(70);
+    }
+    result
+}
+
+/// How long the monitor waits for a target to accept. Mediated calls share a few threads, so a
+/// target whose backlog stays full must not hold them for long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// connect(2) that gives up after [`CONNECT_TIMEOUT`] (ETIMEDOUT): non-blocking, waiting for
+/// TCP's handshake with poll and retrying while a unix listener's backlog is full (EAGAIN).
+/// The socket's own blocking mode is restored afterwards.
+pub(super) fn connect_bounded(sock: &OwnedFd, addr: &dyn SockaddrLike) -> Result<(), Errno> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let flags = OFlag::from_bits_truncate(fcntl(sock, FcntlArg::F_GETFL)?);
+    fcntl(sock, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    let result = loop {
+        match connect(std::os::fd::AsRawFd::as_raw_fd(sock), addr) {
+            Err(Errno::EAGAIN) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(Errno::EINPROGRESS) => break wait_connected(sock, deadline),
+            Err(Errno::EAGAIN) => break Err(Errno::ETIMEDOUT),
+            other => break other,
+        }
+    };
+    fcntl(sock, FcntlArg::F_SETFL(flags))?;
+    result
+}
+
+fn wait_connected(sock: &OwnedFd, deadline: Instant) -> Result<(), Errno> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    let mut fds = [nix::poll::PollFd::new(
+        sock.as_fd(),
+        nix::poll::PollFlags::POLLOUT,
+    )];
+    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? {
+        0 => Err(Errno::ETIMEDOUT),
+        _ => match getsockopt(sock, sockopt::SocketError)? {
+            0 => Ok(()),
+            e => Err(Errno::from_raw(e)),
+        },
+    }
+}
