@@ -318,7 +318,9 @@ pub enum InitEvent {
     /// listener's descriptor number in init, which the monitor duplicates (pidfd_getfd): init
     /// cannot pass it along with a message, because its own sendmsg is caught by the very
     /// filter whose listener it would carry.
-    Ready { listener_fd: i32 },
+    Ready {
+        listener_fd: i32,
+    },
     /// Set-up failed before the VM could start; init exits after sending this.
     SetupFailed {
         message: String,
