@@ -126,6 +126,8 @@ const CASES: &[Case] = &[
     case("proc", TH, Processes, H),
     case("proc", TV, Processes, H),
     case("broker-signal", TV, Processes, Unprovable("the VM API exists only inside a VM; tests/broker.rs shows an allowed signal arrive")),
+    case("broker-control", TV, Processes, Unprovable("on the host the control plane answers by design (and the commands would stop the victim)")),
+    case("vm-init", TK, Processes, H),
     // Sockets, and netlink.
     case("unix-stream", TH, Sockets, H),
     case("unix-dgram", TH, Sockets, H),
@@ -137,6 +139,7 @@ const CASES: &[Case] = &[
     case("abstract", TV, Sockets, InVictim(NET)),
     case("tcp", TV, Sockets, InVictim(NET)),
     case("udp", TV, Sockets, InVictim(NET)),
+    case("host-unix-sockets", TH, Sockets, H),
     case("socket-tables", TK, Sockets, H),
     case("shuttle-sockets", TK, Sockets, H),
     case("netlink-route", TK, Sockets, H),
@@ -204,6 +207,7 @@ const CASES: &[Case] = &[
     case("sysfs-writable", TK, Files, H),
     case("kernel-memory", TK, Files, H),
     case("hidden-paths", TK, Files, H),
+    case("lower-layer-writes", TH, Files, H),
     case("upper-state-dir", TV, Files, H),
     case("upper-proc-root", TV, Files, H),
     case("upper-mountinfo", TV, Files, H),
@@ -214,6 +218,7 @@ const CASES: &[Case] = &[
     case("flip-unix", TV, Races, H),
     case("flip-tcp", TV, Races, H),
     case("flip-mq", TV, Races, H),
+    case("nested-listener", TV, Races, InVictim(MNT)),
 ];
 
 /// Runs `cmd`, killing it after `timeout`; returns its output.
@@ -294,6 +299,41 @@ fn namespaces_of(pid: &str) -> Value {
     Value::Object(m)
 }
 
+/// Paths of the unix sockets listening on the host (its network namespace), at most 500.
+fn host_unix_sockets() -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/net/unix").unwrap();
+    let mut paths: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(7))
+        .filter(|p| p.starts_with('/'))
+        .map(str::to_owned)
+        .collect();
+    paths.sort();
+    paths.dedup();
+    paths.truncate(500);
+    paths
+}
+
+/// What a VM must never change in the host's file `path`: content, mode, times, extended
+/// attributes and links.
+fn file_state(path: &Path) -> String {
+    let m = std::fs::metadata(path).unwrap();
+    let xattrs = Command::new(PYTHON)
+        .args(["-c", "import os, sys; print(os.listxattr(sys.argv[1]))"])
+        .arg(path)
+        .output()
+        .unwrap();
+    format!(
+        "{:?} mode {:o} mtime {} nlink {} xattrs {:?}",
+        std::fs::read_to_string(path).unwrap_or_default(),
+        m.mode(),
+        m.mtime_nsec() + m.mtime() * 1_000_000_000,
+        m.nlink(),
+        stdout(&xattrs).trim()
+    )
+}
+
 /// Host pid of the process whose command line contains `tag`.
 fn pid_with_tag(tag: &str) -> i32 {
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -330,6 +370,9 @@ struct Lab {
     host_log: PathBuf,
     victim_log: PathBuf,
     hostname: String,
+    /// A host file in the VMs' lower layer, and its state before any probe.
+    cow: PathBuf,
+    cow_state: String,
 }
 
 impl Lab {
@@ -436,6 +479,9 @@ impl Lab {
         env.ok(&["policy", "load", file.to_str().unwrap()]);
 
         let root = env.path().display().to_string();
+        let cow = host.path().join("cow");
+        std::fs::write(&cow, &nonce).unwrap();
+        let cow_meta = std::fs::metadata(&cow).unwrap();
         let upper_secret = env
             .upper("victim")
             .join(format!("srv/escape-secret-{nonce}"));
@@ -486,6 +532,9 @@ impl Lab {
             "host_root_dev": [libc::major(root_dev), libc::minor(root_dev)],
             "host_block_devices": block_devices,
             "host_devices": devices,
+            "host_unix_sockets": host_unix_sockets(),
+            "host_cow_file": cow, "host_cow_id": [cow_meta.dev(), cow_meta.ino()],
+            "init_pid": 1,
             "race": {"link": "/run/race/x", "parent_link": "/run/race2/d/x", "seconds": RACE_SECONDS},
             "flip": {
                 "unix": ["/run/esc/A.sock", "/run/esc/D.sock", "/run/esc/U.sock"],
@@ -508,8 +557,13 @@ impl Lab {
             format!("{fx}/U.sock")
         ]);
         ctx_host["flip"]["tcp"] = json!([1, h["tcp_port"], 1]);
+        ctx_host["init_pid"] = json!(victim_init);
+        // Only the fixture's own socket: the host's other servers are none of our business.
+        ctx_host["host_unix_sockets"] = json!([format!("{fx}/D.sock")]);
 
         Some(Lab {
+            cow_state: file_state(&cow),
+            cow,
             host_log: host.path().join("hits.log"),
             victim_log: env.upper("victim").join("var/tmp/escape-hits.log"),
             env,
@@ -603,16 +657,25 @@ impl Lab {
         }
         let after = self.hits();
         let mut outcome = Outcome::of(case, &out, started.elapsed());
-        outcome.hits = after.0[before.0.len()..]
-            .iter()
-            .map(|h| format!("host {h}"))
-            .chain(
-                after.1[before.1.len()..]
-                    .iter()
-                    .filter(|h| !h.starts_with("HIT allowed-"))
-                    .map(|h| format!("victim {h}")),
-            )
-            .collect();
+        if case.probe == "lower-layer-writes" && file_state(&self.cow) != self.cow_state {
+            outcome.hits.push(format!(
+                "host file {} changed: {} (was {})",
+                self.cow.display(),
+                file_state(&self.cow),
+                self.cow_state
+            ));
+        }
+        outcome.hits.extend(
+            after.0[before.0.len()..]
+                .iter()
+                .map(|h| format!("host {h}"))
+                .chain(
+                    after.1[before.1.len()..]
+                        .iter()
+                        .filter(|h| !h.starts_with("HIT allowed-"))
+                        .map(|h| format!("victim {h}")),
+                ),
+        );
         let allowed = after.1[before.1.len()..]
             .iter()
             .filter(|h| h.starts_with("HIT allowed-race"))
@@ -660,7 +723,9 @@ impl Lab {
     }
 
     /// Checks that nothing of the host changed that a probe touches.
-    fn check_host_unchanged(&self) {
+    /// `after_vm`: the probes ran in the VM (on the host, lower-layer-writes changes the test's
+    /// own file on purpose).
+    fn check_host_unchanged(&self, after_vm: bool) {
         assert_eq!(
             nix::unistd::gethostname()
                 .unwrap()
@@ -676,6 +741,11 @@ impl Lab {
             )
             .is_ok(),
             "the host fixture died"
+        );
+        assert!(
+            !after_vm || file_state(&self.cow) == self.cow_state,
+            "the host file {} in the VMs' lower layer changed",
+            self.cow.display()
         );
     }
 }
@@ -742,7 +812,7 @@ fn escape_group(group: Group) {
     let Some(lab) = Lab::new() else { return };
     let cases: Vec<&Case> = CASES.iter().filter(|c| c.group == group).collect();
     let outcomes: Vec<Outcome> = cases.iter().map(|c| lab.run_in_vm(c)).collect();
-    lab.check_host_unchanged();
+    lab.check_host_unchanged(true);
     let mut report = String::new();
     for o in &outcomes {
         report.push_str(&format!(
@@ -865,7 +935,7 @@ fn probes_detect_open_channels_on_the_host() {
             o.detail
         ));
     }
-    lab.check_host_unchanged();
+    lab.check_host_unchanged(false);
     eprintln!(
         "probes on the host:\n{report}{detected} of {} cases detect the open channel on the host \
          ({required} are required to)",

@@ -47,7 +47,7 @@ NR = dict(
     keyctl=250, kexec_load=246, unshare=272, perf_event_open=298, name_to_handle_at=303,
     open_by_handle_at=304, clock_adjtime=305, setns=308, process_vm_readv=310,
     finit_module=313, kexec_file_load=320, bpf=321, userfaultfd=323, pidfd_send_signal=424,
-    io_uring_setup=425, io_uring_enter=426, io_uring_register=427, open_tree=428,
+    io_uring_setup=425, io_uring_enter=426, pidfd_getfd=438, io_uring_register=427, open_tree=428,
     move_mount=429, fsopen=430, fspick=433, pidfd_open=434, clone=56, clone3=435,
 )
 AT_FDCWD = -100
@@ -319,6 +319,79 @@ def p_broker_signal(target):
     return "shuttle signal refused (exit %d): %s" % (out.returncode, out.stderr.strip())
 
 
+@probe("vm-init")
+def p_vm_init(target):
+    # The VM's own init holds the channel to its monitor: a process that could trace it or
+    # take its descriptors could forge the monitor's messages.
+    pid = ctx["init_pid"]
+    notes = []
+
+    def seize():
+        r, e = sc("ptrace", 0x4206, pid, 0, 0)
+        if r == 0:
+            OPEN("PTRACE_SEIZE of init (%d) succeeded" % pid)
+        return "PTRACE_SEIZE: %s" % en(e)
+
+    notes.append(in_child(seize))
+    pidfd, e = sc("pidfd_open", pid, 0)
+    if pidfd < 0:
+        notes.append("pidfd_open(%d): %s" % (pid, en(e)))
+    else:
+        for fd in range(0, 16):
+            r, e = sc("pidfd_getfd", pidfd, fd, 0)
+            if r >= 0:
+                os.close(r)
+                OPEN("pidfd_getfd took init's descriptor %d" % fd)
+        notes.append("pidfd_getfd: %s" % en(e))
+        os.close(pidfd)
+    try:
+        with open("/proc/%d/mem" % pid, "rb") as f:
+            f.read(1)
+        OPEN("/proc/%d/mem of init is readable" % pid)
+    except OSError as e:
+        notes.append("/proc/%d/mem: %s" % (pid, en(e.errno)))
+    try:
+        names = os.listdir("/proc/%d/fd" % pid)
+    except OSError as e:
+        names = []
+        notes.append("/proc/%d/fd: %s" % (pid, en(e.errno)))
+    # Listing the numbers is allowed to the owner; following them needs ptrace access.
+    for n in names:
+        link = "/proc/%d/fd/%s" % (pid, n)
+        try:
+            OPEN("init's descriptor %s resolves: %s" % (n, os.readlink(link)))
+        except OSError as e:
+            err = en(e.errno)
+        try:
+            os.close(os.open(link, os.O_RDONLY | os.O_NONBLOCK))
+            OPEN("init's descriptor %s reopens" % n)
+        except OSError as e:
+            notes.append("fd %s: readlink %s, open %s" % (n, err, en(e.errno)))
+    return "; ".join(notes)
+
+
+@probe("broker-control")
+def p_broker_control(target):
+    cli = "/run/shuttle/shuttle"
+    if HOST_MODE or not os.path.exists(cli):
+        # On the host these commands work by design, and would stop the victim.
+        return "the VM API is not here (host mode or %s absent)" % cli
+    victim = ctx["victim_vm"]
+    with open("/tmp/escape-policy.toml", "w") as f:
+        f.write('[[rule]]\nop = "connect"\nfrom = "@any"\nto = "%s"\nobject = "unix:/run/esc/D.sock"\n'
+                'action = "allow"\n' % victim)
+    notes = []
+    for args in (["vm", "stop", "-t", "1", victim], ["vm", "rm", "--force", victim],
+                 ["policy", "load", "/tmp/escape-policy.toml"], ["answer", "1", "allow"],
+                 ["run", victim, "--", "true"], ["vm", "create", "escape-probe"],
+                 ["vm", "start", victim]):
+        out = subprocess.run([cli] + args, capture_output=True, text=True, timeout=30)
+        if out.returncode == 0:
+            OPEN("`shuttle %s` succeeded inside the VM: %s" % (" ".join(args), out.stderr.strip()))
+        notes.append("%s: exit %d" % (args[0] + " " + args[1], out.returncode))
+    return "; ".join(notes)
+
+
 # ---------------------------------------------------------------- sockets
 
 
@@ -409,6 +482,27 @@ def p_udp(target):
         except OSError as e:
             notes.append("%s:%d %s" % (a, t["udp_port"], en(e.errno) if e.errno else "no answer"))
     return "; ".join(notes)
+
+
+@probe("host-unix-sockets")
+def p_host_unix_sockets(target):
+    # Every unix socket the host listens on, as its path resolves here.
+    notes = {}
+    for path in ctx["host_unix_sockets"]:
+        for kind in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
+            s = socket.socket(socket.AF_UNIX, kind)
+            s.settimeout(1)
+            try:
+                s.connect(path)
+                OPEN("connected to the host's %s" % path)
+            except OSError as e:
+                if e.errno == errno.EPROTOTYPE:
+                    OPEN("the host's %s is reachable (another socket type)" % path)
+                if kind == socket.SOCK_STREAM:
+                    notes[en(e.errno) if e.errno else str(e)] = notes.get(en(e.errno), 0) + 1
+            finally:
+                s.close()
+    return "%d host sockets tried: %s" % (len(ctx["host_unix_sockets"]), notes)
 
 
 @probe("socket-tables")
@@ -1457,6 +1551,29 @@ def secret_in(path):
         return False
 
 
+@probe("lower-layer-writes")
+def p_lower_layer_writes(target):
+    # A host file seen through the VM's copy-on-write root: every change must land in a copy.
+    path, (dev, ino) = ctx["host_cow_file"], ctx["host_cow_id"]
+    notes = []
+    for what, change in (("write", lambda: open(path, "r+").write("changed")),
+                         ("truncate", lambda: os.truncate(path, 1)),
+                         ("chmod", lambda: os.chmod(path, 0o600)),
+                         ("utime", lambda: os.utime(path, (1, 1))),
+                         ("setxattr", lambda: os.setxattr(path, "user.escape", b"1")),
+                         ("link", lambda: os.link(path, path + ".link"))):
+        try:
+            change()
+        except OSError as e:
+            notes.append("%s: %s" % (what, en(e.errno)))
+            continue
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            OPEN("%s changed the host's own inode" % what)
+        notes.append("%s: in a copy" % what)
+    return "; ".join(notes)
+
+
 @probe("upper-state-dir")
 def p_upper_state_dir(target):
     rel = ctx["victim_secret"]
@@ -1528,6 +1645,55 @@ def p_shuttle_files(target):
 
 
 # ---------------------------------------------------------------- races against the monitor
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+@probe("nested-listener")
+def p_nested_listener(target):
+    # A process of the VM installs a seccomp filter of its own that sends connect to its own
+    # listener (the newest filter's notification wins over the monitor's) and lets the call
+    # continue: interception is bypassed, so the call must still reach nothing beyond the VM.
+    path = os.path.join(fx(target)["dir"], "D.sock")
+    parent_sock, child_sock = socket.socketpair()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            prog = struct.pack("=HBBI", 0x20, 0, 0, 0)            # ld [nr]
+            prog += struct.pack("=HBBI", 0x15, 0, 1, 42)          # jeq connect
+            prog += struct.pack("=HBBI", 0x06, 0, 0, 0x7FC00000)  # ret USER_NOTIF
+            prog += struct.pack("=HBBI", 0x06, 0, 0, 0x7FFF0000)  # ret ALLOW
+            buf = ctypes.create_string_buffer(prog)
+            fprog = SockFprog(4, ctypes.addressof(buf))
+            libc.prctl(38, 1, 0, 0, 0)  # PR_SET_NO_NEW_PRIVS
+            listener = libc.syscall(ctypes.c_long(317), ctypes.c_long(1), ctypes.c_long(8),
+                                    ctypes.byref(fprog))
+            if listener < 0:
+                child_sock.send(b"E%d" % ctypes.get_errno())
+                os._exit(0)
+            socket.send_fds(child_sock, [b"L"], [listener])
+            data, err = connect(socket.AF_UNIX, path, timeout=5)
+            child_sock.send(b"R" + (data if err is None else b"error " + err.encode()))
+        finally:
+            os._exit(0)
+    msg, fds, _, _ = socket.recv_fds(parent_sock, 256, 1)
+    if msg.startswith(b"E"):
+        os.waitpid(pid, 0)
+        return "seccomp(NEW_LISTENER): %s" % en(int(msg[1:]))
+    listener = fds[0]
+    notif = bytearray(80)
+    fcntl.ioctl(listener, 0xC0502100, notif)  # SECCOMP_IOCTL_NOTIF_RECV
+    notif_id = struct.unpack_from("=Q", notif)[0]
+    resp = bytearray(struct.pack("=QqiI", notif_id, 0, 0, 1))  # FLAG_CONTINUE
+    fcntl.ioctl(listener, 0xC0182101, resp)  # SECCOMP_IOCTL_NOTIF_SEND
+    result = parent_sock.recv(512)
+    os.waitpid(pid, 0)
+    r = fixture_reply(result[1:])
+    if r:
+        OPEN("the continued connect reached %s:%s" % r)
+    return "own listener got the connect and continued it: %s" % result[1:].decode(errors="replace")
 
 
 def hammer(connect_once, seconds):
