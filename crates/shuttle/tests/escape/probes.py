@@ -47,7 +47,8 @@ NR = dict(
     keyctl=250, kexec_load=246, unshare=272, perf_event_open=298, name_to_handle_at=303,
     open_by_handle_at=304, clock_adjtime=305, setns=308, process_vm_readv=310,
     finit_module=313, kexec_file_load=320, bpf=321, userfaultfd=323, pidfd_send_signal=424,
-    io_uring_setup=425, io_uring_enter=426, pidfd_getfd=438, io_uring_register=427, open_tree=428,
+    io_uring_setup=425, io_uring_enter=426, pidfd_getfd=438, fanotify_init=300, acct=163, reboot=169,
+    swapon=167, swapoff=168, quotactl=179, iopl=172, ioperm=173, io_uring_register=427, open_tree=428,
     move_mount=429, fsopen=430, fspick=433, pidfd_open=434, clone=56, clone3=435,
 )
 AT_FDCWD = -100
@@ -465,6 +466,20 @@ def p_tcp(target):
         if err is None:
             OPEN("connected to %s:%d: %r" % (a, t["tcp_port"], data))
         notes.append("%s:%d %s" % (a, t["tcp_port"], err))
+        # TCP Fast Open connects inside sendto, without the (intercepted) connect call.
+        s = socket.socket()
+        # Blocking (so sendto waits for the handshake), but never for long.
+        one_second = struct.pack("=qq", 1, 0)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, one_second)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, one_second)
+        try:
+            s.sendto(b"escape-probe", socket.MSG_FASTOPEN, (a, t["tcp_port"]))
+            data = s.recv(200)
+            OPEN("sendto(MSG_FASTOPEN) reached %s:%d: %r" % (a, t["tcp_port"], data))
+        except OSError as e:
+            notes.append("fast open: %s" % (en(e.errno) if e.errno else str(e)))
+        finally:
+            s.close()
     return "; ".join(notes)
 
 
@@ -1482,6 +1497,64 @@ def p_kernel_memory(target):
             break
     notes.append("/proc/kallsyms addresses are zero")
     return "; ".join(notes)
+
+
+@probe("tracing")
+def p_tracing(target):
+    notes = [open_for_write(["/sys/kernel/tracing/trace_marker", "/sys/kernel/debug/tracing/trace_marker",
+                             "/sys/kernel/tracing/tracing_on", "/sys/kernel/debug/tracing/tracing_on"])]
+    if real_attempts():
+        d = tempfile.mkdtemp(prefix="escape-")
+        try:
+            for fstype in (b"tracefs", b"debugfs"):
+                r, e = sc("mount", b"none", d.encode(), fstype, 0, None)
+                if r == 0:
+                    OPEN("mounted %s: the host kernel's tracing" % fstype.decode())
+                notes.append("mount %s: %s" % (fstype.decode(), en(e)))
+        finally:
+            os.rmdir(d)
+    return "; ".join(notes)
+
+
+@probe("fanotify")
+def p_fanotify(target):
+    # fanotify with a mount or file-system mark watches every access on the host's files.
+    notes = []
+    for flags in (0x4, 0x0):  # FAN_CLASS_CONTENT, FAN_CLASS_NOTIF
+        fd, e = sc("fanotify_init", flags | 0x1, os.O_RDONLY)  # | FAN_CLOEXEC
+        if fd >= 0:
+            os.close(fd)
+            OPEN("fanotify_init(%#x) returned a group" % flags)
+        notes.append("fanotify_init(%#x): %s" % (flags, en(e)))
+    return "; ".join(notes)
+
+
+@probe("host-switches")
+def p_host_switches(target):
+    # Each checks its capability first, then fails on the argument: nothing changes.
+    checks = (("acct(/nonexistent)", ("acct", b"/nonexistent-escape/acct")),
+              ("reboot(bad magic)", ("reboot", 0, 0, 0, None)),
+              ("swapon(/nonexistent)", ("swapon", b"/nonexistent-escape/swap", 0)),
+              ("swapoff(/nonexistent)", ("swapoff", b"/nonexistent-escape/swap")),
+              ("quotactl(/nonexistent)", ("quotactl", 0x800002, b"/nonexistent-escape", 0, None)))
+    notes = []
+    for what, call in checks:
+        r, e = sc(*call)
+        if e != EPERM:
+            OPEN("%s got %s, not EPERM: it is permitted" % (what, en(e)))
+        notes.append("%s: EPERM" % what)
+    return "; ".join(notes)
+
+
+@probe("io-ports")
+def p_io_ports(target):
+    res = in_child(lambda: sc("iopl", 3))
+    if res[0] == 0:
+        OPEN("iopl(3) succeeded: raw I/O ports")
+    res2 = in_child(lambda: sc("ioperm", 0x80, 1, 1))
+    if res2[0] == 0:
+        OPEN("ioperm(0x80) succeeded: raw I/O ports")
+    return "iopl: %s; ioperm: %s" % (en(res[1]), en(res2[1]))
 
 
 # ---------------------------------------------------------------- host name and clock
