@@ -8,7 +8,8 @@ use crate::config::{Base, NetMode, VmConfig};
 use crate::hardening;
 use crate::layout::Layout;
 
-/// Host device nodes every VM gets (bind-mounted, so their permissions stay the host's).
+/// Host device nodes every VM gets (bind-mounted read-only, so their permissions stay the
+/// host's and the VM cannot change them).
 pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 #[derive(Debug, Clone, PartialEq, Eq)]

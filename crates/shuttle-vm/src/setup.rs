@@ -354,12 +354,16 @@ pub fn execute(steps: &[Step]) -> Result<(), SetupError> {
                     MsFlags::MS_BIND,
                     None,
                 )?;
+                // Read-only: the node is the host's own inode, so a chmod, chown or utimes
+                // through a writable mount would change the host's device node. Reading and
+                // writing the device itself works on a read-only mount.
                 do_mount(
                     "none",
                     target,
                     None,
                     MsFlags::MS_BIND
                         | MsFlags::MS_REMOUNT
+                        | MsFlags::MS_RDONLY
                         | MsFlags::MS_NOSUID
                         | MsFlags::MS_NOEXEC,
                     None,
