@@ -265,7 +265,7 @@ fn mediate(
     let connected = connect_in(
         ctx,
         target_init,
-        (domain, stype, protocol),
+        (sock.as_fd(), domain, stype, protocol),
         &dest,
         (uid, gid),
     );
@@ -345,11 +345,11 @@ fn vm_init_pid(ctx: &ApiContext, vm: &str) -> Option<i32> {
 
 /// Creates a socket of the caller's kind in the target's namespaces and connects it, as the
 /// caller's effective uid and gid. `target_init` is the target VM's init, or `None` for the
-/// host.
+/// host; `caller_sock` is (a duplicate of) the caller's own socket.
 fn connect_in(
     ctx: &ApiContext,
     target_init: Option<i32>,
-    (domain, stype, protocol): (i32, i32, i32),
+    (caller_sock, domain, stype, protocol): (BorrowedFd<'_>, i32, i32, i32),
     dest: &Destination,
     (uid, gid): (u32, u32),
 ) -> Result<OwnedFd, Errno> {
@@ -369,6 +369,9 @@ fn connect_in(
         })?,
         _ => socket(family, kind, SockFlag::SOCK_CLOEXEC, proto)?,
     };
+    if matches!(dest, Destination::Inet { .. }) && kind == SockType::Stream {
+        carry_tcp_options(caller_sock, sock.as_fd());
+    }
     // Resolve the address first, as root: opening the target's root through /proc needs
     // privileges the caller's identity does not have.
     let resolved = resolve(target_init, dest)?;
@@ -382,6 +385,30 @@ fn connect_in(
     let result = as_caller((uid, gid), || connect_bounded(&sock, &*resolved.addr));
     drop(resolved);
     result.map(|()| sock)
+}
+
+/// Sets on `ours`, the socket connected in the caller's place, the TCP options the caller set
+/// on its own socket before `connect` (libpq, for one, sets TCP_NODELAY and keepalives there):
+/// a fresh socket would otherwise run with Nagle's algorithm and without keepalives. Only
+/// values that differ from a fresh socket's are set; a failure leaves the default.
+fn carry_tcp_options(theirs: BorrowedFd<'_>, ours: BorrowedFd<'_>) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt, GetSockOpt, SetSockOpt};
+    fn carry<T: PartialEq, O>(theirs: BorrowedFd<'_>, ours: BorrowedFd<'_>, opt: O)
+    where
+        O: GetSockOpt<Val = T> + SetSockOpt<Val = T> + Copy,
+    {
+        if let (Ok(want), Ok(have)) = (getsockopt(&theirs, opt), getsockopt(&ours, opt)) {
+            if want != have {
+                let _ = setsockopt(&ours, opt, &want);
+            }
+        }
+    }
+    carry(theirs, ours, sockopt::TcpNoDelay);
+    carry(theirs, ours, sockopt::KeepAlive);
+    carry(theirs, ours, sockopt::TcpKeepIdle);
+    carry(theirs, ours, sockopt::TcpKeepInterval);
+    carry(theirs, ours, sockopt::TcpKeepCount);
+    carry(theirs, ours, sockopt::TcpUserTimeout);
 }
 
 /// Runs `f` on this thread with the caller's effective uid and gid (so that permission checks
