@@ -10,6 +10,12 @@ packages=(
   procps          # ps inside VMs
   util-linux      # unshare, mount, ipcmk, ipcs used by the isolation tests
   iproute2
+  # The PostgreSQL end-to-end test and `shuttle-bench --pgbench` run their own server inside a
+  # VM (own data directory, socket directory and network namespace). Debian's postinst also
+  # creates a host cluster 15/main and asks the init system to start it on the host's port
+  # 5432: nothing of Shuttle's uses or touches it.
+  postgresql-15         # postgres, initdb, pg_ctl and pgbench (in /usr/lib/postgresql/15/bin)
+  postgresql-client-15  # psql
 )
 missing=()
 for p in "${packages[@]}"; do

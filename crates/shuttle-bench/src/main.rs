@@ -4,6 +4,8 @@
 //! Usage (as root, after `cargo build --release`):
 //!   target/release/shuttle-bench [--runs N] [--fleet N]
 //!   target/release/shuttle-bench --connect [--connects N]   (what mediation adds to connect)
+//!   target/release/shuttle-bench --pgbench [--seconds N] [--rounds N] [--clients N]
+//!                                 (PostgreSQL across VMs: pgbench -C -S, cross-VM vs same VM)
 //!
 //! It measures, interleaving the two sides so that drift in machine load hits both alike:
 //! * `shuttle run VM -- true` into a running VM vs `bwrap --unshare-all ... true`
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 mod connect;
+mod pgbench;
 
 const BWRAP_ARGS: &[&str] = &[
     "--unshare-all",
@@ -156,6 +159,13 @@ fn main() -> Result<()> {
     };
     let result = if args.iter().any(|a| a == "--connect") {
         connect::run(&bench, arg(&args, "--connects", 2000)?)
+    } else if args.iter().any(|a| a == "--pgbench") {
+        pgbench::run(
+            &bench,
+            arg(&args, "--seconds", 10)?,
+            arg(&args, "--clients", 1)?,
+            arg(&args, "--rounds", 3)?,
+        )
     } else {
         run_all(&bench, runs, fleet)
     };

@@ -152,6 +152,18 @@ pub fn seccomp_rules() -> Vec<Rule> {
             EPERM,
         ));
     }
+    // The host kernel's audit log is not the VM's to write to (CAP_AUDIT_WRITE is kept so
+    // that logins inside the VM work, and the kernel checks nothing else). Protocol 9 is
+    // NETLINK_AUDIT; for IP sockets it would be IGP, which nothing uses. Programs treat
+    // EPROTONOSUPPORT as "this kernel has no auditing" and carry on.
+    rules.push(Rule::when(
+        libc::SYS_socket,
+        ArgCondition::Equals {
+            arg: 2,
+            value: libc::NETLINK_AUDIT as u32,
+        },
+        Action::Errno(libc::EPROTONOSUPPORT as u16),
+    ));
     // Mediated: every connect and every send that names a destination goes to the VM's
     // monitor, which lets it continue unless the policy routes its address to another VM (see
     // intercept/). sendto is caught only with an address (all 64 bits tested: send() is
@@ -266,6 +278,17 @@ mod tests {
         // A thread asking for a new namespace is still refused.
         let thread_ns = thread | libc::CLONE_NEWNET as u64;
         assert_eq!(eval(libc::SYS_clone, [thread_ns, 0, 0, 0, 0, 0]), EPERM);
+    }
+
+    #[test]
+    fn the_host_audit_log_is_out_of_reach() {
+        let audit = [libc::AF_NETLINK as u64, libc::SOCK_RAW as u64, 9, 0, 0, 0];
+        assert_eq!(
+            eval(libc::SYS_socket, audit),
+            Action::Errno(libc::EPROTONOSUPPORT as u16)
+        );
+        let route = [libc::AF_NETLINK as u64, libc::SOCK_RAW as u64, 0, 0, 0, 0];
+        assert_eq!(eval(libc::SYS_socket, route), Action::Allow);
     }
 
     #[test]

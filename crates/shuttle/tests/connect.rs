@@ -253,3 +253,26 @@ s.sendall(b"after"); print(s.recv(100).decode())
         "{records:?}"
     );
 }
+
+#[test]
+fn tcp_options_set_before_a_mediated_connect_are_kept() {
+    let Some(env) = Env::new() else { return };
+    env.create("db", &[]);
+    env.create("app", &[]);
+    serve(&env, "db", "/run/db.sock", 7000);
+    load(&env, POLICY);
+    // libpq, for one, sets TCP_NODELAY and keepalives on its socket before connecting.
+    let code = r#"
+import socket
+s = socket.socket()
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+s.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, 77)
+s.connect(("127.0.0.1", 7000))
+print(s.recv(100).decode().strip())
+print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
+      s.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0,
+      s.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE))
+"#;
+    assert_eq!(env.py_ok("app", code), "db uid=-1\nTrue True 77\n");
+}

@@ -1,7 +1,7 @@
 //! `connect`: continued when it stays in the VM, carried out in the target when a rule routes
 //! it across and allows it.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -215,6 +215,9 @@ fn connect_in(
     info: &CallerInfo,
 ) -> Result<OwnedFd, Errno> {
     let sock = socket_for(target, like, dest)?;
+    if matches!(dest, Destination::Inet { .. }) && like.kind == libc::SOCK_STREAM {
+        carry_tcp_options(like.sock.as_fd(), sock.as_fd());
+    }
     // Resolve the address first, as root: opening the target's root through /proc needs
     // privileges the caller's identity does not have.
     let resolved = address::resolve(target.map(|t| t.pid), dest)?;
@@ -227,4 +230,28 @@ fn connect_in(
         connect_bounded(&sock, &*resolved.addr)
     })?;
     Ok(sock)
+}
+
+/// Sets on `ours`, the socket connected in the caller's place, the TCP options the caller set
+/// on its own socket before `connect` (libpq, for one, sets TCP_NODELAY and keepalives there):
+/// a fresh socket would otherwise run with Nagle's algorithm and without keepalives. Only
+/// values that differ from a fresh socket's are set; a failure leaves the default.
+fn carry_tcp_options(theirs: BorrowedFd<'_>, ours: BorrowedFd<'_>) {
+    use nix::sys::socket::{getsockopt, setsockopt, sockopt, GetSockOpt, SetSockOpt};
+    fn carry<T: PartialEq, O>(theirs: BorrowedFd<'_>, ours: BorrowedFd<'_>, opt: O)
+    where
+        O: GetSockOpt<Val = T> + SetSockOpt<Val = T> + Copy,
+    {
+        if let (Ok(want), Ok(have)) = (getsockopt(&theirs, opt), getsockopt(&ours, opt)) {
+            if want != have {
+                let _ = setsockopt(&ours, opt, &want);
+            }
+        }
+    }
+    carry(theirs, ours, sockopt::TcpNoDelay);
+    carry(theirs, ours, sockopt::KeepAlive);
+    carry(theirs, ours, sockopt::TcpKeepIdle);
+    carry(theirs, ours, sockopt::TcpKeepInterval);
+    carry(theirs, ours, sockopt::TcpKeepCount);
+    carry(theirs, ours, sockopt::TcpUserTimeout);
 }
