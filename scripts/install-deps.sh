@@ -5,6 +5,7 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 packages=(
   bubblewrap      # the baseline the benchmarks compare against
+  socat           # the user-space relay `shuttle-bench --throughput` compares against
   busybox-static  # a tiny self-contained root tree for the --base DIR tests
   python3         # test programs run inside VMs (memory hogs, socket servers)
   procps          # ps inside VMs

@@ -4,6 +4,8 @@
 //! Usage (as root, after `cargo build --release`):
 //!   target/release/shuttle-bench [--runs N] [--fleet N]
 //!   target/release/shuttle-bench --connect [--connects N]   (what mediation adds to connect)
+//!   target/release/shuttle-bench --throughput [--mib N] [--rounds N]
+//!                                 (bulk data: mediated vs direct vs a socat relay)
 //!   target/release/shuttle-bench --pgbench [--seconds N] [--rounds N] [--clients N]
 //!                                 (PostgreSQL across VMs: pgbench -C -S, cross-VM vs same VM)
 //!
@@ -24,6 +26,7 @@ use anyhow::{bail, Context, Result};
 
 mod connect;
 mod pgbench;
+mod throughput;
 
 const BWRAP_ARGS: &[&str] = &[
     "--unshare-all",
@@ -159,6 +162,12 @@ fn main() -> Result<()> {
     };
     let result = if args.iter().any(|a| a == "--connect") {
         connect::run(&bench, arg(&args, "--connects", 2000)?)
+    } else if args.iter().any(|a| a == "--throughput") {
+        throughput::run(
+            &bench,
+            arg(&args, "--mib", 1024)?,
+            arg(&args, "--rounds", 3)?,
+        )
     } else if args.iter().any(|a| a == "--pgbench") {
         pgbench::run(
             &bench,

@@ -2,15 +2,16 @@
 //! one monitor thread at a time and left at once, under the caller's identity.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::sys::socket::{connect, getsockopt, sockopt, SockaddrLike};
+use nix::fcntl::OFlag;
+use nix::sys::socket::{connect, getsockopt, setsockopt, sockopt, SockaddrLike};
 use nix::sys::stat::Mode;
+use nix::sys::time::TimeVal;
 use shuttle_sys::unotify;
 
 use crate::cgroup::VmCgroup;
@@ -156,24 +157,21 @@ pub(super) fn as_caller<T>(
 /// target whose backlog stays full must not hold them for long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// connect(2) that gives up after [`CONNECT_TIMEOUT`] (ETIMEDOUT): non-blocking, waiting for
-/// TCP's handshake with poll and retrying while a unix listener's backlog is full (EAGAIN).
-/// The socket's own blocking mode is restored afterwards.
+/// connect(2) that gives up after [`CONNECT_TIMEOUT`] (ETIMEDOUT): a blocking connect bounded
+/// by SO_SNDTIMEO, which TCP (the handshake) and unix sockets (a listener's full backlog) both
+/// honour, so that the common case costs one call. The socket's own timeout is restored.
 pub(super) fn connect_bounded(sock: &OwnedFd, addr: &dyn SockaddrLike) -> Result<(), Errno> {
-    let deadline = Instant::now() + CONNECT_TIMEOUT;
-    let flags = OFlag::from_bits_truncate(fcntl(sock, FcntlArg::F_GETFL)?);
-    fcntl(sock, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
-    let result = loop {
-        match connect(std::os::fd::AsRawFd::as_raw_fd(sock), addr) {
-            Err(Errno::EAGAIN) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Err(Errno::EINPROGRESS) => break wait_connected(sock, deadline),
-            Err(Errno::EAGAIN) => break Err(Errno::ETIMEDOUT),
-            other => break other,
-        }
+    let own_timeout = getsockopt(sock, sockopt::SendTimeout)?;
+    let limit = TimeVal::new(CONNECT_TIMEOUT.as_secs() as _, 0);
+    setsockopt(sock, sockopt::SendTimeout, &limit)?;
+    let result = match connect(sock.as_raw_fd(), addr) {
+        // The timeout ran out: TCP says EINPROGRESS, a unix listener's full backlog EAGAIN.
+        Err(Errno::EINPROGRESS | Errno::EAGAIN) => Err(Errno::ETIMEDOUT),
+        // A signal interrupted the wait; the handshake goes on: wait for it here.
+        Err(Errno::EINTR) => wait_connected(sock, Instant::now() + CONNECT_TIMEOUT),
+        other => other,
     };
-    fcntl(sock, FcntlArg::F_SETFL(flags))?;
+    setsockopt(sock, sockopt::SendTimeout, &own_timeout)?;
     result
 }
 
