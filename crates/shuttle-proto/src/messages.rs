@@ -122,6 +122,21 @@ pub struct VmStatus {
     pub started_at: u64,
     /// Commands started through `shuttle run` that are still running.
     pub running_commands: usize,
+    /// What became of the calls the VM's monitor intercepted since the VM started.
+    #[serde(default)]
+    pub intercepted: InterceptCounts,
+}
+
+/// Intercepted calls of a VM, counted (ordinary intra-VM traffic is counted, not logged).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct InterceptCounts {
+    /// Calls that stayed in the VM and continued unchanged.
+    pub local: u64,
+    /// Cross-VM calls the policy allowed and the monitor carried out.
+    pub crossed: u64,
+    /// Cross-VM attempts denied (audited one by one) or refused on error.
+    pub refused: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -404,6 +404,8 @@ struct Shared {
     /// could belong to another process).
     init_pidfd: Option<OwnedFd>,
     started_at: u64,
+    /// The VM's intercepted calls by outcome, for Status.
+    intercepted: Arc<crate::intercept::Counts>,
     next_id: AtomicU64,
     /// Per running command: where its events (and a terminal's master side) go.
     waiters: Mutex<HashMap<u64, mpsc::Sender<CommandEvent>>>,
@@ -498,6 +500,7 @@ impl Started {
         });
         let intercept = Arc::clone(&api);
         let journal = Arc::clone(&api.journal);
+        let intercepted = Arc::clone(&api.mediation.counts);
         thread::spawn(move || crate::vm_api::serve(api_listener, api));
         thread::spawn(move || crate::intercept::serve(notify, intercept));
         let reader = match init.try_clone() {
@@ -517,6 +520,7 @@ impl Started {
             init_pidfd,
             policy,
             started_at,
+            intercepted,
             next_id: AtomicU64::new(1),
             waiters: Mutex::new(HashMap::new()),
             state: Mutex::new(VmState::Running),
@@ -650,6 +654,7 @@ fn serve_client(shared: &Arc<Shared>, chan: Channel) -> Result<(), ChannelError>
             monitor_pid: std::process::id() as i32,
             started_at: shared.started_at,
             running_commands: shared.waiters.lock().map(|w| w.len()).unwrap_or(0),
+            intercepted: shared.intercepted.snapshot(),
         })),
         MonitorRequest::Stop { grace_ms } => {
             shared.stop_waiters.fetch_add(1, Ordering::SeqCst);

@@ -246,6 +246,9 @@ struct VmRow {
     monitor_pid: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     started_at: Option<u64>,
+    /// Calls the monitor intercepted since the VM started, by outcome.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    intercepted: Option<shuttle_proto::InterceptCounts>,
 }
 
 impl VmRow {
@@ -274,6 +277,7 @@ impl VmRow {
             init_pid: status.as_ref().map(|s| s.init_pid),
             monitor_pid: status.as_ref().map(|s| s.monitor_pid),
             started_at: status.as_ref().map(|s| s.started_at),
+            intercepted: status.as_ref().map(|s| s.intercepted),
             name: c.name,
         }
     }

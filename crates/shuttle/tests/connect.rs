@@ -173,8 +173,12 @@ fn ordinary_connections_inside_a_vm_are_untouched() {
         "solo uid=65534"
     );
     assert_eq!(client(&env, "solo", None, "tcp", "7100"), "solo uid=-1");
-    // Nothing published, nothing audited.
+    // Nothing published, nothing audited: only counted.
     assert!(audit(&env).is_empty());
+    let counts = &env.vm("solo")["intercepted"];
+    assert!(counts["local"].as_u64().unwrap() >= 2, "{counts}");
+    assert_eq!(counts["crossed"], 0, "{counts}");
+    assert_eq!(counts["refused"], 0, "{counts}");
 }
 
 #[test]

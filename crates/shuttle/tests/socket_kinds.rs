@@ -204,6 +204,8 @@ fn every_socket_kind_crosses_when_allowed() {
         .filter(|r| r["op"] == "send" && r["result"] == "allow")
         .count();
     assert!(sends >= 4, "every allowed datagram is audited");
+    let counts = &env.vm("app")["intercepted"];
+    assert!(counts["crossed"].as_u64().unwrap() >= 9, "{counts}");
 }
 
 #[test]

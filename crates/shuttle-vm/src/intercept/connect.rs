@@ -171,7 +171,7 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
         fd as u32,
         info.fd_cloexec(fd),
     ) {
-        Ok(()) => call.answer(Ok(0)),
+        Ok(()) => call.crossed(0),
         Err(e) => {
             tracing::warn!(vm = %call.ctx.vm, error = %e, "injecting the connected socket failed");
             call.answer(Err(Errno::ECONNREFUSED));

@@ -282,7 +282,10 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: &[u8], payload: Pa
     let sent = as_caller((info.uid, info.gid), || {
         send_bounded(via, &data, &*resolved.addr, flags, !sock.nonblocking())
     });
-    call.answer(sent.map(|n| n as i64));
+    match sent {
+        Ok(n) => call.crossed(n as i64),
+        Err(e) => call.answer(Err(e)),
+    }
 }
 
 /// Whether a socket has no address yet (nothing would be lost by replacing it).

@@ -36,7 +36,7 @@ mod mq;
 mod target;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -60,6 +60,26 @@ pub struct MediationState {
     pub own_netns: u64,
     /// Whether the VM has ever been lent a datagram socket (see the module documentation).
     lent_datagram_sockets: AtomicBool,
+    /// What became of the intercepted calls (shown by `shuttle vm ls --json`).
+    pub counts: Arc<Counts>,
+}
+
+/// Intercepted calls by outcome: ordinary intra-VM traffic is counted, not logged.
+#[derive(Debug, Default)]
+pub struct Counts {
+    local: AtomicU64,
+    crossed: AtomicU64,
+    refused: AtomicU64,
+}
+
+impl Counts {
+    pub fn snapshot(&self) -> shuttle_proto::InterceptCounts {
+        shuttle_proto::InterceptCounts {
+            local: self.local.load(Ordering::Relaxed),
+            crossed: self.crossed.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl MediationState {
@@ -136,7 +156,18 @@ impl Call<'_> {
     /// the caller's VM: a caller that rewrites its arguments after our check still reaches
     /// only what its own namespaces reach (see the module documentation for sockets).
     fn stay_local(&self) {
+        self.count(|c| &c.local);
         let _ = unotify::allow_to_continue(self.listener, self.n.id);
+    }
+
+    fn count(&self, which: impl FnOnce(&Counts) -> &AtomicU64) {
+        which(&self.ctx.mediation.counts).fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Completes a cross-VM call the monitor carried out.
+    fn crossed(&self, result: i64) {
+        self.count(|c| &c.crossed);
+        self.answer(Ok(result));
     }
 
     fn answer(&self, result: Result<i64, Errno>) {
@@ -164,6 +195,7 @@ impl Call<'_> {
 
     /// Refuses the call with `errno`, audited as an error for `why`.
     fn refuse(&self, mut record: AuditRecord, why: &str, errno: Errno) {
+        self.count(|c| &c.refused);
         record.result = Outcome::Error;
         record.reason = Some(why.to_owned());
         let _ = vm_api::journal(self.ctx, record);
@@ -279,6 +311,7 @@ fn judge<'p>(
     mut record: AuditRecord,
 ) -> Judgement<'p> {
     let local_after = |record: AuditRecord| {
+        ctx.mediation.counts.refused.fetch_add(1, Ordering::Relaxed);
         if vm_api::journal(ctx, record) {
             Judgement::Local
         } else {

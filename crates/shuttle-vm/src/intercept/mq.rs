@@ -88,14 +88,17 @@ fn mediate(call: &Call<'_>, name: &str, object: &str) {
     if !vm_api::journal(call.ctx, record) {
         return call.answer(Err(Errno::EACCES));
     }
-    if let Err(e) = unotify::inject_fd_as_result(
+    match unotify::inject_fd_as_result(
         call.listener,
         call.n.id,
         queue.as_fd(),
         oflag & libc::O_CLOEXEC != 0,
     ) {
-        tracing::warn!(vm = %call.ctx.vm, error = %e, "injecting the queue failed");
-        call.answer(Err(Errno::EACCES));
+        Ok(_) => call.count(|c| &c.crossed),
+        Err(e) => {
+            tracing::warn!(vm = %call.ctx.vm, error = %e, "injecting the queue failed");
+            call.answer(Err(Errno::EACCES));
+        }
     }
 }
 
