@@ -24,6 +24,7 @@ pub struct VmJournal {
     writer: Mutex<Option<Journal>>,
     /// Signalled after every append, for the flusher.
     written: Condvar,
+    flusher: std::sync::Once,
 }
 
 impl VmJournal {
@@ -32,6 +33,7 @@ impl VmJournal {
             path,
             writer: Mutex::new(None),
             written: Condvar::new(),
+            flusher: std::sync::Once::new(),
         })
     }
 
@@ -42,6 +44,22 @@ impl VmJournal {
     /// Records `record` before the decision it describes takes effect; false when that failed
     /// (the caller must then refuse).
     pub fn record(self: &Arc<Self>, vm: &str, record: &AuditRecord) -> bool {
+        self.flusher.call_once(|| {
+            let flusher = Arc::clone(self);
+            std::thread::spawn(move || flusher.flush_forever());
+        });
+        self.append(vm, record)
+    }
+
+    /// Records `record` and syncs it in line, on the calling thread alone (for decisions
+    /// taken while the monitor must stay single-threaded: before it forks the VM's init).
+    pub fn record_synced(&self, vm: &str, record: &AuditRecord) -> bool {
+        let written = self.append(vm, record);
+        self.flush();
+        written && self.lock().as_ref().is_some_and(|j| j.unsynced() == 0)
+    }
+
+    fn append(&self, vm: &str, record: &AuditRecord) -> bool {
         let mut guard = self.lock();
         if guard.is_none() {
             let options = JournalOptions {
@@ -55,8 +73,6 @@ impl VmJournal {
                     return false;
                 }
             }
-            let flusher = Arc::clone(self);
-            std::thread::spawn(move || flusher.flush_forever());
         }
         let Some(journal) = guard.as_mut() else {
             return false;

@@ -50,6 +50,8 @@ pub struct InitContext {
     pub go: OwnedFd,
     /// cgroup v1: the `tasks` files init writes "0" to, moving itself into the VM's cgroup.
     pub cgroup_tasks: Option<Vec<std::path::PathBuf>>,
+    /// The IPC namespace of the VM's `ipc-group`, entered instead of a new one.
+    pub ipc_namespace: Option<OwnedFd>,
 }
 
 fn handled_set() -> SigSet {
@@ -68,13 +70,18 @@ pub fn run(ctx: InitContext) -> ! {
     let _ = nix::sys::prctl::set_pdeathsig(Signal::SIGKILL);
     // Keep only what init needs: anything else the monitor had open (its lock, the CLI's
     // readiness pipe, its log) must not live on inside the VM.
-    if shuttle_sys::process::close_descriptors_except(&[
-        ctx.channel.as_fd().as_raw_fd(),
-        ctx.go.as_raw_fd(),
-    ])
-    .is_err()
-    {
+    let mut keep = vec![ctx.channel.as_fd().as_raw_fd(), ctx.go.as_raw_fd()];
+    keep.extend(ctx.ipc_namespace.as_ref().map(|ns| ns.as_raw_fd()));
+    if shuttle_sys::process::close_descriptors_except(&keep).is_err() {
         shuttle_sys::process::exit_immediately(1);
+    }
+    // Before anything is mounted: the VM's /dev/mqueue belongs to the namespace it is in.
+    if let Some(ns) = &ctx.ipc_namespace {
+        if let Err(e) = shuttle_sys::unotify::enter_namespace(ns.as_fd(), libc::CLONE_NEWIPC) {
+            let message = format!("joining the IPC group's namespace: {e}");
+            let _ = ctx.channel.send(&InitEvent::SetupFailed { message });
+            shuttle_sys::process::exit_immediately(1);
+        }
     }
     // Moving a process into a cgroup-v1 memory controller takes the kernel's cgroup
     // threadgroup lock for writing, which costs a whole RCU grace period (~10 ms). On such

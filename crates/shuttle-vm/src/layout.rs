@@ -96,6 +96,11 @@ impl Layout {
         self.runtime_vms_dir().join(name)
     }
 
+    /// The SysV IPC group a running VM belongs to (see `ipc_group`).
+    pub fn ipc_group_file(&self, name: &str) -> PathBuf {
+        self.runtime_vm_dir(name).join("ipc-group")
+    }
+
     /// Held (flock) by the VM's monitor for as long as the VM runs. It lives beside, not in,
     /// the VM's runtime directory so that clean-up can remove that directory while locked.
     pub fn lock_file(&self, name: &str) -> PathBuf {

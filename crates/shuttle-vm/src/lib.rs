@@ -16,6 +16,7 @@ pub mod detach;
 pub mod hardening;
 pub mod init;
 pub mod intercept;
+pub mod ipc_group;
 pub mod layout;
 pub mod monitor;
 pub mod plan;

@@ -114,6 +114,7 @@ struct Started {
     notify: OwnedFd,
     _lock: nix::fcntl::Flock<fs::File>,
     started_at: u64,
+    journal: Arc<crate::audit_log::VmJournal>,
 }
 
 fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
@@ -138,7 +139,28 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
     fs::set_permissions(&run_dir, fs::Permissions::from_mode(0o700))
         .map_err(io("chmod", &run_dir))?;
 
-    let result = launch(layout, &config);
+    // SysV IPC groups are settled at start (see ipc_group.rs); joining one is audited before
+    // it happens, like every cross-VM decision.
+    let journal = crate::audit_log::VmJournal::new(layout.audit_journal(name));
+    let ipc = crate::ipc_group::plan(layout, &crate::vm_api::load_active_policy(layout), &config);
+    let ipc_namespace = match ipc.join {
+        Some((ns, record)) => {
+            if !journal.record_synced(name, &record) {
+                return Err(MonitorError::Setup {
+                    name: name.into(),
+                    message: "the audit journal cannot be written; not joining the IPC group"
+                        .into(),
+                });
+            }
+            Some(ns)
+        }
+        None => None,
+    };
+    if let Some(group) = &ipc.group {
+        fs::write(layout.ipc_group_file(name), group)
+            .map_err(io("recording the IPC group in", &run_dir))?;
+    }
+    let result = launch(layout, &config, ipc_namespace);
     match result {
         Ok((init_pid, init, cgroup, notify)) => {
             // The VM's own API socket: any user inside the VM may connect (the VM, not the
@@ -176,6 +198,7 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
                 notify,
                 _lock: lock,
                 started_at,
+                journal,
             })
         }
         Err(e) => {
@@ -193,7 +216,11 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
 /// The running VM: its init, the channel to it, its cgroup and its seccomp notification fd.
 type Launched = (Pid, Channel, VmCgroup, OwnedFd);
 
-fn launch(layout: &Layout, config: &VmConfig) -> Result<Launched, MonitorError> {
+fn launch(
+    layout: &Layout,
+    config: &VmConfig,
+    ipc_namespace: Option<OwnedFd>,
+) -> Result<Launched, MonitorError> {
     let t0 = Instant::now();
     let cgroup = VmCgroup::create(
         &layout.cgroup_parent(),
@@ -217,10 +244,10 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<Launched, MonitorError> 
     let (ours, theirs) = Channel::pair()?;
     let (go_read, go_write) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe2"))?;
-    let mut flags = CloneFlags::CLONE_NEWNS
-        | CloneFlags::CLONE_NEWPID
-        | CloneFlags::CLONE_NEWIPC
-        | CloneFlags::CLONE_NEWUTS;
+    let mut flags = CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWPID | CloneFlags::CLONE_NEWUTS;
+    if ipc_namespace.is_none() {
+        flags |= CloneFlags::CLONE_NEWIPC;
+    }
     if config.net == NetMode::None {
         flags |= CloneFlags::CLONE_NEWNET;
     }
@@ -241,6 +268,7 @@ fn launch(layout: &Layout, config: &VmConfig) -> Result<Launched, MonitorError> 
             channel: theirs,
             go: go_read,
             cgroup_tasks: self_attach,
+            ipc_namespace,
         });
     };
     drop(theirs);
@@ -486,6 +514,7 @@ impl Started {
             notify,
             _lock,
             started_at,
+            journal,
         } = self;
         let policy: crate::vm_api::SharedPolicy = Arc::new(std::sync::RwLock::new(
             crate::vm_api::load_active_policy(&layout),
@@ -495,11 +524,10 @@ impl Started {
             vm: config.name.clone(),
             tags: config.tags.clone(),
             policy: Arc::clone(&policy),
-            journal: crate::audit_log::VmJournal::new(layout.audit_journal(&config.name)),
+            journal: Arc::clone(&journal),
             mediation: crate::intercept::MediationState::new(init_pid.as_raw()),
         });
         let intercept = Arc::clone(&api);
-        let journal = Arc::clone(&api.journal);
         let intercepted = Arc::clone(&api.mediation.counts);
         thread::spawn(move || crate::vm_api::serve(api_listener, api));
         thread::spawn(move || crate::intercept::serve(notify, intercept));
