@@ -17,7 +17,7 @@ use super::target::{as_caller, connect_bounded, in_namespace, Namespace, TargetV
 use super::{judge, route, stay_local_on, Call, Judgement, Mediators};
 use crate::vm_api;
 
-pub(super) fn on_connect(call: &Call<'_>, mediators: &Mediators) {
+pub(super) fn on_connect(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
     let (fd, addr, len) = (call.arg(0) as i32, call.arg(1), call.arg(2) as usize);
     if addr == 0 || !(2..=MAX_SOCKADDR).contains(&len) {
         // The kernel refuses these itself (EFAULT, EINVAL) without looking any further.

@@ -54,7 +54,7 @@ fn word(bytes: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(w)
 }
 
-pub(super) fn on_sendto(call: &Call<'_>, mediators: &Mediators) {
+pub(super) fn on_sendto(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
     let (fd, buf, len, flags) = (call.arg(0) as i32, call.arg(1), call.arg(2), call.arg(3));
     let (addr, addr_len) = (call.arg(4), call.arg(5) as usize);
     if addr == 0 || !(2..=MAX_SOCKADDR).contains(&addr_len) {
@@ -64,7 +64,7 @@ pub(super) fn on_sendto(call: &Call<'_>, mediators: &Mediators) {
     on_named_send(call, mediators, fd, addr, addr_len, payload, flags as i32);
 }
 
-pub(super) fn on_sendmsg(call: &Call<'_>, mediators: &Mediators) {
+pub(super) fn on_sendmsg(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
     let (fd, msg, flags) = (call.arg(0) as i32, call.arg(1), call.arg(2) as i32);
     let header = match call.read(msg, MSGHDR_LEN) {
         Ok(Some(h)) => h,
@@ -89,7 +89,7 @@ pub(super) fn on_sendmsg(call: &Call<'_>, mediators: &Mediators) {
 
 fn on_named_send(
     call: &Call<'_>,
-    mediators: &Mediators,
+    mediators: &std::sync::Arc<Mediators>,
     fd: i32,
     addr: u64,
     addr_len: usize,
@@ -135,7 +135,7 @@ fn on_named_send(
 /// `sendmmsg` is not mediated: its datagrams always stay in the VM. In a VM that holds lent
 /// datagram sockets it continues only where that is safe, and is refused (EOPNOTSUPP) when it
 /// names destinations and the monitor cannot vouch for the socket.
-pub(super) fn on_sendmmsg(call: &Call<'_>, mediators: &Mediators) {
+pub(super) fn on_sendmmsg(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
     if !call.ctx.mediation.holds_lent_datagram_sockets() {
         return call.stay_local();
     }

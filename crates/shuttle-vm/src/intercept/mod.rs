@@ -37,8 +37,7 @@ mod target;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Once};
 
 use nix::errno::Errno;
 use shuttle_audit::{AuditRecord, Outcome};
@@ -108,11 +107,16 @@ pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
     if let Err(e) = unotify::prefer_synchronous_wakeups(listener.as_fd()) {
         tracing::debug!(error = %e, "synchronous seccomp wake-ups unavailable");
     }
-    let mediators = Mediators {
-        queue: OnceLock::new(),
+    let mediators = Arc::new(Mediators {
+        extra_receivers: Once::new(),
         listener: Arc::clone(&listener),
         ctx: Arc::clone(&ctx),
-    };
+    });
+    receive_forever(&listener, &ctx, &mediators);
+}
+
+/// Receives and answers notifications until the listener fails (the VM is gone).
+fn receive_forever(listener: &OwnedFd, ctx: &ApiContext, mediators: &Arc<Mediators>) {
     loop {
         let n = match unotify::receive(listener.as_fd()) {
             Ok(n) => n,
@@ -125,15 +129,15 @@ pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
         };
         let call = Call {
             listener: listener.as_fd(),
-            ctx: &ctx,
+            ctx,
             n,
         };
         match i64::from(n.nr) {
-            libc::SYS_connect => connect::on_connect(&call, &mediators),
-            libc::SYS_sendto => datagram::on_sendto(&call, &mediators),
-            libc::SYS_sendmsg => datagram::on_sendmsg(&call, &mediators),
-            libc::SYS_sendmmsg => datagram::on_sendmmsg(&call, &mediators),
-            libc::SYS_mq_open => mq::on_mq_open(&call, &mediators),
+            libc::SYS_connect => connect::on_connect(&call, mediators),
+            libc::SYS_sendto => datagram::on_sendto(&call, mediators),
+            libc::SYS_sendmsg => datagram::on_sendmsg(&call, mediators),
+            libc::SYS_sendmmsg => datagram::on_sendmmsg(&call, mediators),
+            libc::SYS_mq_open => mq::on_mq_open(&call, mediators),
             // The filter sends nothing else; continuing is what the VM would get without us.
             _ => call.stay_local(),
         }
@@ -233,58 +237,33 @@ impl Call<'_> {
     }
 }
 
-/// A job for a mediator thread: it gets the call to answer.
+/// Work that must be mediated, carried out by the thread that received the call.
 type Job = Box<dyn FnOnce(&Call<'_>) + Send>;
 
-/// The threads that carry out mediated calls, so that a slow target never holds up the VM's
-/// other calls, and so that no thread is created per call. Started at the first mediated
-/// call: most VMs never make one.
+/// Mediation runs on the thread that received the call: no hand-off between threads, which
+/// would cost a wake-up and a cold cache on every mediated call. So that a slow target never
+/// holds up the VM's other calls, several threads receive from the same listener (the kernel
+/// gives each notification to one of them); the extra ones start at the first mediated call,
+/// because most VMs never make one.
 pub(super) struct Mediators {
-    queue: OnceLock<SyncSender<(Notification, Job)>>,
+    extra_receivers: Once,
     listener: Arc<OwnedFd>,
     ctx: Arc<ApiContext>,
 }
 
-/// Mediator threads per VM: a few targets that are slow to accept must not stall the rest.
-const MEDIATORS: usize = 4;
-/// Calls waiting for a mediator; beyond that the VM's calls wait (back-pressure on this VM).
-const MEDIATION_QUEUE: usize = 256;
+/// Threads receiving a VM's notifications once it has made a mediated call: a few targets
+/// slow to accept (each given up on after 5 s) must not stall the rest.
+const RECEIVERS: usize = 4;
 
 impl Mediators {
-    fn submit(&self, call: &Call<'_>, job: Job) {
-        let queue = self.queue.get_or_init(|| {
-            let (tx, rx) = sync_channel::<(Notification, Job)>(MEDIATION_QUEUE);
-            let rx = Arc::new(Mutex::new(rx));
-            for _ in 0..MEDIATORS {
-                let (rx, listener, ctx) = (
-                    Arc::clone(&rx),
-                    Arc::clone(&self.listener),
-                    Arc::clone(&self.ctx),
-                );
-                std::thread::spawn(move || mediate_forever(&rx, &listener, &ctx));
+    fn submit(self: &Arc<Self>, call: &Call<'_>, job: Job) {
+        self.extra_receivers.call_once(|| {
+            for _ in 1..RECEIVERS {
+                let me = Arc::clone(self);
+                std::thread::spawn(move || receive_forever(&me.listener, &me.ctx, &me));
             }
-            tx
         });
-        if queue.send((call.n, job)).is_err() {
-            // No mediator left: refuse rather than leave the caller hanging.
-            call.answer(Err(Errno::ECONNREFUSED));
-        }
-    }
-}
-
-fn mediate_forever(
-    rx: &Mutex<Receiver<(Notification, Job)>>,
-    listener: &OwnedFd,
-    ctx: &ApiContext,
-) {
-    loop {
-        let next = rx.lock().unwrap_or_else(|e| e.into_inner()).recv();
-        let Ok((n, job)) = next else { return };
-        job(&Call {
-            listener: listener.as_fd(),
-            ctx,
-            n,
-        });
+        job(call);
     }
 }
 

@@ -15,7 +15,7 @@ use crate::vm_api;
 
 /// Answers at once when no rule publishes the queue's name (it then opens in the caller's own
 /// IPC namespace); hands the call to a mediator when the policy may route it.
-pub(super) fn on_mq_open(call: &Call<'_>, mediators: &Mediators) {
+pub(super) fn on_mq_open(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
     let Ok(raw) = unotify::read_c_string(call.n.pid, call.arg(0), 256) else {
         return call.stay_local();
     };
