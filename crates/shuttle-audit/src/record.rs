@@ -145,7 +145,8 @@ pub fn format_record_line(record: &AuditRecord) -> String {
     );
     match &record.rule {
         Some(rule) => {
-            line.push_str(&format!(" rule #{}", rule.index));
+            // Numbered from 1, as `shuttle policy explain` numbers rules.
+            line.push_str(&format!(" rule #{}", rule.index + 1));
             if let Some(name) = &rule.name {
                 line.push_str(&format!(" \"{name}\""));
             }
@@ -268,6 +269,6 @@ mod tests {
             column: 1,
         });
         assert!(format_record_line(&r)
-            .contains("allow connect web -> db unix:/run/pg.sock rule #3 \"pg\" at /etc/shuttle/policy.toml:12:1"));
+            .contains("allow connect web -> db unix:/run/pg.sock rule #4 \"pg\" at /etc/shuttle/policy.toml:12:1"));
     }
 }
