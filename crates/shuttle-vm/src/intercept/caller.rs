@@ -22,7 +22,7 @@ pub(super) struct CallerInfo {
 
 impl CallerInfo {
     pub fn of(tid: u32) -> Option<CallerInfo> {
-        let status = std::fs::read_to_string(format!("/proc/{tid}/status")).ok()?;
+        let status = read_proc(&format!("/proc/{tid}/status"))?;
         let field = |name: &str| status.lines().find_map(|l| l.strip_prefix(name));
         let nth = |name: &str, idx: usize| -> Option<u32> {
             field(name)?.split_whitespace().nth(idx)?.parse().ok()
@@ -52,8 +52,7 @@ impl CallerInfo {
 
     /// Whether descriptor `fd` of the caller is close-on-exec (from /proc/PID/fdinfo).
     pub fn fd_cloexec(&self, fd: i32) -> bool {
-        std::fs::read_to_string(format!("/proc/{}/fdinfo/{fd}", self.tgid))
-            .ok()
+        read_proc(&format!("/proc/{}/fdinfo/{fd}", self.tgid))
             .and_then(|t| {
                 t.lines()
                     .find_map(|l| l.strip_prefix("flags:"))
@@ -61,6 +60,15 @@ impl CallerInfo {
             })
             .is_some_and(|flags| flags & libc::O_CLOEXEC as u32 != 0)
     }
+}
+
+/// Reads a small /proc file with one read(2) (it is generated whole at the first read): no
+/// size probe, no growing buffer, which on the mediated path of every call add up.
+fn read_proc(path: &str) -> Option<String> {
+    use std::io::Read;
+    let mut buf = [0u8; 4096];
+    let n = std::fs::File::open(path).ok()?.read(&mut buf).ok()?;
+    String::from_utf8(buf[..n].to_vec()).ok()
 }
 
 /// The socket object behind a caller's descriptor, duplicated into the monitor. Acting on this

@@ -1843,7 +1843,9 @@ def flip_connect(family, values, seconds):
             e = ctypes.get_errno()
             s.close()
             return en(e)
-        s.settimeout(2)
+        # Every fixture server names itself at once; on a loaded machine "at once" can take
+        # seconds, and a silent connection would be counted as open.
+        s.settimeout(15)
         try:
             data = s.recv(200)
         except OSError:
