@@ -16,11 +16,13 @@ pub mod detach;
 pub mod hardening;
 pub mod init;
 pub mod intercept;
+pub mod invoke;
 pub mod layout;
 pub mod monitor;
 pub mod plan;
 pub mod setup;
 pub mod store;
+pub mod stubs;
 pub mod users;
 pub mod vm_api;
 
