@@ -59,8 +59,7 @@ pub(crate) fn serve(
         reason: None,
         seq: 0,
     };
-    let program = spec.program.clone();
-    let (target, params, approval) = match decide(ctx, &mut record, &spec, stdio.len()) {
+    let (target, params, approval, program) = match decide(ctx, &mut record, &spec, stdio.len()) {
         Ok(d) => d,
         Err(refusal) => return chan.send(&refusal),
     };
@@ -96,7 +95,7 @@ pub(crate) fn serve(
     if let Err(message) = ensure_running(&ctx.layout, &target) {
         return chan.send(&fail(record, message));
     }
-    let command = command_for(ctx, &target, &params, user, spec);
+    let command = command_for(ctx, &target, &params, user, &program, spec);
     let fds: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
     let session = match client::run(&ctx.layout, &target, command.clone(), &fds) {
         // Its lock is held but its socket is not there yet: still starting.
@@ -209,8 +208,7 @@ fn decide(
     record: &mut AuditRecord,
     spec: &InvokeSpec,
     fds: usize,
-) -> Result<(String, InvokeParams, String), VmReply> {
-    let program = spec.program.as_str();
+) -> Result<(String, InvokeParams, String, String), VmReply> {
     if let Err(why) = check(spec, fds) {
         record.reason = Some(format!("malformed request: {why}"));
         return Err(refuse(
@@ -221,6 +219,14 @@ fn decide(
             },
         ));
     }
+    // A stub mounted where the rule's path leads (through a symbolic link to a directory)
+    // knows itself by that place: the rule's path is the object.
+    let translated = ctx
+        .stubs
+        .as_ref()
+        .and_then(|s| s.rule_path_for(&spec.program));
+    let program = translated.as_deref().unwrap_or(&spec.program);
+    record.object = program.to_owned();
     let policy = ctx.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
     let req = Request::new(Op::Invoke, VmIdentity::vm(&ctx.vm, &ctx.tags), program);
     let Some((decision, target)) = policy.route(&req) else {
@@ -294,7 +300,7 @@ fn decide(
         OpParams::Invoke(p) => p.clone(),
         _ => InvokeParams::default(),
     };
-    Ok((to, params, approval))
+    Ok((to, params, approval, program.to_owned()))
 }
 
 /// Starts VM `vm` through the broker (which owns VM lifecycle) unless it runs, and waits until
@@ -358,6 +364,7 @@ fn command_for(
     target: &str,
     params: &InvokeParams,
     user: String,
+    program: &str,
     spec: InvokeSpec,
 ) -> CommandSpec {
     let env = spec
@@ -377,7 +384,7 @@ fn command_for(
         .filter(|c| directory_exists_in(ctx, target, c))
         .unwrap_or_else(|| Bytes::from("/"));
     let mut argv = Vec::with_capacity(spec.args.len() + 1);
-    argv.push(Bytes::from(spec.program.as_str()));
+    argv.push(Bytes::from(program));
     argv.extend(spec.args);
     CommandSpec {
         argv,
@@ -391,6 +398,9 @@ fn command_for(
 /// Whether `dir` (an absolute path) is a directory inside the running VM `vm`'s root.
 fn directory_exists_in(ctx: &ApiContext, vm: &str, dir: &Bytes) -> bool {
     let dir = dir.as_bytes();
+    if dir == b"/" {
+        return true;
+    }
     if !dir.starts_with(b"/") || dir.contains(&0) {
         return false;
     }

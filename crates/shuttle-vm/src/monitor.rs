@@ -514,6 +514,7 @@ impl Started {
             policy: Arc::clone(&policy),
             journal: crate::audit_log::VmJournal::new(layout.audit_journal(&config.name)),
             mediation: crate::intercept::MediationState::new(init_pid.as_raw()),
+            stubs: stubs.clone(),
         });
         let intercept = Arc::clone(&api);
         let journal = Arc::clone(&api.journal);

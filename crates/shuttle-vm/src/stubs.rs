@@ -83,10 +83,14 @@ pub enum StubError {
 }
 
 /// A stub in place.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Placed {
     /// Shuttle made the (empty) mount point, so it removes it again with the stub.
     created: bool,
+    /// Where the stub is mounted in the VM, which differs from the rule's path when a
+    /// directory on the way is a symbolic link (`/bin/true` is `/usr/bin/true` on a merged
+    /// /usr): the stub knows itself by this path.
+    at: String,
 }
 
 /// The stubs of one running VM.
@@ -130,6 +134,18 @@ impl Stubs {
             .collect()
     }
 
+    /// The rule's program path for a stub that knows itself as `at` (the path it is mounted
+    /// at), when the two differ. Only paths Shuttle mounted a stub at are translated, so a
+    /// request naming one gets no more than running that stub does.
+    pub fn rule_path_for(&self, at: &str) -> Option<String> {
+        self.placed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .find(|(path, p)| p.at == at && path.as_str() != at)
+            .map(|(path, _)| path.clone())
+    }
+
     /// Puts stubs where `policy` wants them and removes those it no longer wants. Failures are
     /// returned one by one (and leave that program as it was: the VM's own); the rest goes on.
     pub fn sync(&self, policy: &Policy) -> Vec<StubError> {
@@ -138,7 +154,7 @@ impl Stubs {
         let remove: Vec<(String, Placed)> = placed
             .iter()
             .filter(|(p, _)| !want.contains(*p))
-            .map(|(p, s)| (p.clone(), *s))
+            .map(|(p, s)| (p.clone(), s.clone()))
             .collect();
         let add: Vec<String> = want
             .iter()
@@ -235,13 +251,13 @@ fn in_vm(
     let stub_id = identity(&stub).map_err(sys("stat", STUB_BINARY))?;
     let mut results = Vec::new();
     for (path, state) in remove {
-        let r = unplace(&root, &own_fds, stub_id, path, *state)
+        let r = unplace(&root, &own_fds, stub_id, &state.at, state.created)
             .map(|()| None)
             .map_err(|(what, errno)| sys(what, path)(errno));
         results.push((path.clone(), r));
     }
     for path in add {
-        let r = place(vm, &root, &stub, stub_id, path);
+        let r = place(vm, &root, &own_fds, &stub, stub_id, path);
         results.push((path.clone(), r.map(Some)));
     }
     Ok(results)
@@ -307,6 +323,7 @@ fn directory(root: &OwnedFd, dir: &str) -> Result<OwnedFd, Errno> {
 fn place(
     vm: &str,
     root: &OwnedFd,
+    own_fds: &OwnedFd,
     stub: &OwnedFd,
     stub_id: (u64, u64),
     path: &str,
@@ -358,9 +375,15 @@ fn place(
         }
         other => other.map_err(sys("opening"))?,
     };
+    // The path the VM (and the stub) will see it at: the descriptor's, from the thread's root.
+    let at = nix::fcntl::readlinkat(own_fds, target.as_raw_fd().to_string().as_str())
+        .ok()
+        .and_then(|p| p.into_string().ok())
+        .filter(|p| p.starts_with('/'))
+        .unwrap_or_else(|| path.to_owned());
     let st = fstat(&target).map_err(sys("stat"))?;
     if (st.st_dev, st.st_ino) == stub_id {
-        return Ok(Placed { created });
+        return Ok(Placed { created, at });
     }
     // A mount point Shuttle made in an earlier run of the VM is Shuttle's to remove too.
     created |= is_made_mount_point(&st);
@@ -377,15 +400,24 @@ fn place(
         .map_err(sys("mount_setattr(MOUNT_ATTR_RDONLY) of the stub for"))?;
     shuttle_sys::vm_mount::attach_onto(mount.as_fd(), target.as_fd())
         .map_err(sys("move_mount of the stub onto"))?;
-    // Verified by looking the path up anew.
-    let now = resolve(root, path).and_then(|fd| identity(&fd));
+    // Verified by looking the path up anew; a stub that landed elsewhere (the VM renamed the
+    // file meanwhile) is taken away again.
+    let now = resolve(root, &at).and_then(|fd| identity(&fd));
     if now != Ok(stub_id) {
+        if let Ok(mounted) = openat(
+            &dir,
+            name,
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            let _ = unmount_through(own_fds, &mounted, stub_id);
+        }
         return Err(StubError::NotVerified {
             vm: vm.to_owned(),
             path: path.to_owned(),
         });
     }
-    Ok(Placed { created })
+    Ok(Placed { created, at })
 }
 
 /// An empty regular file of mode 0: what [`place`] makes where a program is missing.
@@ -395,32 +427,41 @@ fn is_made_mount_point(st: &nix::sys::stat::FileStat) -> bool {
         && st.st_size == 0
 }
 
+/// Unmounts the stub mount `fd` holds, if it is the stub. umount2(2) takes a path: the
+/// descriptor's magic link in this thread's host /proc names exactly that mount, whatever the
+/// VM did to its path since.
+fn unmount_through(
+    own_fds: &OwnedFd,
+    fd: &OwnedFd,
+    stub_id: (u64, u64),
+) -> Result<(), (&'static str, Errno)> {
+    if identity(fd).map_err(|e| ("stat", e))? != stub_id {
+        // Not our stub (any more): nothing to take away.
+        return Ok(());
+    }
+    nix::unistd::fchdir(own_fds).map_err(|e| ("fchdir to /proc/thread-self/fd for", e))?;
+    nix::mount::umount2(
+        Path::new(&fd.as_raw_fd().to_string()),
+        nix::mount::MntFlags::MNT_DETACH,
+    )
+    .map_err(|e| ("umount2 of the stub at", e))
+}
+
 fn unplace(
     root: &OwnedFd,
     own_fds: &OwnedFd,
     stub_id: (u64, u64),
     path: &str,
-    state: Placed,
+    created: bool,
 ) -> Result<(), (&'static str, Errno)> {
     let fd = match resolve(root, path) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) => return Ok(()),
         Err(e) => return Err(("opening", e)),
     };
-    if identity(&fd).map_err(|e| ("stat", e))? != stub_id {
-        // Not our stub (any more): nothing to take away.
-        return Ok(());
-    }
-    // umount2(2) takes a path: the descriptor's magic link in this thread's host /proc names
-    // exactly the stub mount `fd` holds, whatever the VM did to the path since.
-    nix::unistd::fchdir(own_fds).map_err(|e| ("fchdir to /proc/thread-self/fd for", e))?;
-    nix::mount::umount2(
-        Path::new(&fd.as_raw_fd().to_string()),
-        nix::mount::MntFlags::MNT_DETACH,
-    )
-    .map_err(|e| ("umount2 of the stub at", e))?;
+    unmount_through(own_fds, &fd, stub_id)?;
     drop(fd);
-    if state.created {
+    if created {
         // The empty mount point Shuttle made goes too, if it is still that.
         if let Some((parent, name)) = path.rsplit_once('/') {
             let parent = if parent.is_empty() { "/" } else { parent };

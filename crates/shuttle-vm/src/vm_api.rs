@@ -57,6 +57,8 @@ pub struct ApiContext {
     pub journal: Arc<VmJournal>,
     /// What mediated calls remember between calls (see [`crate::intercept`]).
     pub mediation: crate::intercept::MediationState,
+    /// The VM's invoke stubs (see [`crate::stubs`]).
+    pub stubs: Option<Arc<crate::stubs::Stubs>>,
 }
 
 /// Accepts connections from inside the VM, one thread each. Returns when accept fails for

@@ -308,6 +308,29 @@ fn rules_loaded_at_run_time_take_effect_in_running_vms() {
         env.run_ok("a", "/opt/tool/run one 'two words'").trim(),
         "tool in b: one two words"
     );
+    // A rule may name the program through a directory that is a symbolic link (`/bin` on a
+    // merged /usr): the stub lands on the file, and still stands for the rule's path. A rule
+    // naming a symbolic link itself gets no stub (it would cover the link's target, which other
+    // names share): the VM's own program stays.
+    load(
+        &env,
+        &format!(
+            "{}{}{}{}",
+            policy(),
+            rule("/opt/tool/run", ""),
+            rule("/bin/uname", ""),
+            rule("/usr/bin/python3", "")
+        ),
+    );
+    assert_eq!(env.run_ok("a", "uname -n").trim(), "b");
+    assert_eq!(
+        env.py_ok("a", "import socket; print(socket.gethostname())")
+            .trim(),
+        "a"
+    );
+    assert!(invokes(&env)
+        .iter()
+        .any(|r| r["object"] == "/bin/uname" && r["result"] == "allow"));
     // A VM cannot take its stub away or write through it.
     let out = env.run("a", "rm -f /usr/bin/hostname || echo cannot-remove; echo x > /usr/bin/hostname || echo cannot-write");
     assert!(stdout(&out).contains("cannot-remove"), "{}", stdout(&out));
