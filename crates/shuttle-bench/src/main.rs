@@ -4,6 +4,8 @@
 //! Usage (as root, after `cargo build --release`):
 //!   target/release/shuttle-bench [--runs N] [--fleet N]
 //!   target/release/shuttle-bench --connect [--connects N]   (what mediation adds to connect)
+//!   target/release/shuttle-bench --invoke [--runs N] [--rounds N]
+//!                                 (`true` invoked across VMs vs `shuttle run` into the target)
 //!   target/release/shuttle-bench --pgbench [--seconds N] [--rounds N] [--clients N]
 //!                                 (PostgreSQL across VMs: pgbench -C -S, cross-VM vs same VM)
 //!
@@ -23,6 +25,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 mod connect;
+mod invoke;
 mod pgbench;
 
 const BWRAP_ARGS: &[&str] = &[
@@ -159,6 +162,12 @@ fn main() -> Result<()> {
     };
     let result = if args.iter().any(|a| a == "--connect") {
         connect::run(&bench, arg(&args, "--connects", 2000)?)
+    } else if args.iter().any(|a| a == "--invoke") {
+        invoke::run(
+            &bench,
+            arg(&args, "--runs", 200)?,
+            arg(&args, "--rounds", 3)?,
+        )
     } else if args.iter().any(|a| a == "--pgbench") {
         pgbench::run(
             &bench,
