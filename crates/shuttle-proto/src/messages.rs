@@ -169,6 +169,12 @@ pub enum VmRequest {
     InvokeSignal {
         signal: i32,
     },
+    /// Answering [`VmReply::SendFiles`]: descriptors of the file arguments `args` (indexes into
+    /// [`InvokeSpec::args`]), opened by the caller, alongside (at most eight per message); an
+    /// empty `args` ends the list.
+    InvokeFiles {
+        args: Vec<u32>,
+    },
 }
 
 /// An invocation as the caller asks for it. Nothing in it is trusted beyond what the rule the
@@ -190,6 +196,12 @@ pub struct InvokeSpec {
     /// which is never handed to another VM).
     #[serde(default)]
     pub terminal: Option<(u16, u16)>,
+    /// Which of `args` (0-based) name regular files in the caller's VM. When the rule passes
+    /// files, the monitor asks for them ([`VmReply::SendFiles`]); each one the caller can open
+    /// then appears to the program at `/shuttle/from/CALLER-VM/PATH` and its argument is
+    /// rewritten to that path.
+    #[serde(default)]
+    pub files: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -209,6 +221,11 @@ pub enum VmReply {
     },
     Failed {
         message: String,
+    },
+    /// The invocation is allowed and the rule passes file arguments: send their descriptors
+    /// ([`VmRequest::InvokeFiles`]), opened for writing too when `write` (and possible).
+    SendFiles {
+        write: bool,
     },
     /// The invoked program runs in VM `vm` with this PID there (with a terminal's master side
     /// alongside when one was asked for).

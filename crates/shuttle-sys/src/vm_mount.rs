@@ -59,12 +59,16 @@ pub fn clone_mount(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
 }
 
-/// Makes a detached mount read-only, nosuid and nodev (mount_setattr(2)).
-pub fn make_read_only(mount: BorrowedFd<'_>) -> Result<(), Errno> {
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+/// Makes a detached mount nosuid and nodev, and read-only unless `writable`
+/// (mount_setattr(2)).
+pub fn restrict(mount: BorrowedFd<'_>, writable: bool) -> Result<(), Errno> {
+    let mut attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
         ..MountAttr::default()
     };
+    if !writable {
+        attr.attr_set |= MOUNT_ATTR_RDONLY;
+    }
     // SAFETY: `attr` is a live, properly laid out struct mount_attr of the size passed.
     let r = unsafe {
         libc::syscall(

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
 use nix::sys::stat::Mode;
 use shuttle_audit::{AuditRecord, Caller, Outcome};
-use shuttle_policy::{Action, InvokeParams, Op, OpParams, Request, Target, VmIdentity};
+use shuttle_policy::{Action, FileAccess, InvokeParams, Op, OpParams, Request, Target, VmIdentity};
 use shuttle_proto::{
     BrokerReply, BrokerRequest, Bytes, Channel, ChannelError, CommandSpec, Hello, InvokeSpec,
     VmReply, VmRequest, PROTOCOL_VERSION,
@@ -29,8 +29,8 @@ use shuttle_proto::{
 
 use crate::client::{self, ClientError};
 use crate::layout::Layout;
-use crate::store;
 use crate::vm_api::{self, ApiContext};
+use crate::{store, transfer};
 
 /// The longest program path accepted (PATH_MAX).
 const MAX_PROGRAM: usize = 4096;
@@ -63,6 +63,26 @@ pub(crate) fn serve(
         Ok(d) => d,
         Err(refusal) => return chan.send(&refusal),
     };
+    // File arguments are asked for only now that the invocation is allowed, and only when
+    // the rule passes them.
+    let files = if params.files == FileAccess::None || spec.files.is_empty() {
+        Vec::new()
+    } else {
+        let write = params.files == FileAccess::ReadWrite;
+        match chan
+            .send(&VmReply::SendFiles { write })
+            .map_err(|e| e.to_string())
+            .and_then(|()| receive_files(chan, &spec))
+        {
+            Ok(f) => f,
+            Err(why) => {
+                record.result = Outcome::Error;
+                record.reason = Some(format!("receiving the file arguments: {why}"));
+                let message = format!("invalid file arguments: {why}");
+                return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
+            }
+        }
+    };
     let user = match (&params.user, ids) {
         (Some(u), _) => u.clone(),
         (None, Some((uid, gid))) => format!("{uid}:{gid}"),
@@ -81,7 +101,14 @@ pub(crate) fn serve(
     } else {
         ", starting it"
     };
-    record.reason = Some(format!("run as {user} in VM {target}{starting}{approval}"));
+    let passing = match (files.len(), params.files) {
+        (0, _) | (_, FileAccess::None) => String::new(),
+        (n, FileAccess::ReadOnly) => format!(" with {n} file argument(s) read-only"),
+        (n, FileAccess::ReadWrite) => format!(" with {n} file argument(s) read-write"),
+    };
+    record.reason = Some(format!(
+        "run as {user} in VM {target}{passing}{starting}{approval}"
+    ));
     if !vm_api::journal(ctx, record.clone()) {
         return chan.send(&journal_failed());
     }
@@ -94,6 +121,37 @@ pub(crate) fn serve(
     };
     if let Err(message) = ensure_running(&ctx.layout, &target) {
         return chan.send(&fail(record, message));
+    }
+    let mut spec = spec;
+    let mut _exposed = None;
+    if !files.is_empty() {
+        let caller_ns = ctx.stubs.as_ref().map(|s| s.mount_namespace());
+        let shown = caller_ns
+            .ok_or_else(|| "the caller's mount namespace is not at hand".to_owned())
+            .and_then(|ns| {
+                let t = transfer::target_ns(&ctx.layout, &target)?;
+                transfer::expose(
+                    &ctx.layout,
+                    &ctx.vm,
+                    ns,
+                    &t,
+                    files,
+                    params.files == FileAccess::ReadWrite,
+                )
+            });
+        match shown {
+            Ok((rewritten, exposed)) => {
+                for (index, arg) in rewritten {
+                    if let Some(a) = spec.args.get_mut(index) {
+                        *a = arg;
+                    }
+                }
+                _exposed = Some(exposed);
+            }
+            Err(message) => {
+                return chan.send(&fail(record, format!("passing file arguments: {message}")))
+            }
+        }
     }
     let command = command_for(ctx, &target, &params, user, &program, spec);
     let fds: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
@@ -340,6 +398,41 @@ fn ensure_running(layout: &Layout, vm: &str) -> Result<(), String> {
     }
 }
 
+/// Receives the descriptors of file arguments, each one among those `spec` announced, until
+/// an empty list ends them.
+fn receive_files(chan: &Channel, spec: &InvokeSpec) -> Result<Vec<transfer::FileArg>, String> {
+    let mut files: Vec<transfer::FileArg> = Vec::new();
+    loop {
+        let (args, fds) = match chan.recv_with_fds::<VmRequest>() {
+            Ok((VmRequest::InvokeFiles { args }, fds)) => (args, fds),
+            Ok(_) => return Err("expected the file arguments' descriptors".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        if args.is_empty() && fds.is_empty() {
+            return Ok(files);
+        }
+        if args.len() != fds.len() {
+            return Err(format!(
+                "{} descriptors for {} arguments",
+                fds.len(),
+                args.len()
+            ));
+        }
+        for (i, fd) in args.into_iter().zip(fds) {
+            let index = i as usize;
+            if !spec.files.contains(&i) || files.iter().any(|f| f.index == index) {
+                return Err(format!(
+                    "argument {i} was not announced as a file, or came twice"
+                ));
+            }
+            if files.len() == transfer::MAX_FILES {
+                return Err(format!("more than {} file arguments", transfer::MAX_FILES));
+            }
+            files.push(transfer::FileArg { index, fd });
+        }
+    }
+}
+
 /// Checks what the policy does not: sizes and descriptors.
 fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     let p = &spec.program;
@@ -354,6 +447,11 @@ fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     }
     if spec.terminal.is_some_and(|(r, c)| r == 0 || c == 0) {
         return Err("a terminal of size 0".into());
+    }
+    if spec.files.len() > spec.args.len()
+        || spec.files.iter().any(|&i| i as usize >= spec.args.len())
+    {
+        return Err("file arguments that are not arguments".into());
     }
     Ok(())
 }
@@ -438,6 +536,7 @@ mod tests {
             env: Vec::new(),
             cwd: None,
             terminal,
+            files: Vec::new(),
         }
     }
 

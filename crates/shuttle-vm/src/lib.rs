@@ -23,6 +23,7 @@ pub mod plan;
 pub mod setup;
 pub mod store;
 pub mod stubs;
+pub mod transfer;
 pub mod users;
 pub mod vm_api;
 

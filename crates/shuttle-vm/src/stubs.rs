@@ -124,6 +124,11 @@ impl Stubs {
         })
     }
 
+    /// The VM's mount namespace.
+    pub fn mount_namespace(&self) -> BorrowedFd<'_> {
+        self.mount_ns.as_fd()
+    }
+
     /// The stub paths in place now.
     pub fn placed(&self) -> Vec<String> {
         self.placed
@@ -396,7 +401,7 @@ fn place(
     }
     let mount = shuttle_sys::vm_mount::clone_mount(stub.as_fd())
         .map_err(sys("open_tree(OPEN_TREE_CLONE) of the stub for"))?;
-    shuttle_sys::vm_mount::make_read_only(mount.as_fd())
+    shuttle_sys::vm_mount::restrict(mount.as_fd(), false)
         .map_err(sys("mount_setattr(MOUNT_ATTR_RDONLY) of the stub for"))?;
     shuttle_sys::vm_mount::attach_onto(mount.as_fd(), target.as_fd())
         .map_err(sys("move_mount of the stub onto"))?;
@@ -421,7 +426,7 @@ fn place(
 }
 
 /// An empty regular file of mode 0: what [`place`] makes where a program is missing.
-fn is_made_mount_point(st: &nix::sys::stat::FileStat) -> bool {
+pub(crate) fn is_made_mount_point(st: &nix::sys::stat::FileStat) -> bool {
     st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFREG.bits()
         && st.st_mode & 0o7777 == 0
         && st.st_size == 0

@@ -133,9 +133,11 @@ fn handle(ctx: &ApiContext, chan: &Channel) -> Result<(), ChannelError> {
                 },
                 _,
             )) => signal_request(ctx, &caller, &vm, &program, signal),
-            Ok((VmRequest::InvokeSignal { .. }, _)) => VmReply::Failed {
-                message: "nothing was invoked on this connection".into(),
-            },
+            Ok((VmRequest::InvokeSignal { .. } | VmRequest::InvokeFiles { .. }, _)) => {
+                VmReply::Failed {
+                    message: "nothing was invoked on this connection".into(),
+                }
+            }
             Ok((VmRequest::Hello(_), _)) => VmReply::Failed {
                 message: "hello twice".into(),
             },

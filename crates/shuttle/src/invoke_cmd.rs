@@ -76,6 +76,60 @@ fn standard(fd: BorrowedFd<'_>, keep: &mut Vec<OwnedFd>) -> Result<()> {
     Ok(())
 }
 
+/// The most file arguments passed along (the monitor takes no more).
+const MAX_FILES: usize = 64;
+
+/// The arguments that name regular files (in the caller's VM, as the program would resolve
+/// them here): those the monitor may ask for. Options, missing paths, directories, devices
+/// and FIFOs stay plain strings.
+fn file_candidates(args: &[OsString]) -> Vec<u32> {
+    args.iter()
+        .enumerate()
+        .filter(|(_, a)| !a.is_empty() && std::fs::metadata(a).is_ok_and(|m| m.is_file()))
+        .filter_map(|(i, _)| u32::try_from(i).ok())
+        .take(MAX_FILES)
+        .collect()
+}
+
+/// Opens the candidate file arguments here, in the caller's VM and with the caller's rights
+/// (for writing too when `write` and allowed, else for reading), and sends their descriptors:
+/// nothing the caller could not open itself is ever passed. One it cannot open stays a string.
+fn send_files(chan: &Channel, args: &[OsString], candidates: &[u32], write: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut files: Vec<(u32, OwnedFd)> = Vec::new();
+    for &i in candidates {
+        let Some(arg) = args.get(i as usize) else {
+            continue;
+        };
+        // Non-blocking, no controlling terminal: the path may have been swapped for a FIFO or
+        // a terminal since it was looked at; the descriptor is checked again.
+        let open = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(arg)
+        };
+        let opened = if write {
+            open(true).or_else(|_| open(false))
+        } else {
+            open(false)
+        };
+        if let Ok(file) = opened {
+            if file.metadata().is_ok_and(|m| m.is_file()) {
+                files.push((i, OwnedFd::from(file)));
+            }
+        }
+    }
+    for chunk in files.chunks(shuttle_sys::fdpass::MAX_FDS_PER_MESSAGE) {
+        let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, f)| f.as_fd()).collect();
+        let args = chunk.iter().map(|(i, _)| *i).collect();
+        chan.send_with_fds(&VmRequest::InvokeFiles { args }, &fds)?;
+    }
+    chan.send(&VmRequest::InvokeFiles { args: Vec::new() })?;
+    Ok(())
+}
+
 /// Runs `program` (an absolute path, as the rule names it) with `args` where the policy routes
 /// it; returns the exit status to exit with.
 pub fn invoke(program: String, args: Vec<OsString>) -> Result<i32> {
@@ -120,6 +174,7 @@ pub fn invoke(program: String, args: Vec<OsString>) -> Result<i32> {
             standard(stderr.as_fd(), &mut stdio)?;
         }
     }
+    let candidates = file_candidates(&args);
     let spec = InvokeSpec {
         program: program.clone(),
         args: args.iter().map(|a| Bytes::from(a.as_os_str())).collect(),
@@ -130,17 +185,23 @@ pub fn invoke(program: String, args: Vec<OsString>) -> Result<i32> {
             .ok()
             .map(|d| Bytes::from(d.as_os_str())),
         terminal: pty_mode.then(|| terminal_io::size_of(stdin.as_fd())),
+        files: candidates.clone(),
     };
     let borrowed: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
     chan.send_with_fds(&VmRequest::Invoke(spec), &borrowed)?;
     drop(borrowed);
     // The program has its own copies; ours must go so that relays see end of file.
     drop(stdio);
-    let (reply, mut fds) = match chan.recv_with_fds::<VmReply>() {
-        Ok(r) => r,
+    let receive = || match chan.recv_with_fds::<VmReply>() {
+        Ok(r) => Ok(r),
         Err(ChannelError::Disconnected) => bail!("this VM's monitor closed the connection"),
-        Err(e) => return Err(e.into()),
+        Err(e) => Err(anyhow::Error::from(e)),
     };
+    let (mut reply, mut fds) = receive()?;
+    if let VmReply::SendFiles { write } = reply {
+        send_files(&chan, &args, &candidates, write)?;
+        (reply, fds) = receive()?;
+    }
     match reply {
         VmReply::Invoked { .. } => {}
         VmReply::Denied { message } => {

@@ -456,3 +456,103 @@ print("status", os.waitstatus_to_exitcode(status))
     assert!(out.contains("got-hello"), "{out}");
     assert!(out.contains("status 0"), "{out}");
 }
+
+#[test]
+fn file_arguments_appear_under_shuttle_from_and_nothing_else_does() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    let policy = format!(
+        "{}{}{}{}",
+        policy(),
+        rule("/usr/bin/realpath", ""),
+        rule("/usr/bin/cat", "files = \"none\"\n"),
+        rule("/usr/bin/tee", "files = \"read-write\"\n")
+    );
+    load(&env, &policy);
+    env.run_ok(
+        "a",
+        "echo hello > /root/doc.txt; echo sibling > /root/other.txt; seq 1 1000 > /etc/a-only; \
+         : > /root/out.txt; echo secret > /root/secret; chmod 600 /root/secret",
+    );
+    // The file appears at /shuttle/from/a/PATH, and the argument names it there.
+    assert_eq!(
+        env.run_ok("a", "cd /root && sha256sum doc.txt").trim(),
+        format!("{}  /shuttle/from/a/root/doc.txt", host_sha256(b"hello\n"))
+    );
+    assert_eq!(
+        env.run_ok("a", "wc -l /etc/a-only").trim(),
+        "1000 /shuttle/from/a/etc/a-only"
+    );
+    // Relative paths, `..`, symbolic links and /proc/self/root: the file's own path in a.
+    for arg in [
+        "cd /tmp && realpath ../root/doc.txt",
+        "ln -sf /root/doc.txt /tmp/link && realpath /tmp/link",
+        "realpath /proc/self/root/root/doc.txt",
+    ] {
+        assert_eq!(
+            env.run_ok("a", arg).trim(),
+            "/shuttle/from/a/root/doc.txt",
+            "{arg}"
+        );
+    }
+    // Exactly the named file: not its siblings, read-only, gone when the program ends.
+    let seen = env.run_ok(
+        "a",
+        "bash -c 'find /shuttle -mindepth 1 | sort; echo x >> \"$1\" || echo read-only' _ /root/doc.txt",
+    );
+    assert_eq!(
+        seen.lines().collect::<Vec<_>>(),
+        [
+            "/shuttle/from",
+            "/shuttle/from/a",
+            "/shuttle/from/a/root",
+            "/shuttle/from/a/root/doc.txt",
+            "read-only"
+        ],
+        "{seen}"
+    );
+    // (`cat` itself is invoked in b in this test: a's files are read with `head`.)
+    assert_eq!(env.run_ok("a", "head -c 100 /root/doc.txt"), "hello\n");
+    assert_eq!(
+        env.run_ok("b", "find /shuttle/from/a -mindepth 1"),
+        "",
+        "what was passed stays in b after the program ended"
+    );
+    // Directories, devices, missing paths, kernel files and options stay strings.
+    assert_eq!(
+        env.run_ok(
+            "a",
+            "bash -c 'echo \"$@\"' _ /etc /dev/null /nonexistent /proc/self/status -n"
+        )
+        .trim(),
+        "/etc /dev/null /nonexistent /proc/self/status -n"
+    );
+    // A file the caller cannot open is not passed (its name means b's own file, which b
+    // lacks).
+    let out = env.output(&["run", "a", "-u", "nobody", "--", "realpath", "/root/secret"]);
+    assert!(!out.status.success());
+    assert!(!stderr(&out).contains("/shuttle/from"), "{}", stderr(&out));
+    // Names with odd bytes.
+    let odd = env.run_ok(
+        "a",
+        "f=$(printf '/tmp/we ird\\nname'); printf x > \"$f\"; bash -c 'printf \"%s|\" \"$1\"; cat \"$1\"' _ \"$f\"",
+    );
+    assert_eq!(odd, "/shuttle/from/a/tmp/we ird\nname|x");
+    // files = "none": names pass as strings; files = "read-write": the program writes a's file.
+    let out = env.run("a", "cat /root/doc.txt");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/root/doc.txt"), "{}", stderr(&out));
+    env.run_ok("a", "echo written-in-b | tee /root/out.txt >/dev/null");
+    assert_eq!(
+        env.run_ok("a", "head -c 100 /root/out.txt"),
+        "written-in-b\n"
+    );
+    // The audit says what was passed.
+    assert!(invokes(&env)
+        .iter()
+        .any(|r| r["object"] == "/usr/bin/sha256sum"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("with 1 file argument(s) read-only"))));
+}
