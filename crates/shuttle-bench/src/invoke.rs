@@ -81,6 +81,18 @@ pub fn run(bench: &Bench, n: usize, rounds: usize) -> Result<()> {
     // A copy of `true` the stub will not cover, for the cost of a plain exec in a VM (made
     // before the rule puts a stub over /usr/bin/true).
     bench.check(&["run", "ia", "--", "cp", "/usr/bin/true", "/var/tmp/true"])?;
+    // Eight small files, passed as file arguments (each shown in ib at /shuttle/from/ia/...).
+    bench.check(&[
+        "run",
+        "ia",
+        "--",
+        "sh",
+        "-c",
+        "for i in 1 2 3 4 5 6 7 8; do echo $i > /var/tmp/f$i; done",
+    ])?;
+    let with_files: Vec<String> = (1..=8).map(|i| format!("/var/tmp/f{i}")).collect();
+    let mut files_cmd = vec!["/usr/bin/true"];
+    files_cmd.extend(with_files.iter().map(String::as_str));
     let dir = tempfile::Builder::new().prefix("shi").tempdir_in("/tmp")?;
     let policy = dir.path().join("policy.toml");
     std::fs::write(
@@ -93,7 +105,7 @@ pub fn run(bench: &Bench, n: usize, rounds: usize) -> Result<()> {
     // Warm-up: caches, the audit journal, the broker.
     in_vm(bench, "ia", 20, &["/usr/bin/true"])?;
     on_host(bench, 20, &run_cmd)?;
-    let (mut inv, mut run, mut local) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut inv, mut run, mut local, mut files) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut inv90, mut run90) = (Vec::new(), Vec::new());
     for _ in 0..rounds.max(1) {
         let (m, p) = in_vm(bench, "ia", n, &["/usr/bin/true"])?;
@@ -104,6 +116,8 @@ pub fn run(bench: &Bench, n: usize, rounds: usize) -> Result<()> {
         run90.push(p);
         let (m, _) = in_vm(bench, "ia", n, &["/var/tmp/true"])?;
         local.push(m);
+        let (m, _) = in_vm(bench, "ia", n, &files_cmd)?;
+        files.push(m);
     }
     let (im, rm, lm) = (median(inv), median(run), median(local));
     println!(
@@ -116,5 +130,10 @@ pub fn run(bench: &Bench, n: usize, rounds: usize) -> Result<()> {
         im / rm
     );
     println!("a copy of true run in ia itself:     {lm:>7.3}  (a plain exec in a VM, for scale)");
+    let fm = median(files);
+    println!(
+        "true with 8 file arguments, invoked: {fm:>7.3}  added per file argument: {:.3}",
+        (fm - im) / 8.0
+    );
     Ok(())
 }
