@@ -154,16 +154,20 @@ impl Drop for Exposed {
             }
         }
         // Unmounted while the registry is held, so that no new invocation reuses an entry
-        // being taken away.
-        for (key, entry) in gone {
-            let ns = Arc::clone(&entry.mount_ns);
-            let r = std::thread::scope(|s| {
-                s.spawn(|| take_away(ns.as_fd(), &key.2, &entry.mount))
+        // being taken away; one thread for the files of one target.
+        while let Some((first, _)) = gone.first() {
+            let (vm, pid) = (first.0.clone(), first.1);
+            let (batch, rest): (Vec<_>, Vec<_>) =
+                gone.into_iter().partition(|(k, _)| k.0 == vm && k.1 == pid);
+            gone = rest;
+            let ns = Arc::clone(&batch[0].1.mount_ns);
+            let results = std::thread::scope(|s| {
+                s.spawn(|| take_away(ns.as_fd(), &batch))
                     .join()
                     .unwrap_or(Err(Errno::EFAULT))
             });
-            if let Err(e) = r {
-                tracing::warn!(vm = %key.0, path = %String::from_utf8_lossy(&key.2), error = %e, "could not take a passed file away");
+            if let Err(e) = results {
+                tracing::warn!(%vm, error = %e, "could not take passed files away");
             }
         }
     }
@@ -463,9 +467,10 @@ fn attach(
     Ok(mounted)
 }
 
-/// In the target's mount namespace: unmounts the mount `mount` holds (through its magic link,
-/// whatever the VM did to the path) and removes the empty mount point.
-fn take_away(ns: BorrowedFd<'_>, path: &[u8], mount: &OwnedFd) -> Result<(), Errno> {
+/// In the target's mount namespace: unmounts each entry's mount (through its descriptor's
+/// magic link, whatever the VM did to the path) and removes the empty mount point and the
+/// directories made for it.
+fn take_away(ns: BorrowedFd<'_>, entries: &[(Key, Entry)]) -> Result<(), Errno> {
     let own_fds = nix::fcntl::open(
         Path::new("/proc/thread-self/fd"),
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -473,49 +478,50 @@ fn take_away(ns: BorrowedFd<'_>, path: &[u8], mount: &OwnedFd) -> Result<(), Err
     )?;
     shuttle_sys::vm_mount::enter_mount_namespace_alone(ns)?;
     nix::unistd::fchdir(&own_fds)?;
-    nix::mount::umount2(
-        Path::new(&mount.as_raw_fd().to_string()),
-        nix::mount::MntFlags::MNT_DETACH,
-    )?;
-    // The mount point, if it is still the empty file Shuttle made.
-    let path = std::ffi::OsStr::from_bytes(path);
-    let (Some(parent), Some(name)) = (Path::new(path).parent(), Path::new(path).file_name()) else {
-        return Ok(());
+    for (key, entry) in entries {
+        if let Err(e) = nix::mount::umount2(
+            Path::new(&entry.mount.as_raw_fd().to_string()),
+            nix::mount::MntFlags::MNT_DETACH,
+        ) {
+            tracing::warn!(vm = %key.0, path = %String::from_utf8_lossy(&key.2), error = %e, "umount2 of a passed file");
+            continue;
+        }
+        remove_mount_point(&key.2);
+    }
+    Ok(())
+}
+
+/// Removes the mount point at `path` if it is still the empty file Shuttle made, and the
+/// directories made for it, up to /shuttle/from/CALLER, as they empty: no name of the
+/// caller's stays behind.
+fn remove_mount_point(path: &[u8]) {
+    let path = Path::new(std::ffi::OsStr::from_bytes(path));
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
     };
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    let dir = openat2(
-        nix::fcntl::AT_FDCWD,
-        Path::new("/")
-            .join(parent.strip_prefix("/").unwrap_or(parent))
-            .as_path(),
-        how,
-    );
-    if let Ok(dir) = dir {
+    if let Ok(dir) = openat2(nix::fcntl::AT_FDCWD, parent, how) {
         let made = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
             .is_ok_and(|st| crate::stubs::is_made_mount_point(&st));
         if made {
             let _ = nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
         }
     }
-    // And the directories made for it, up to /shuttle/from/CALLER, as they empty: no name of
-    // the caller's stays behind.
-    let mut dir = Path::new(path).parent();
+    let mut dir = Some(parent);
     while let Some(d) = dir {
-        if d.components().count() <= 4 {
-            break;
-        }
-        if nix::unistd::unlinkat(
-            nix::fcntl::AT_FDCWD,
-            d,
-            nix::unistd::UnlinkatFlags::RemoveDir,
-        )
-        .is_err()
+        // `/`, `shuttle`, `from`, CALLER: kept.
+        if d.components().count() <= 4
+            || nix::unistd::unlinkat(
+                nix::fcntl::AT_FDCWD,
+                d,
+                nix::unistd::UnlinkatFlags::RemoveDir,
+            )
+            .is_err()
         {
             break;
         }
         dir = d.parent();
     }
-    Ok(())
 }
