@@ -556,3 +556,33 @@ fn file_arguments_appear_under_shuttle_from_and_nothing_else_does() {
                 .as_str()
                 .is_some_and(|s| s.contains("with 1 file argument(s) read-only"))));
 }
+
+#[test]
+fn a_symlink_swapped_during_the_call_exposes_nothing_the_caller_cannot_open() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(&env, &format!("{}{}", policy(), rule("/usr/bin/head", "")));
+    // As nobody in a, a link flips between a file nobody may read and one it may not, while
+    // nobody invokes b's `head` on it again and again.
+    env.run_ok(
+        "a",
+        "mkdir -p /var/tmp/race && chmod 777 /var/tmp/race && echo public > /var/tmp/public \
+         && chmod 644 /var/tmp/public && echo private-data > /var/tmp/private && chmod 600 /var/tmp/private",
+    );
+    let script = r#"
+cd /var/tmp/race
+( while :; do ln -sfn /var/tmp/public link; ln -sfn /var/tmp/private link; done ) &
+racer=$!
+for i in $(seq 1 60); do head -n 1 link 2>&1; done
+kill $racer
+"#;
+    let out = env.output(&["run", "a", "-u", "nobody", "--", "sh", "-c", script]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("public"),
+        "no invocation read the public file: {text}{}",
+        stderr(&out)
+    );
+    assert!(!text.contains("private-data"), "{text}");
+}
