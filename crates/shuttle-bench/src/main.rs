@@ -6,6 +6,8 @@
 //!   target/release/shuttle-bench --connect [--connects N]   (what mediation adds to connect)
 //!   target/release/shuttle-bench --throughput [--mib N] [--rounds N]
 //!                                 (bulk data: mediated vs direct vs a socat relay)
+//!   target/release/shuttle-bench --invoke [--runs N] [--rounds N]
+//!                                 (`true` invoked across VMs vs `shuttle run` into the target)
 //!   target/release/shuttle-bench --pgbench [--seconds N] [--rounds N] [--clients N]
 //!                                 (PostgreSQL across VMs: pgbench -C -S, cross-VM vs same VM)
 //!
@@ -25,6 +27,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 mod connect;
+mod invoke;
 mod pgbench;
 mod throughput;
 
@@ -166,6 +169,12 @@ fn main() -> Result<()> {
         throughput::run(
             &bench,
             arg(&args, "--mib", 1024)?,
+            arg(&args, "--rounds", 3)?,
+        )
+    } else if args.iter().any(|a| a == "--invoke") {
+        invoke::run(
+            &bench,
+            arg(&args, "--runs", 200)?,
             arg(&args, "--rounds", 3)?,
         )
     } else if args.iter().any(|a| a == "--pgbench") {

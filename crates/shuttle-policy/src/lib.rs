@@ -45,6 +45,7 @@ pub use glob::{Glob, GlobError};
 pub use object::{ObjectError, ObjectKind, ObjectPattern, Op};
 pub use params::{
     FileAccess, InvokeParams, OpParams, Params, ShareMode, Signal, SignalSet, DEFAULT_ASK_TIMEOUT,
+    DEFAULT_INVOKE_ENV,
 };
 pub use policy::{Decision, Policy};
 pub use rule::{Action, Mismatch, Request, Rule};

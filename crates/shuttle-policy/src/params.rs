@@ -29,15 +29,46 @@ pub enum FileAccess {
     ReadWrite,
 }
 
+/// The environment variables an `invoke` or `open` rule passes when it has no `env` key.
+pub const DEFAULT_INVOKE_ENV: [&str; 5] = ["LANG", "LANGUAGE", "LC_*", "TERM", "TZ"];
+
 /// Parameters of `invoke` and `open` rules.
-#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct InvokeParams {
     /// Access to file arguments.
     pub files: FileAccess,
     /// Whether the directory of each file argument is exposed as well.
     pub expose_dir: bool,
-    /// Environment variables passed through (allow list); everything else is dropped.
+    /// Environment variables passed through (allow list); everything else is dropped. A name
+    /// ending in `*` allows every variable with that prefix (`LC_*`).
     pub env: Vec<String>,
+    /// Who the program runs as in the target VM (`NAME`, `UID` or `UID:GID`, resolved there);
+    /// `None`: the caller's own uid and gid.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+}
+
+impl Default for InvokeParams {
+    fn default() -> Self {
+        InvokeParams {
+            files: FileAccess::default(),
+            expose_dir: false,
+            env: DEFAULT_INVOKE_ENV.iter().map(|s| (*s).to_owned()).collect(),
+            user: None,
+        }
+    }
+}
+
+impl InvokeParams {
+    /// Whether the environment variable `name` may be passed to the program.
+    pub fn passes_env(&self, name: &[u8]) -> bool {
+        self.env
+            .iter()
+            .any(|allowed| match allowed.strip_suffix('*') {
+                Some(prefix) => name.starts_with(prefix.as_bytes()),
+                None => name == allowed.as_bytes(),
+            })
+    }
 }
 
 /// A signal, by its Linux number.
@@ -244,6 +275,22 @@ mod tests {
         set.insert(Signal::from_name("HUP").unwrap());
         assert!(set.contains(Signal::from_number(1).unwrap()));
         assert!(!set.contains(Signal::from_number(2).unwrap()));
+    }
+
+    #[test]
+    fn invoke_env_allow_list() {
+        let p = InvokeParams::default();
+        for ok in ["LANG", "LC_ALL", "LC_CTYPE", "TERM", "TZ"] {
+            assert!(p.passes_env(ok.as_bytes()), "{ok}");
+        }
+        for no in ["PATH", "LD_PRELOAD", "HOME", "LANGX", "SSH_AUTH_SOCK"] {
+            assert!(!p.passes_env(no.as_bytes()), "{no}");
+        }
+        let none = InvokeParams {
+            env: Vec::new(),
+            ..InvokeParams::default()
+        };
+        assert!(!none.passes_env(b"LANG"));
     }
 
     #[test]

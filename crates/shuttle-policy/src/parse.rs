@@ -16,13 +16,14 @@ use crate::selector::{Selector, SelectorSet};
 const COMMON_KEYS: [&str; 6] = ["name", "op", "from", "to", "object", "action"];
 
 /// Op parameters, with the ops that take them (`timeout` is for every op, with `ask`).
-const PARAM_KEYS: [(&str, &[Op]); 9] = [
+const PARAM_KEYS: [(&str, &[Op]); 10] = [
     ("target", &[Op::Connect]),
     ("mode", &[Op::Share]),
     ("at", &[Op::Share]),
     ("files", &[Op::Invoke, Op::Open]),
     ("expose_dir", &[Op::Invoke, Op::Open]),
     ("env", &[Op::Invoke, Op::Open]),
+    ("user", &[Op::Invoke, Op::Open]),
     ("handler", &[Op::Open]),
     ("signals", &[Op::Signal]),
     ("timeout", &Op::ALL),
@@ -823,12 +824,15 @@ fn parse_invoke(cx: &mut Ctx<'_>, fields: &HashMap<&str, Field<'_>>) -> Option<I
         }
     }
     if let Some(f) = fields.get("env").copied() {
+        // Given, the list replaces the default one (`env = []` passes nothing).
+        p.env.clear();
         match f.item.as_array() {
             Some(arr) => {
                 for v in arr.iter() {
                     let at = value_offset(v).unwrap_or(f.value_at);
                     let valid = |s: &str| {
-                        let mut c = s.chars();
+                        let name = s.strip_suffix('*').unwrap_or(s);
+                        let mut c = name.chars();
                         c.next()
                             .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
                             && c.all(|c| c.is_ascii_alphanumeric() || c == '_')
@@ -842,7 +846,7 @@ fn parse_invoke(cx: &mut Ctx<'_>, fields: &HashMap<&str, Field<'_>>) -> Option<I
                                 at,
                                 format!("invalid environment variable name `{s}`"),
                                 "names are letters, digits and '_', not starting with a digit, \
-                                 e.g. \"LANG\"",
+                                 e.g. \"LANG\"; a trailing '*' allows a prefix, e.g. \"LC_*\"",
                             );
                         }
                         None => {
@@ -874,5 +878,40 @@ fn parse_invoke(cx: &mut Ctx<'_>, fields: &HashMap<&str, Field<'_>>) -> Option<I
             }
         }
     }
+    if let Some(f) = fields.get("user").copied() {
+        match expect_str(cx, "user", f, "\"1000:1000\"") {
+            Some(s) if valid_user(s) => p.user = Some(s.to_owned()),
+            Some(s) => {
+                ok = false;
+                cx.err(
+                    ErrorKind::BadParam,
+                    f.value_at,
+                    format!("invalid user `{s}`"),
+                    "write a user name of the target VM, a UID, or UID:GID, e.g. \"www-data\" or \"1000:1000\"",
+                );
+            }
+            None => ok = false,
+        }
+    }
     ok.then_some(p)
+}
+
+/// `NAME`, `UID` or `UID:GID` (a name as `useradd` accepts it).
+fn valid_user(s: &str) -> bool {
+    let (user, group) = match s.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (s, None),
+    };
+    let numeric = |t: &str| !t.is_empty() && t.len() <= 10 && t.bytes().all(|b| b.is_ascii_digit());
+    let name = |t: &str| {
+        !t.is_empty()
+            && t.len() <= 32
+            && !t.starts_with('-')
+            && t.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b) || b == b'$')
+    };
+    match group {
+        Some(g) => numeric(user) && numeric(g),
+        None => numeric(user) || name(user),
+    }
 }

@@ -176,6 +176,47 @@ pub enum VmRequest {
         program: String,
         signal: i32,
     },
+    /// Run `program` where the policy's `invoke` rules route it (what an invoke stub asks);
+    /// stdin, stdout and stderr come alongside, unless a terminal is asked for. Answered with
+    /// [`VmReply::Invoked`] and then [`VmReply::Exited`], or with a refusal.
+    Invoke(InvokeSpec),
+    /// During an invocation: deliver `signal` to the invoked program (its process group).
+    InvokeSignal {
+        signal: i32,
+    },
+    /// Answering [`VmReply::SendFiles`]: descriptors of the file arguments `args` (indexes into
+    /// [`InvokeSpec::args`]), opened by the caller, alongside (at most eight per message); an
+    /// empty `args` ends the list.
+    InvokeFiles {
+        args: Vec<u32>,
+    },
+}
+
+/// An invocation as the caller asks for it. Nothing in it is trusted beyond what the rule the
+/// policy finds for `program` grants the caller's VM.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InvokeSpec {
+    /// The program's absolute path, as the `invoke` rule names it.
+    pub program: String,
+    /// The arguments after argv\[0\].
+    pub args: Vec<Bytes>,
+    /// The caller's environment: only what the rule's allow list names is passed on.
+    pub env: Vec<(Bytes, Bytes)>,
+    /// The caller's working directory; the program starts there if the target VM has it,
+    /// else in `/`.
+    pub cwd: Option<Bytes>,
+    /// Run on a new pseudo-terminal of the target VM, of this size (rows, columns), whose
+    /// master side comes back with [`VmReply::Invoked`] (the caller's stdin is a terminal,
+    /// which is never handed to another VM).
+    #[serde(default)]
+    pub terminal: Option<(u16, u16)>,
+    /// Which of `args` (0-based) name regular files in the caller's VM. When the rule passes
+    /// files, the monitor asks for them ([`VmReply::SendFiles`]); each one the caller can open
+    /// then appears to the program at `/shuttle/from/CALLER-VM/PATH` and its argument is
+    /// rewritten to that path.
+    #[serde(default)]
+    pub files: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -195,6 +236,25 @@ pub enum VmReply {
     },
     Failed {
         message: String,
+    },
+    /// The invocation is allowed and the rule passes file arguments: send their descriptors
+    /// ([`VmRequest::InvokeFiles`]), opened for writing too when `write` (and possible).
+    SendFiles {
+        write: bool,
+    },
+    /// The invoked program runs in VM `vm` with this PID there (with a terminal's master side
+    /// alongside when one was asked for).
+    Invoked {
+        vm: String,
+        pid: i32,
+    },
+    /// The invoked program ended.
+    Exited(ExitStatus),
+    /// The invocation was allowed but failed: the program could not be started, or its VM
+    /// went away. `exit_code` follows shell conventions (126, 127, 137).
+    InvokeFailed {
+        message: String,
+        exit_code: i32,
     },
 }
 

@@ -10,3 +10,4 @@ pub mod process;
 pub mod seccomp;
 pub mod terminal;
 pub mod unotify;
+pub mod vm_mount;

@@ -16,12 +16,15 @@ pub mod detach;
 pub mod hardening;
 pub mod init;
 pub mod intercept;
+pub mod invoke;
 pub mod ipc_group;
 pub mod layout;
 pub mod monitor;
 pub mod plan;
 pub mod setup;
 pub mod store;
+pub mod stubs;
+pub mod transfer;
 pub mod users;
 pub mod vm_api;
 

@@ -115,6 +115,10 @@ struct Started {
     _lock: nix::fcntl::Flock<fs::File>,
     started_at: u64,
     journal: Arc<crate::audit_log::VmJournal>,
+    /// The policy the VM's requests are decided by.
+    policy: crate::vm_api::SharedPolicy,
+    /// The invoke stubs the policy puts into the VM (`None` if they cannot be managed).
+    stubs: Option<Arc<crate::stubs::Stubs>>,
 }
 
 fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
@@ -187,7 +191,22 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0);
+            let policy = crate::vm_api::load_active_policy(layout);
+            // Stubs go in before the VM is reported running, so that no command started
+            // afterwards runs the VM's own copy of a program the policy routes elsewhere.
+            let stubs = match crate::stubs::Stubs::new(name, &config.tags, init_pid.as_raw()) {
+                Ok(stubs) => {
+                    stubs.sync(&policy);
+                    Some(Arc::new(stubs))
+                }
+                Err(e) => {
+                    tracing::error!(vm = name, error = %e, "invoke stubs cannot be managed");
+                    None
+                }
+            };
             Ok(Started {
+                policy: Arc::new(std::sync::RwLock::new(policy)),
+                stubs,
                 layout: layout.clone(),
                 config,
                 init_pid,
@@ -426,6 +445,7 @@ type CommandEvent = (InitEvent, Option<OwnedFd>);
 struct Shared {
     name: String,
     policy: crate::vm_api::SharedPolicy,
+    stubs: Option<Arc<crate::stubs::Stubs>>,
     init: Channel,
     init_pid: Pid,
     /// Signals to init go through this once it may have been reaped (after which its pid
@@ -515,10 +535,9 @@ impl Started {
             _lock,
             started_at,
             journal,
+            policy,
+            stubs,
         } = self;
-        let policy: crate::vm_api::SharedPolicy = Arc::new(std::sync::RwLock::new(
-            crate::vm_api::load_active_policy(&layout),
-        ));
         let api = Arc::new(crate::vm_api::ApiContext {
             layout: layout.clone(),
             vm: config.name.clone(),
@@ -526,6 +545,7 @@ impl Started {
             policy: Arc::clone(&policy),
             journal: Arc::clone(&journal),
             mediation: crate::intercept::MediationState::new(init_pid.as_raw()),
+            stubs: stubs.clone(),
         });
         let intercept = Arc::clone(&api);
         let intercepted = Arc::clone(&api.mediation.counts);
@@ -547,6 +567,7 @@ impl Started {
             init_pid,
             init_pidfd,
             policy,
+            stubs,
             started_at,
             intercepted,
             next_id: AtomicU64::new(1),
@@ -696,8 +717,14 @@ fn serve_client(shared: &Arc<Shared>, chan: Channel) -> Result<(), ChannelError>
             match shuttle_policy::Policy::parse(&source, &text) {
                 Ok(p) => {
                     let rules = p.len();
-                    *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(p);
+                    let p = Arc::new(p);
+                    *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&p);
                     tracing::info!(vm = %shared.name, %source, rules, "policy replaced");
+                    // Stubs follow before the load is reported done: a program a new rule
+                    // routes elsewhere is a stub from the next exec on.
+                    if let Some(stubs) = &shared.stubs {
+                        stubs.sync(&p);
+                    }
                     chan.send(&MonitorReply::Done)
                 }
                 Err(e) => chan.send(&MonitorReply::Failed {

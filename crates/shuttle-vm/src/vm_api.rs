@@ -57,6 +57,8 @@ pub struct ApiContext {
     pub journal: Arc<VmJournal>,
     /// What mediated calls remember between calls (see [`crate::intercept`]).
     pub mediation: crate::intercept::MediationState,
+    /// The VM's invoke stubs (see [`crate::stubs`]).
+    pub stubs: Option<Arc<crate::stubs::Stubs>>,
 }
 
 /// Accepts connections from inside the VM, one thread each. Returns when accept fails for
@@ -111,13 +113,32 @@ fn handle(ctx: &ApiContext, chan: &Channel) -> Result<(), ChannelError> {
         _ => return Err(ChannelError::Unexpected("request before hello".into())),
     }
     loop {
-        let reply = match chan.recv::<VmRequest>() {
-            Ok(VmRequest::Signal {
-                vm,
-                program,
-                signal,
-            }) => signal_request(ctx, &caller, &vm, &program, signal),
-            Ok(VmRequest::Hello(_)) => VmReply::Failed {
+        let reply = match chan.recv_with_fds::<VmRequest>() {
+            // An invocation takes the connection over until its program ends.
+            Ok((VmRequest::Invoke(spec), fds)) => {
+                let ids = cred.map(|c| (c.uid(), c.gid()));
+                return crate::invoke::serve(ctx, chan, &caller, ids, spec, fds);
+            }
+            Ok((_, fds)) if !fds.is_empty() => {
+                let _ = chan.send(&VmReply::Failed {
+                    message: "descriptors came with a request that takes none".into(),
+                });
+                return Err(ChannelError::Unexpected("unexpected descriptors".into()));
+            }
+            Ok((
+                VmRequest::Signal {
+                    vm,
+                    program,
+                    signal,
+                },
+                _,
+            )) => signal_request(ctx, &caller, &vm, &program, signal),
+            Ok((VmRequest::InvokeSignal { .. } | VmRequest::InvokeFiles { .. }, _)) => {
+                VmReply::Failed {
+                    message: "nothing was invoked on this connection".into(),
+                }
+            }
+            Ok((VmRequest::Hello(_), _)) => VmReply::Failed {
                 message: "hello twice".into(),
             },
             Err(ChannelError::Disconnected) => return Ok(()),

@@ -95,6 +95,26 @@ pub enum Command {
         #[arg(long, short = 's', default_value = "TERM")]
         signal: String,
     },
+    /// Inside a VM: run a program of another VM, as the policy's invoke rules route it
+    ///
+    /// What the stub Shuttle puts at a routed program's path does: the program runs in the VM
+    /// the rule names, as the caller's uid and gid (or the rule's user), with this process's
+    /// stdin, stdout and stderr, the working directory (if that VM has it), and the variables
+    /// the rule's env list allows; signals are forwarded and its exit status is this
+    /// command's. Refused by the policy: a message and exit status 126.
+    ///
+    /// Example: shuttle invoke /usr/bin/sha256sum /etc/hostname
+    Invoke {
+        /// The program's absolute path, as the rule names it
+        program: String,
+        /// Its arguments
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "ARG"
+        )]
+        args: Vec<OsString>,
+    },
     #[command(name = "__monitor", hide = true)]
     Monitor { name: String, ready_fd: i32 },
 }

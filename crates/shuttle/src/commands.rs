@@ -18,7 +18,7 @@ use crate::terminal_io;
 
 /// Exit status when shuttle itself fails (as container tools do, so that it is not confused
 /// with a command's own status).
-const EXIT_SHUTTLE_FAILED: i32 = 125;
+pub(crate) const EXIT_SHUTTLE_FAILED: i32 = 125;
 
 /// Environment variables passed from the caller to `shuttle run` commands by default.
 const PASSED_ENV: &[&str] = &["TERM", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "COLORTERM"];
@@ -72,6 +72,7 @@ pub fn dispatch(cli: Cli) -> i32 {
             program,
             signal,
         } => crate::broker_cmd::signal(&vm, &program, &signal),
+        Command::Invoke { program, args } => crate::invoke_cmd::invoke(program, args),
         Command::Monitor { .. } => Ok(0),
     };
     match result {
@@ -372,7 +373,7 @@ fn command_env(args: &RunArgs) -> Result<Vec<(Bytes, Bytes)>> {
 }
 
 /// Signals that `shuttle run` passes on to the command instead of dying of them.
-const FORWARDED_SIGNALS: &[i32] = &[
+pub(crate) const FORWARDED_SIGNALS: &[i32] = &[
     libc::SIGINT,
     libc::SIGTERM,
     libc::SIGHUP,

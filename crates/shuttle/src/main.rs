@@ -7,6 +7,7 @@
 mod broker_cmd;
 mod cli;
 mod commands;
+mod invoke_cmd;
 mod policy_cmd;
 mod terminal_io;
 
@@ -15,7 +16,10 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    let args = cli::Cli::parse();
-    let code = commands::dispatch(args);
+    // Under a program path in a VM, this binary is that program's invoke stub.
+    let code = match invoke_cmd::stub_program() {
+        Some(program) => invoke_cmd::stub_main(program),
+        None => commands::dispatch(cli::Cli::parse()),
+    };
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
 }

@@ -1,0 +1,107 @@
+//! The new mount API (open_tree(2), mount_setattr(2), move_mount(2)) for what Shuttle mounts
+//! into a VM that already runs: a detached copy of a mount the caller holds open, made
+//! read-only, attached onto a file the caller holds open. Nothing is looked up by path twice,
+//! so a VM renaming things meanwhile cannot redirect a mount.
+//!
+//! These calls act in the caller's mount namespace: a monitor thread enters the VM's first
+//! (see [`enter_mount_namespace_alone`]).
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::errno::Errno;
+
+// From <linux/mount.h> (stable kernel ABI).
+const OPEN_TREE_CLONE: libc::c_uint = 0x1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+
+/// `struct mount_attr` (<linux/mount.h>, MOUNT_ATTR_SIZE_VER0).
+#[repr(C)]
+#[derive(Debug, Default)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Moves the calling thread, and only it, into mount namespace `ns`: it first stops sharing
+/// its filesystem attributes (root, working directory) with the other threads
+/// (unshare(CLONE_FS)), which setns(2) requires of a mount namespace change. The thread's root
+/// and working directory become the namespace's root. Meant for a short-lived thread that
+/// ends afterwards (it cannot come back).
+pub fn enter_mount_namespace_alone(ns: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: unshare takes a flag; CLONE_FS affects only the calling thread's fs_struct.
+    if unsafe { libc::unshare(libc::CLONE_FS) } < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: setns takes a descriptor and a flag.
+    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNS) } < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// A detached copy of the mount at `fd` (open_tree(fd, "", OPEN_TREE_CLONE | AT_EMPTY_PATH)):
+/// a bind mount of what `fd` refers to, attached nowhere until [`attach_onto`]. The mount
+/// must belong to the caller's mount namespace.
+pub fn clone_mount(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_EMPTY_PATH as u32;
+    // SAFETY: the path is a valid empty C string; the flags are plain integers.
+    let r = unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Makes a detached mount nosuid and nodev, and read-only unless `writable`
+/// (mount_setattr(2)).
+pub fn restrict(mount: BorrowedFd<'_>, writable: bool) -> Result<(), Errno> {
+    let mut attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        ..MountAttr::default()
+    };
+    if !writable {
+        attr.attr_set |= MOUNT_ATTR_RDONLY;
+    }
+    // SAFETY: `attr` is a live, properly laid out struct mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH as libc::c_uint,
+            &attr as *const MountAttr,
+            size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// Attaches the detached mount `mount` onto what `target` refers to (move_mount(2) with both
+/// ends given as descriptors). `target` must be in the caller's mount namespace.
+pub fn attach_onto(mount: BorrowedFd<'_>, target: BorrowedFd<'_>) -> Result<(), Errno> {
+    // SAFETY: both paths are valid empty C strings; descriptors and flags are integers.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}

@@ -1,0 +1,553 @@
+//! Application invocation across VMs, on the caller's monitor: a program of VM `a` (usually
+//! the invoke stub at a program path, see [`crate::stubs`]) asks over a's own API socket to
+//! run `program`; the monitor routes it with a's copy of the policy (first match wins, default
+//! deny), journals the decision before anything happens, and asks the target VM's monitor to
+//! run the real program there (`MonitorRequest::Run`, the same path as `shuttle run`), handing
+//! over the caller's own stdin, stdout and stderr descriptors. Signals the caller forwards
+//! reach the program's process group; the exit status comes back; a caller that goes away
+//! without waiting gets its program killed.
+//!
+//! What the request says is trusted for nothing: the VM is the socket it arrived on; the
+//! program is only ever the rule's object, in the VM the rule names, as the caller's own uid
+//! and gid (from the kernel: `SO_PEERCRED`) or the rule's `user`; its environment is the
+//! rule's allow list. Work started on a VM's behalf runs in a VM, never on the host.
+
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::Mode;
+use shuttle_audit::{AuditRecord, Caller, Outcome};
+use shuttle_policy::{Action, FileAccess, InvokeParams, Op, OpParams, Request, Target, VmIdentity};
+use shuttle_proto::{
+    BrokerReply, BrokerRequest, Bytes, Channel, ChannelError, CommandSpec, Hello, InvokeSpec,
+    VmReply, VmRequest, PROTOCOL_VERSION,
+};
+
+use crate::client::{self, ClientError};
+use crate::layout::Layout;
+use crate::vm_api::{self, ApiContext};
+use crate::{store, transfer};
+
+/// The longest program path accepted (PATH_MAX).
+const MAX_PROGRAM: usize = 4096;
+
+/// The caller's uid and gid, from the kernel.
+pub(crate) type CallerIds = Option<(u32, u32)>;
+
+/// Serves one invocation on `chan` (the caller's API connection) until the program ends.
+pub(crate) fn serve(
+    ctx: &ApiContext,
+    chan: &Channel,
+    caller: &Caller,
+    ids: CallerIds,
+    spec: InvokeSpec,
+    stdio: Vec<OwnedFd>,
+) -> Result<(), ChannelError> {
+    let mut record = AuditRecord {
+        time: shuttle_audit::now_unix_nanos(),
+        op: Op::Invoke.as_str().into(),
+        from: ctx.vm.clone(),
+        to: None,
+        object: spec.program.chars().take(MAX_PROGRAM).collect(),
+        result: Outcome::Deny,
+        rule: None,
+        caller: caller.clone(),
+        reason: None,
+        seq: 0,
+    };
+    let (target, params, approval, program) = match decide(ctx, &mut record, &spec, stdio.len()) {
+        Ok(d) => d,
+        Err(refusal) => return chan.send(&refusal),
+    };
+    // File arguments are asked for only now that the invocation is allowed, and only when
+    // the rule passes them.
+    let files = if params.files == FileAccess::None || spec.files.is_empty() {
+        Vec::new()
+    } else {
+        let write = params.files == FileAccess::ReadWrite;
+        match chan
+            .send(&VmReply::SendFiles { write })
+            .map_err(|e| e.to_string())
+            .and_then(|()| receive_files(chan, &spec))
+        {
+            Ok(f) => f,
+            Err(why) => {
+                record.result = Outcome::Error;
+                record.reason = Some(format!("receiving the file arguments: {why}"));
+                let message = format!("invalid file arguments: {why}");
+                return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
+            }
+        }
+    };
+    let user = match (&params.user, ids) {
+        (Some(u), _) => u.clone(),
+        (None, Some((uid, gid))) => format!("{uid}:{gid}"),
+        (None, None) => {
+            // Without the caller's identity there is no one to run it as: refused (fail closed).
+            let message = "the caller's uid and gid are unknown (no peer credentials)".to_owned();
+            record.result = Outcome::Error;
+            record.reason = Some(message.clone());
+            return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
+        }
+    };
+    // Journaled before it happens (starting the target VM included); a journal that cannot
+    // be written refuses.
+    let starting = if store::is_running(&ctx.layout, &target) {
+        ""
+    } else {
+        ", starting it"
+    };
+    let passing = match (files.len(), params.files) {
+        (0, _) | (_, FileAccess::None) => String::new(),
+        (n, FileAccess::ReadOnly) => format!(" with {n} file argument(s) read-only"),
+        (n, FileAccess::ReadWrite) => format!(" with {n} file argument(s) read-write"),
+    };
+    record.reason = Some(format!(
+        "run as {user} in VM {target}{passing}{starting}{approval}"
+    ));
+    if !vm_api::journal(ctx, record.clone()) {
+        return chan.send(&journal_failed());
+    }
+    let fail = |mut record: AuditRecord, message: String| {
+        record.time = shuttle_audit::now_unix_nanos();
+        record.result = Outcome::Error;
+        record.reason = Some(message.clone());
+        let _ = vm_api::journal(ctx, record);
+        VmReply::Failed { message }
+    };
+    if let Err(message) = ensure_running(&ctx.layout, &target) {
+        return chan.send(&fail(record, message));
+    }
+    let mut spec = spec;
+    let mut _exposed = None;
+    if !files.is_empty() {
+        let caller_ns = ctx.stubs.as_ref().map(|s| s.mount_namespace());
+        let shown = caller_ns
+            .ok_or_else(|| "the caller's mount namespace is not at hand".to_owned())
+            .and_then(|ns| {
+                let t = transfer::target_ns(&ctx.layout, &target)?;
+                transfer::expose(
+                    &ctx.layout,
+                    &ctx.vm,
+                    ns,
+                    &t,
+                    files,
+                    params.files == FileAccess::ReadWrite,
+                )
+            });
+        match shown {
+            Ok((rewritten, exposed)) => {
+                for (index, arg) in rewritten {
+                    if let Some(a) = spec.args.get_mut(index) {
+                        *a = arg;
+                    }
+                }
+                _exposed = Some(exposed);
+            }
+            Err(message) => {
+                return chan.send(&fail(record, format!("passing file arguments: {message}")))
+            }
+        }
+    }
+    let command = command_for(ctx, &target, &params, user, &program, spec);
+    let fds: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
+    let session = match client::run(&ctx.layout, &target, command.clone(), &fds) {
+        // Its lock is held but its socket is not there yet: still starting.
+        Err(ClientError::NotRunning(_)) if store::is_running(&ctx.layout, &target) => {
+            client::wait_until_ready(&ctx.layout, &target, std::time::Duration::from_secs(60))
+                .and_then(|()| client::run(&ctx.layout, &target, command, &fds))
+        }
+        other => other,
+    };
+    drop(fds);
+    // The program holds its own copies now; ours must go so that pipes see their end.
+    drop(stdio);
+    let mut session = match session {
+        Ok(s) => s,
+        Err(e) => {
+            let (message, exit_code) = match e {
+                ClientError::CommandFailed { message, exit_code } => (message, exit_code),
+                other => (other.to_string(), 125),
+            };
+            record.time = shuttle_audit::now_unix_nanos();
+            record.result = Outcome::Error;
+            record.reason = Some(format!(
+                "could not start {program} in VM {target}: {message}"
+            ));
+            let _ = vm_api::journal(ctx, record);
+            return chan.send(&VmReply::InvokeFailed { message, exit_code });
+        }
+    };
+    let started = VmReply::Invoked {
+        vm: target.clone(),
+        pid: session.pid,
+    };
+    let master = session.terminal.take();
+    let sent = match &master {
+        Some(m) => chan.send_with_fds(&started, &[m.as_fd()]),
+        None => chan.send(&started),
+    };
+    drop(master);
+    let finished = Arc::new(AtomicBool::new(false));
+    // The caller's signals, while the program runs. Its connection ending first means it died
+    // without waiting (SIGKILL): its program goes too.
+    let forwarder = match (sent, session.signaller(), chan.try_clone()) {
+        (Ok(()), Ok(signaller), Ok(reader)) => {
+            let finished = Arc::clone(&finished);
+            let vm = ctx.vm.clone();
+            Some(std::thread::spawn(move || loop {
+                match reader.recv::<VmRequest>() {
+                    Ok(VmRequest::InvokeSignal { signal }) if (1..=64).contains(&signal) => {
+                        let _ = signaller.signal(signal);
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if !finished.load(Ordering::SeqCst) {
+                            tracing::debug!(%vm, error = %e, "invoking process gone: killing its program");
+                            let _ = signaller.signal(libc::SIGKILL);
+                        }
+                        return;
+                    }
+                }
+            }))
+        }
+        (sent, signaller, _) => {
+            // Nobody to report to, or no way to pass signals on: the program must not run on
+            // unsupervised.
+            if let Ok(s) = signaller {
+                let _ = s.signal(libc::SIGKILL);
+            }
+            sent?;
+            None
+        }
+    };
+    let reply = match session.wait() {
+        Ok(status) => VmReply::Exited(status),
+        Err(ClientError::CommandFailed { message, exit_code }) => {
+            VmReply::InvokeFailed { message, exit_code }
+        }
+        Err(e) => VmReply::InvokeFailed {
+            message: e.to_string(),
+            exit_code: 125,
+        },
+    };
+    finished.store(true, Ordering::SeqCst);
+    let r = chan.send(&reply);
+    chan.shutdown();
+    if let Some(f) = forwarder {
+        let _ = f.join();
+    }
+    r
+}
+
+fn journal_failed() -> VmReply {
+    VmReply::Failed {
+        message: "the audit journal cannot be written: refused".into(),
+    }
+}
+
+/// Journals a refusal and returns `reply`, or the journal's own failure.
+fn refuse(ctx: &ApiContext, record: AuditRecord, reply: VmReply) -> VmReply {
+    if vm_api::journal(ctx, record) {
+        reply
+    } else {
+        journal_failed()
+    }
+}
+
+/// Routes the request: the target VM, the deciding rule's parameters, and how an `ask` was
+/// approved; or the refusal to send (already journaled).
+fn decide(
+    ctx: &ApiContext,
+    record: &mut AuditRecord,
+    spec: &InvokeSpec,
+    fds: usize,
+) -> Result<(String, InvokeParams, String, String), VmReply> {
+    if let Err(why) = check(spec, fds) {
+        record.reason = Some(format!("malformed request: {why}"));
+        return Err(refuse(
+            ctx,
+            record.clone(),
+            VmReply::Failed {
+                message: format!("invalid invoke request: {why}"),
+            },
+        ));
+    }
+    // A stub mounted where the rule's path leads (through a symbolic link to a directory)
+    // knows itself by that place: the rule's path is the object.
+    let translated = ctx
+        .stubs
+        .as_ref()
+        .and_then(|s| s.rule_path_for(&spec.program));
+    let program = translated.as_deref().unwrap_or(&spec.program);
+    record.object = program.to_owned();
+    let policy = ctx.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let req = Request::new(Op::Invoke, VmIdentity::vm(&ctx.vm, &ctx.tags), program);
+    let Some((decision, target)) = policy.route(&req) else {
+        record.reason = Some("no rule matched: default deny".into());
+        let message = format!(
+            "invoking {program} is not allowed by the policy (no rule routes it from VM {} to \
+             another VM)",
+            ctx.vm
+        );
+        return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
+    };
+    let rule = decision.rule.expect("a routed decision comes from a rule");
+    record.rule = Some(vm_api::rule_ref(&policy, rule));
+    let loc = rule.location();
+    let rule_at = format!(
+        "{} at {}:{}:{}",
+        rule.label(),
+        policy.source_name(),
+        loc.line,
+        loc.column
+    );
+    let to = match target {
+        Some(Target::Vm(name)) => name.to_string(),
+        _ => {
+            record.to = Some(shuttle_audit::HOST.into());
+            record.reason = Some(format!("{} routes it to the host", rule.label()));
+            let message = format!(
+                "invoking {program} on the host is not allowed: work started on a VM's behalf \
+                 runs in a VM ({rule_at} routes it to @host)"
+            );
+            return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
+        }
+    };
+    record.to = Some(to.clone());
+    if to == ctx.vm {
+        record.reason = Some(format!(
+            "{} routes it to the calling VM itself",
+            rule.label()
+        ));
+        let message = format!(
+            "{program} is this VM's own program ({rule_at} routes it to VM {to}): run it directly"
+        );
+        return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
+    }
+    let mut approval = String::new();
+    match decision.action {
+        Action::Allow => record.result = Outcome::Allow,
+        Action::Deny => {
+            record.reason = Some(format!("denied by {}", rule.label()));
+            let message = format!(
+                "invoking {program} in VM {to} is not allowed by the policy (denied by {rule_at})"
+            );
+            return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
+        }
+        Action::Ask => {
+            let (allow, how) = vm_api::ask(ctx, &policy, rule, record);
+            if !allow {
+                record.result = Outcome::AskDeny;
+                record.reason = Some(how.clone());
+                let message = format!(
+                    "invoking {program} in VM {to} is not allowed by the policy (not approved: \
+                     {how})"
+                );
+                return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
+            }
+            record.result = Outcome::AskAllow;
+            approval = format!("; {how}");
+        }
+    }
+    let params = match &rule.params().op {
+        OpParams::Invoke(p) => p.clone(),
+        _ => InvokeParams::default(),
+    };
+    Ok((to, params, approval, program.to_owned()))
+}
+
+/// Starts VM `vm` through the broker (which owns VM lifecycle) unless it runs, and waits until
+/// it accepts commands.
+fn ensure_running(layout: &Layout, vm: &str) -> Result<(), String> {
+    if store::is_running(layout, vm) {
+        return Ok(());
+    }
+    let exchange = || -> Result<BrokerReply, ChannelError> {
+        let chan = Channel::connect(&layout.broker_socket())?;
+        chan.send(&BrokerRequest::Hello(Hello {
+            version: PROTOCOL_VERSION,
+        }))?;
+        chan.recv::<BrokerReply>()?;
+        chan.send(&BrokerRequest::VmStart { name: vm.into() })?;
+        chan.recv::<BrokerReply>()
+    };
+    let started = match exchange() {
+        Ok(BrokerReply::Done) => Ok(()),
+        Ok(BrokerReply::Failed { message }) => Err(message),
+        Ok(other) => Err(format!("unexpected reply {other:?}")),
+        Err(e) => Err(format!(
+            "the broker, which starts VMs, cannot be reached ({e}); start VM {vm} on the host \
+             with `shuttle vm start {vm}`"
+        )),
+    };
+    match started {
+        Ok(()) => Ok(()),
+        // Someone else started it meanwhile: wait until it is ready.
+        Err(_) if store::is_running(layout, vm) => {
+            client::wait_until_ready(layout, vm, std::time::Duration::from_secs(60))
+                .map_err(|e| e.to_string())
+        }
+        Err(message) => Err(format!(
+            "VM {vm} is not running and could not be started: {message}"
+        )),
+    }
+}
+
+/// Receives the descriptors of file arguments, each one among those `spec` announced, until
+/// an empty list ends them.
+fn receive_files(chan: &Channel, spec: &InvokeSpec) -> Result<Vec<transfer::FileArg>, String> {
+    let mut files: Vec<transfer::FileArg> = Vec::new();
+    loop {
+        let (args, fds) = match chan.recv_with_fds::<VmRequest>() {
+            Ok((VmRequest::InvokeFiles { args }, fds)) => (args, fds),
+            Ok(_) => return Err("expected the file arguments' descriptors".into()),
+            Err(e) => return Err(e.to_string()),
+        };
+        if args.is_empty() && fds.is_empty() {
+            return Ok(files);
+        }
+        if args.len() != fds.len() {
+            return Err(format!(
+                "{} descriptors for {} arguments",
+                fds.len(),
+                args.len()
+            ));
+        }
+        for (i, fd) in args.into_iter().zip(fds) {
+            let index = i as usize;
+            if !spec.files.contains(&i) || files.iter().any(|f| f.index == index) {
+                return Err(format!(
+                    "argument {i} was not announced as a file, or came twice"
+                ));
+            }
+            if files.len() == transfer::MAX_FILES {
+                return Err(format!("more than {} file arguments", transfer::MAX_FILES));
+            }
+            files.push(transfer::FileArg { index, fd });
+        }
+    }
+}
+
+/// Checks what the policy does not: sizes and descriptors.
+fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
+    let p = &spec.program;
+    if !p.starts_with('/') || p.len() > MAX_PROGRAM || p.contains('\0') {
+        return Err(format!("program {p:?} is not an absolute path"));
+    }
+    let expected = if spec.terminal.is_some() { 0 } else { 3 };
+    if fds != expected {
+        return Err(format!(
+            "{fds} descriptors came with it, {expected} expected (stdin, stdout, stderr)"
+        ));
+    }
+    if spec.terminal.is_some_and(|(r, c)| r == 0 || c == 0) {
+        return Err("a terminal of size 0".into());
+    }
+    if spec.files.len() > spec.args.len()
+        || spec.files.iter().any(|&i| i as usize >= spec.args.len())
+    {
+        return Err("file arguments that are not arguments".into());
+    }
+    Ok(())
+}
+
+/// What the target VM's init is asked to run.
+fn command_for(
+    ctx: &ApiContext,
+    target: &str,
+    params: &InvokeParams,
+    user: String,
+    program: &str,
+    spec: InvokeSpec,
+) -> CommandSpec {
+    let env = spec
+        .env
+        .into_iter()
+        .filter(|(k, v)| {
+            let k = k.as_bytes();
+            !k.is_empty()
+                && !k.contains(&b'=')
+                && !k.contains(&0)
+                && !v.as_bytes().contains(&0)
+                && params.passes_env(k)
+        })
+        .collect();
+    let cwd = spec
+        .cwd
+        .filter(|c| directory_exists_in(ctx, target, c))
+        .unwrap_or_else(|| Bytes::from("/"));
+    let mut argv = Vec::with_capacity(spec.args.len() + 1);
+    argv.push(Bytes::from(program));
+    argv.extend(spec.args);
+    CommandSpec {
+        argv,
+        env,
+        cwd: Some(cwd),
+        user: Some(user),
+        terminal: spec.terminal,
+    }
+}
+
+/// Whether `dir` (an absolute path) is a directory inside the running VM `vm`'s root.
+fn directory_exists_in(ctx: &ApiContext, vm: &str, dir: &Bytes) -> bool {
+    let dir = dir.as_bytes();
+    if dir == b"/" {
+        return true;
+    }
+    if !dir.starts_with(b"/") || dir.contains(&0) {
+        return false;
+    }
+    let Ok(status) = client::status(&ctx.layout, vm) else {
+        return false;
+    };
+    let Ok(root) = nix::fcntl::open(
+        Path::new(&format!("/proc/{}/root", status.init_pid)),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    ) else {
+        return false;
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    let relative = std::ffi::OsStr::from_bytes(&dir[1..]);
+    let relative = if relative.is_empty() {
+        std::ffi::OsStr::new(".")
+    } else {
+        relative
+    };
+    openat2(&root, Path::new(relative), how).is_ok()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn spec(program: &str, terminal: Option<(u16, u16)>) -> InvokeSpec {
+        InvokeSpec {
+            program: program.into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            terminal,
+            files: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn malformed_requests_are_refused() {
+        assert!(check(&spec("/usr/bin/wc", None), 3).is_ok());
+        assert!(check(&spec("/usr/bin/wc", Some((24, 80))), 0).is_ok());
+        assert!(check(&spec("wc", None), 3).is_err());
+        assert!(check(&spec("/usr/bin/wc", None), 2).is_err());
+        assert!(check(&spec("/usr/bin/wc", Some((24, 80))), 3).is_err());
+        assert!(check(&spec("/usr/bin/wc", Some((0, 80))), 0).is_err());
+        assert!(check(&spec(&format!("/{}", "a".repeat(5000)), None), 3).is_err());
+    }
+}

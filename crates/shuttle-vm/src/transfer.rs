@@ -1,0 +1,527 @@
+//! Resource name transfer for invocations: a file named in the arguments of an invoked program
+//! is opened by the stub in the caller's VM (so nothing the caller could not open itself is
+//! ever passed), and its descriptor comes along. The caller's monitor shows exactly that file
+//! to the target VM at `/shuttle/from/CALLER/PATH`, where PATH is the file's own path in the
+//! caller's VM (symbolic links resolved there, by the kernel, from the descriptor: not what the
+//! request says), read-only unless the rule grants `files = "read-write"` and the caller could
+//! open it for writing; the argument is rewritten to that path. FVM's renaming scheme, readable
+//! by humans.
+//!
+//! How: a monitor thread enters the caller's mount namespace alone, reads the descriptor's path
+//! there and takes a detached bind mount of it (`open_tree(OPEN_TREE_CLONE)`); it then enters
+//! the target's mount namespace, where `/shuttle` is a small tmpfs of Shuttle's (mounted on
+//! first use), makes the mount point under `from/CALLER/` and attaches the file onto it
+//! (`move_mount`), read-only, nosuid, nodev. When the program ends the file is unmounted (once
+//! no other running invocation uses it) and its mount point removed. Only regular files of
+//! ordinary file systems qualify: directories, devices, FIFOs, sockets and the files of
+//! kernel file systems (`/proc`, `/sys`, ...) are passed as plain strings.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use nix::errno::Errno;
+use nix::fcntl::{openat, openat2, OFlag, OpenHow, ResolveFlag};
+use nix::sys::stat::{fstat, Mode, SFlag};
+use shuttle_proto::Bytes;
+
+use crate::client;
+use crate::layout::Layout;
+
+/// The most file arguments one invocation passes.
+pub(crate) const MAX_FILES: usize = 64;
+
+/// Where the target VM sees files of other VMs.
+pub const FROM_DIR: &str = "/shuttle/from";
+
+/// File systems whose "regular files" are views of the kernel (or of a VM's processes), never
+/// passed to another VM.
+const PSEUDO_FS: &[i64] = &[
+    libc::PROC_SUPER_MAGIC,
+    libc::SYSFS_MAGIC,
+    libc::CGROUP_SUPER_MAGIC,
+    libc::CGROUP2_SUPER_MAGIC,
+    libc::DEVPTS_SUPER_MAGIC,
+    libc::SECURITYFS_MAGIC,
+    libc::DEBUGFS_MAGIC,
+    libc::TRACEFS_MAGIC,
+    libc::BPF_FS_MAGIC,
+    libc::NSFS_MAGIC,
+    libc::SELINUX_MAGIC,
+    libc::SMACK_MAGIC,
+    libc::HUGETLBFS_MAGIC,
+    0x6165_676C,            // pstore
+    0xde5e_81e4_u32 as i64, // efivarfs
+    0x1980_0202,            // mqueue
+    0x6265_6570,            // configfs
+    0x6573_5543,            // fusectl
+    0x4249_4e4d,            // binfmt_misc
+];
+
+/// A running VM's mount namespace, checked to be its init's.
+#[derive(Debug)]
+pub(crate) struct TargetNs {
+    vm: String,
+    init_pid: i32,
+    mount_ns: Arc<OwnedFd>,
+}
+
+/// Opens the mount namespace of running VM `vm`.
+pub(crate) fn target_ns(layout: &Layout, vm: &str) -> Result<TargetNs, String> {
+    let status = client::status(layout, vm).map_err(|e| e.to_string())?;
+    let pid = status.init_pid;
+    let pidfd = shuttle_sys::process::pidfd_open(pid)
+        .map_err(|e| format!("VM {vm}'s init (pid {pid}): {e}"))?;
+    let mount_ns = nix::fcntl::open(
+        Path::new(&format!("/proc/{pid}/ns/mnt")),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| format!("the mount namespace of VM {vm}: {e}"))?;
+    // Checked after opening: the namespace belonged to a process that was this VM's init and,
+    // its pidfd says, still is (so the pid was not reused in between).
+    let cgroup = crate::cgroup::VmCgroup::existing(&layout.cgroup_parent(), vm);
+    let still = crate::vm_api::is_vm_init(pid)
+        && cgroup.is_some_and(|c| c.contains_pid_in_any(pid))
+        && shuttle_sys::process::pidfd_send_signal(pidfd.as_fd(), 0).is_ok();
+    if !still {
+        return Err(format!("VM {vm} stopped"));
+    }
+    Ok(TargetNs {
+        vm: vm.to_owned(),
+        init_pid: pid,
+        mount_ns: Arc::new(mount_ns),
+    })
+}
+
+/// A file argument as the stub passed it.
+#[derive(Debug)]
+pub(crate) struct FileArg {
+    /// Index into the arguments after argv\[0\].
+    pub index: usize,
+    pub fd: OwnedFd,
+}
+
+/// One file shown in a target VM: by (target VM, its init, path there).
+type Key = (String, i32, Vec<u8>);
+
+#[derive(Debug)]
+struct Entry {
+    /// Running invocations that use it.
+    users: usize,
+    /// The file's (device, inode).
+    id: (u64, u64),
+    /// The mount in the target (an `O_PATH` descriptor of it), to unmount exactly it.
+    mount: OwnedFd,
+    writable: bool,
+    mount_ns: Arc<OwnedFd>,
+}
+
+/// Every file this monitor's VM has shown in other VMs.
+static SHOWN: Mutex<Option<HashMap<Key, Entry>>> = Mutex::new(None);
+
+fn shown() -> MutexGuard<'static, Option<HashMap<Key, Entry>>> {
+    SHOWN.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The files shown for one invocation; dropping it takes them away again (those no other
+/// running invocation uses).
+#[derive(Debug, Default)]
+pub(crate) struct Exposed {
+    keys: Vec<Key>,
+}
+
+impl Drop for Exposed {
+    fn drop(&mut self) {
+        if self.keys.is_empty() {
+            return;
+        }
+        let mut guard = shown();
+        let Some(map) = guard.as_mut() else {
+            return;
+        };
+        let mut gone = Vec::new();
+        for key in self.keys.drain(..) {
+            if let Some(e) = map.get_mut(&key) {
+                e.users -= 1;
+                if e.users == 0 {
+                    if let Some(e) = map.remove(&key) {
+                        gone.push((key, e));
+                    }
+                }
+            }
+        }
+        // Unmounted while the registry is held, so that no new invocation reuses an entry
+        // being taken away; one thread for the files of one target.
+        while let Some((first, _)) = gone.first() {
+            let (vm, pid) = (first.0.clone(), first.1);
+            let (batch, rest): (Vec<_>, Vec<_>) =
+                gone.into_iter().partition(|(k, _)| k.0 == vm && k.1 == pid);
+            gone = rest;
+            let ns = Arc::clone(&batch[0].1.mount_ns);
+            let results = std::thread::scope(|s| {
+                s.spawn(|| take_away(ns.as_fd(), &batch))
+                    .join()
+                    .unwrap_or(Err(Errno::EFAULT))
+            });
+            if let Err(e) = results {
+                tracing::warn!(%vm, error = %e, "could not take passed files away");
+            }
+        }
+    }
+}
+
+/// The checks on a passed descriptor, in the monitor: a regular file, still linked, of an
+/// ordinary file system. Returns its (device, inode) and whether it was opened for writing.
+fn qualifies(fd: &OwnedFd) -> Option<((u64, u64), bool)> {
+    let st = fstat(fd).ok()?;
+    if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFREG.bits() || st.st_nlink == 0 {
+        return None;
+    }
+    let fs = nix::sys::statfs::fstatfs(fd).ok()?;
+    #[allow(clippy::unnecessary_cast)]
+    let kind = fs.filesystem_type().0 as i64;
+    if PSEUDO_FS.contains(&kind) {
+        return None;
+    }
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL).ok()?;
+    let writable = OFlag::from_bits_truncate(flags) & OFlag::O_ACCMODE == OFlag::O_RDWR;
+    Some(((st.st_dev, st.st_ino), writable))
+}
+
+/// Shows `files` (of VM `caller`, whose mount namespace is `caller_ns`) in `target`, writable
+/// where `allow_write` and the caller opened them so. Returns each passed argument's new
+/// value (`/shuttle/from/CALLER/PATH`) by index, and the guard that takes them away. A file
+/// that does not qualify keeps its argument as it was.
+pub(crate) fn expose(
+    layout: &Layout,
+    caller: &str,
+    caller_ns: BorrowedFd<'_>,
+    target: &TargetNs,
+    files: Vec<FileArg>,
+    allow_write: bool,
+) -> Result<(Vec<(usize, Bytes)>, Exposed), String> {
+    let files: Vec<(FileArg, (u64, u64), bool)> = files
+        .into_iter()
+        .filter_map(|f| {
+            let (id, writable) = qualifies(&f.fd)?;
+            Some((f, id, writable && allow_write))
+        })
+        .collect();
+    if files.is_empty() {
+        return Ok((Vec::new(), Exposed::default()));
+    }
+    // One monitor at a time sets up the target's /shuttle (several VMs may pass it files).
+    let lock_path = layout.runtime_vm_dir(&target.vm).join("shuttle-from.lock");
+    let lock_file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| format!("{}: {e}", lock_path.display()))?;
+    let _lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| format!("flock {}: {e}", lock_path.display()))?;
+    let mut guard = shown();
+    let map = guard.get_or_insert_with(HashMap::new);
+    let outcome = std::thread::scope(|s| {
+        s.spawn(|| show(caller, caller_ns, target, &files, map))
+            .join()
+            .unwrap_or_else(|_| Err("the thread showing the files failed".to_owned()))
+    })?;
+    let mut exposed = Exposed::default();
+    let mut rewritten = Vec::new();
+    for (index, key) in outcome {
+        rewritten.push((index, Bytes::from(std::ffi::OsStr::from_bytes(&key.2))));
+        exposed.keys.push(key);
+    }
+    Ok((rewritten, exposed))
+}
+
+fn errno(what: &str) -> impl Fn(Errno) -> String + '_ {
+    move |e| format!("{what}: {e}")
+}
+
+/// On a thread of its own (it leaves the monitor's mount namespace for good): reads each file's
+/// path in the caller's VM, clones a mount of it there, and attaches it in the target VM.
+/// Returns (argument index, key) for each file shown.
+fn show(
+    caller: &str,
+    caller_ns: BorrowedFd<'_>,
+    target: &TargetNs,
+    files: &[(FileArg, (u64, u64), bool)],
+    map: &mut HashMap<Key, Entry>,
+) -> Result<Vec<(usize, Key)>, String> {
+    let own_fds = nix::fcntl::open(
+        Path::new("/proc/thread-self/fd"),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("/proc/thread-self/fd"))?;
+    shuttle_sys::vm_mount::enter_mount_namespace_alone(caller_ns)
+        .map_err(errno("entering the caller's mount namespace"))?;
+    let mut trees = Vec::new();
+    for (file, id, writable) in files {
+        // The descriptor's path as the caller's VM sees it (the thread's root is its root).
+        let Ok(path) = nix::fcntl::readlinkat(&own_fds, file.fd.as_raw_fd().to_string().as_str())
+        else {
+            continue;
+        };
+        let path = path.as_bytes().to_vec();
+        if !path.starts_with(b"/") || path.len() > 4000 {
+            continue;
+        }
+        match shuttle_sys::vm_mount::clone_mount(file.fd.as_fd()) {
+            Ok(tree) => trees.push((file.index, path, tree, *id, *writable)),
+            Err(e) => tracing::warn!(error = %e, "open_tree of a passed file"),
+        }
+    }
+    shuttle_sys::vm_mount::enter_mount_namespace_alone(target.mount_ns.as_fd())
+        .map_err(errno("entering the target's mount namespace"))?;
+    let from = from_dir(&own_fds, caller)?;
+    let mut shown = Vec::new();
+    for (index, path, tree, id, writable) in trees {
+        let mut name = format!("{FROM_DIR}/{caller}").into_bytes();
+        name.extend_from_slice(&path);
+        let key: Key = (target.vm.clone(), target.init_pid, name);
+        if let Some(e) = map.get_mut(&key) {
+            // Already shown for a running invocation: the same file (and access) is shared;
+            // another one at that path (replaced in the caller's VM meanwhile) is not passed.
+            if e.id == id && e.writable == writable {
+                e.users += 1;
+                shown.push((index, key));
+            }
+            continue;
+        }
+        match attach(&from, &path, &tree, id, writable) {
+            Ok(mount) => {
+                map.insert(
+                    key.clone(),
+                    Entry {
+                        users: 1,
+                        id,
+                        mount,
+                        writable,
+                        mount_ns: Arc::clone(&target.mount_ns),
+                    },
+                );
+                shown.push((index, key));
+            }
+            Err(e) => tracing::warn!(
+                vm = %target.vm,
+                path = %String::from_utf8_lossy(&path),
+                error = %e,
+                "a passed file could not be shown"
+            ),
+        }
+    }
+    Ok(shown)
+}
+
+fn how_beneath() -> OpenHow {
+    OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .resolve(
+            ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                | ResolveFlag::RESOLVE_NO_XDEV
+                | ResolveFlag::RESOLVE_BENEATH,
+        )
+}
+
+/// The directory `name` in `dir`, made (0755) when missing; never through a symbolic link or
+/// onto another file system.
+fn subdir(dir: &OwnedFd, name: &[u8]) -> Result<OwnedFd, Errno> {
+    let name = std::ffi::OsStr::from_bytes(name);
+    match openat2(dir, Path::new(name), how_beneath()) {
+        Err(Errno::ENOENT) => {
+            match nix::sys::stat::mkdirat(dir, Path::new(name), Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(e),
+            }
+            openat2(dir, Path::new(name), how_beneath())
+        }
+        other => other,
+    }
+}
+
+/// `/shuttle/from/CALLER` in the target VM (the thread is in its mount namespace), with a tmpfs
+/// of Shuttle's at `/shuttle`.
+fn from_dir(own_fds: &OwnedFd, caller: &str) -> Result<OwnedFd, String> {
+    let root = nix::fcntl::open(
+        Path::new("/"),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("the target's root"))?;
+    // /shuttle itself may be a mount (the tmpfs): looked up without RESOLVE_NO_XDEV.
+    let open_top = || {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+            .resolve(
+                ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                    | ResolveFlag::RESOLVE_BENEATH,
+            );
+        openat2(&root, Path::new("shuttle"), how)
+    };
+    let top = match open_top() {
+        Err(Errno::ENOENT) => {
+            match nix::sys::stat::mkdirat(&root, "shuttle", Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(Errno::EEXIST) => {}
+                Err(e) => return Err(format!("making /shuttle in the target VM: {e}")),
+            }
+            open_top()
+        }
+        other => other,
+    }
+    .map_err(errno("/shuttle in the target VM"))?;
+    let fs = nix::sys::statfs::fstatfs(&top).map_err(errno("statfs /shuttle"))?;
+    // The VM itself cannot mount anything: a tmpfs there is Shuttle's.
+    let top = if fs.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC {
+        top
+    } else {
+        nix::unistd::fchdir(own_fds).map_err(errno("fchdir"))?;
+        nix::mount::mount(
+            Some("tmpfs"),
+            Path::new(&top.as_raw_fd().to_string()),
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some("mode=0755,size=1m,nr_inodes=16384"),
+        )
+        .map_err(errno("mounting a tmpfs at /shuttle in the target VM"))?;
+        let top = open_top().map_err(errno("/shuttle in the target VM"))?;
+        let fs = nix::sys::statfs::fstatfs(&top).map_err(errno("statfs /shuttle"))?;
+        if fs.filesystem_type() != nix::sys::statfs::TMPFS_MAGIC {
+            return Err("the tmpfs at /shuttle is not there after mounting it".into());
+        }
+        top
+    };
+    let from = subdir(&top, b"from").map_err(errno("/shuttle/from"))?;
+    subdir(&from, caller.as_bytes()).map_err(errno("/shuttle/from/CALLER"))
+}
+
+/// Attaches `tree` at `from` + `path`; returns an `O_PATH` descriptor of the new mount.
+fn attach(
+    from: &OwnedFd,
+    path: &[u8],
+    tree: &OwnedFd,
+    id: (u64, u64),
+    writable: bool,
+) -> Result<OwnedFd, String> {
+    let components: Vec<&[u8]> = path
+        .split(|b| *b == b'/')
+        .filter(|c| !c.is_empty())
+        .collect();
+    let Some((name, dirs)) = components.split_last() else {
+        return Err("an empty path".into());
+    };
+    if components.iter().any(|c| *c == b"." || *c == b"..") {
+        return Err("a path that is not normalized".into());
+    }
+    let mut dir = from.try_clone().map_err(|e| e.to_string())?;
+    for d in dirs {
+        dir = subdir(&dir, d).map_err(errno("making the directories of a passed file"))?;
+    }
+    let name = std::ffi::OsStr::from_bytes(name);
+    let open_point = |dir: &OwnedFd| {
+        openat(
+            dir,
+            Path::new(name),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let point = match open_point(&dir) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => {
+            drop(
+                openat(
+                    &dir,
+                    Path::new(name),
+                    OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_WRONLY
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(errno("making a mount point"))?,
+            );
+            open_point(&dir).map_err(errno("opening a mount point"))?
+        }
+        Err(e) => return Err(format!("opening a mount point: {e}")),
+    };
+    let st = fstat(&point).map_err(errno("stat of a mount point"))?;
+    if st.st_mode & SFlag::S_IFMT.bits() != SFlag::S_IFREG.bits() {
+        return Err("something else than a file is in the way".into());
+    }
+    shuttle_sys::vm_mount::restrict(tree.as_fd(), writable).map_err(errno("mount_setattr"))?;
+    shuttle_sys::vm_mount::attach_onto(tree.as_fd(), point.as_fd()).map_err(errno("move_mount"))?;
+    let mounted = open_point(&dir).map_err(errno("opening the passed file"))?;
+    let now = fstat(&mounted).map_err(errno("stat of the passed file"))?;
+    if (now.st_dev, now.st_ino) != id {
+        return Err("the passed file is not where it was mounted".into());
+    }
+    Ok(mounted)
+}
+
+/// In the target's mount namespace: unmounts each entry's mount (through its descriptor's
+/// magic link, whatever the VM did to the path) and removes the empty mount point and the
+/// directories made for it.
+fn take_away(ns: BorrowedFd<'_>, entries: &[(Key, Entry)]) -> Result<(), Errno> {
+    let own_fds = nix::fcntl::open(
+        Path::new("/proc/thread-self/fd"),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    shuttle_sys::vm_mount::enter_mount_namespace_alone(ns)?;
+    nix::unistd::fchdir(&own_fds)?;
+    for (key, entry) in entries {
+        if let Err(e) = nix::mount::umount2(
+            Path::new(&entry.mount.as_raw_fd().to_string()),
+            nix::mount::MntFlags::MNT_DETACH,
+        ) {
+            tracing::warn!(vm = %key.0, path = %String::from_utf8_lossy(&key.2), error = %e, "umount2 of a passed file");
+            continue;
+        }
+        remove_mount_point(&key.2);
+    }
+    Ok(())
+}
+
+/// Removes the mount point at `path` if it is still the empty file Shuttle made, and the
+/// directories made for it, up to /shuttle/from/CALLER, as they empty: no name of the
+/// caller's stays behind.
+fn remove_mount_point(path: &[u8]) {
+    let path = Path::new(std::ffi::OsStr::from_bytes(path));
+    let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+    if let Ok(dir) = openat2(nix::fcntl::AT_FDCWD, parent, how) {
+        let made = nix::sys::stat::fstatat(&dir, name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW)
+            .is_ok_and(|st| crate::stubs::is_made_mount_point(&st));
+        if made {
+            let _ = nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::NoRemoveDir);
+        }
+    }
+    let mut dir = Some(parent);
+    while let Some(d) = dir {
+        // `/`, `shuttle`, `from`, CALLER: kept.
+        if d.components().count() <= 4
+            || nix::unistd::unlinkat(
+                nix::fcntl::AT_FDCWD,
+                d,
+                nix::unistd::UnlinkatFlags::RemoveDir,
+            )
+            .is_err()
+        {
+            break;
+        }
+        dir = d.parent();
+    }
+}

@@ -1,0 +1,267 @@
+//! The invoke stub, and `shuttle invoke`: inside a VM, run a program where the policy's
+//! `invoke` rules route it.
+//!
+//! The stub is this very binary, bind-mounted by the VM's monitor over the path of every
+//! program a rule routes from the VM to another (see `shuttle_vm::stubs`). Started under that
+//! path it knows itself by `/proc/self/exe` (which names the path it was mounted at, while
+//! being the same file as `/run/shuttle/shuttle`), and asks the VM's own API socket to run the
+//! program there, passing its arguments, environment (the monitor keeps only what the rule
+//! allows), working directory and its own stdin, stdout and stderr descriptors. It forwards
+//! the signals it gets and exits with the program's status (128+N when a signal N ended it).
+//! Refused: a message on stderr and status 126.
+
+use std::ffi::OsString;
+use std::io::IsTerminal;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use shuttle_proto::{
+    Bytes, Channel, ChannelError, Hello, InvokeSpec, VmReply, VmRequest, PROTOCOL_VERSION,
+};
+
+use crate::broker_cmd::VM_API_SOCKET;
+use crate::commands::{EXIT_SHUTTLE_FAILED, FORWARDED_SIGNALS};
+use crate::terminal_io;
+
+/// Where the shuttle binary is in every VM.
+const IN_VM_SHUTTLE: &str = "/run/shuttle/shuttle";
+
+/// Exit status of a refused invocation (as a shell's "cannot execute").
+const EXIT_REFUSED: i32 = 126;
+
+/// When this process is an invoke stub, the program path it stands for.
+pub fn stub_program() -> Option<String> {
+    let exe = std::fs::read_link("/proc/self/exe").ok()?;
+    let exe = exe.to_str()?;
+    let exe = exe.strip_suffix(" (deleted)").unwrap_or(exe);
+    if exe == IN_VM_SHUTTLE || !exe.starts_with('/') {
+        return None;
+    }
+    // The stub is the file at /run/shuttle/shuttle, which exists in VMs only.
+    let me = std::fs::metadata("/proc/self/exe").ok()?;
+    let shuttle = std::fs::metadata(IN_VM_SHUTTLE).ok()?;
+    (me.dev() == shuttle.dev() && me.ino() == shuttle.ino()).then(|| exe.to_owned())
+}
+
+/// The stub's whole life: never returns to the CLI's argument parser.
+pub fn stub_main(program: String) -> i32 {
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    match invoke(program, args) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shuttle: {e:#}");
+            EXIT_SHUTTLE_FAILED
+        }
+    }
+}
+
+/// A standard descriptor, or /dev/null in its place when it is closed (a daemon may run a
+/// program with no stdin): the program must not get some other descriptor under its number.
+fn standard(fd: BorrowedFd<'_>, keep: &mut Vec<OwnedFd>) -> Result<()> {
+    let open = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFD).is_ok();
+    let copy = if open {
+        fd.try_clone_to_owned()?
+    } else {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .context("opening /dev/null")?
+            .into()
+    };
+    keep.push(copy);
+    Ok(())
+}
+
+/// The most file arguments passed along (the monitor takes no more).
+const MAX_FILES: usize = 64;
+
+/// The arguments that name regular files (in the caller's VM, as the program would resolve
+/// them here): those the monitor may ask for. Options, missing paths, directories, devices
+/// and FIFOs stay plain strings.
+fn file_candidates(args: &[OsString]) -> Vec<u32> {
+    args.iter()
+        .enumerate()
+        .filter(|(_, a)| !a.is_empty() && std::fs::metadata(a).is_ok_and(|m| m.is_file()))
+        .filter_map(|(i, _)| u32::try_from(i).ok())
+        .take(MAX_FILES)
+        .collect()
+}
+
+/// Opens the candidate file arguments here, in the caller's VM and with the caller's rights
+/// (for writing too when `write` and allowed, else for reading), and sends their descriptors:
+/// nothing the caller could not open itself is ever passed. One it cannot open stays a string.
+fn send_files(chan: &Channel, args: &[OsString], candidates: &[u32], write: bool) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut files: Vec<(u32, OwnedFd)> = Vec::new();
+    for &i in candidates {
+        let Some(arg) = args.get(i as usize) else {
+            continue;
+        };
+        // Non-blocking, no controlling terminal: the path may have been swapped for a FIFO or
+        // a terminal since it was looked at; the descriptor is checked again.
+        let open = |write: bool| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(write)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+                .open(arg)
+        };
+        let opened = if write {
+            open(true).or_else(|_| open(false))
+        } else {
+            open(false)
+        };
+        if let Ok(file) = opened {
+            if file.metadata().is_ok_and(|m| m.is_file()) {
+                files.push((i, OwnedFd::from(file)));
+            }
+        }
+    }
+    for chunk in files.chunks(shuttle_sys::fdpass::MAX_FDS_PER_MESSAGE) {
+        let fds: Vec<BorrowedFd<'_>> = chunk.iter().map(|(_, f)| f.as_fd()).collect();
+        let args = chunk.iter().map(|(i, _)| *i).collect();
+        chan.send_with_fds(&VmRequest::InvokeFiles { args }, &fds)?;
+    }
+    chan.send(&VmRequest::InvokeFiles { args: Vec::new() })?;
+    Ok(())
+}
+
+/// Runs `program` (an absolute path, as the rule names it) with `args` where the policy routes
+/// it; returns the exit status to exit with.
+pub fn invoke(program: String, args: Vec<OsString>) -> Result<i32> {
+    // Caught from now on: one that arrives while the program starts is delivered once it runs.
+    let mut signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
+        .context("installing signal handlers")?;
+    let chan = Channel::connect(std::path::Path::new(VM_API_SOCKET)).map_err(|_| {
+        anyhow::anyhow!(
+            "no Shuttle broker socket at {VM_API_SOCKET}: `shuttle invoke` works inside a Shuttle VM"
+        )
+    })?;
+    chan.send(&VmRequest::Hello(Hello {
+        version: PROTOCOL_VERSION,
+    }))?;
+    match chan.recv::<VmReply>()? {
+        VmReply::Hello { .. } => {}
+        other => bail!("unexpected answer from the broker socket: {other:?}"),
+    }
+
+    // Stdio as `shuttle run` does it: descriptors passed as they are, except a terminal,
+    // which never goes to another VM (its processes could read it after the program ends):
+    // the program gets a terminal of its VM's own, relayed from here.
+    let (stdin, stdout, stderr) = (std::io::stdin(), std::io::stdout(), std::io::stderr());
+    let done = Arc::new(AtomicBool::new(false));
+    let mut relays = Vec::new();
+    let pty_mode = stdin.is_terminal();
+    let mut stdio: Vec<OwnedFd> = Vec::new();
+    if !pty_mode {
+        standard(stdin.as_fd(), &mut stdio)?;
+        if stdout.is_terminal() {
+            let (w, relay) = terminal_io::output_pipe(std::io::stdout(), Arc::clone(&done))?;
+            relays.push(relay);
+            stdio.push(w);
+        } else {
+            standard(stdout.as_fd(), &mut stdio)?;
+        }
+        if stderr.is_terminal() {
+            let (w, relay) = terminal_io::output_pipe(std::io::stderr(), Arc::clone(&done))?;
+            relays.push(relay);
+            stdio.push(w);
+        } else {
+            standard(stderr.as_fd(), &mut stdio)?;
+        }
+    }
+    let candidates = file_candidates(&args);
+    let spec = InvokeSpec {
+        program: program.clone(),
+        args: args.iter().map(|a| Bytes::from(a.as_os_str())).collect(),
+        env: std::env::vars_os()
+            .map(|(k, v)| (Bytes::from(k.as_os_str()), Bytes::from(v.as_os_str())))
+            .collect(),
+        cwd: std::env::current_dir()
+            .ok()
+            .map(|d| Bytes::from(d.as_os_str())),
+        terminal: pty_mode.then(|| terminal_io::size_of(stdin.as_fd())),
+        files: candidates.clone(),
+    };
+    let borrowed: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
+    chan.send_with_fds(&VmRequest::Invoke(spec), &borrowed)?;
+    drop(borrowed);
+    // The program has its own copies; ours must go so that relays see end of file.
+    drop(stdio);
+    let receive = || match chan.recv_with_fds::<VmReply>() {
+        Ok(r) => Ok(r),
+        Err(ChannelError::Disconnected) => bail!("this VM's monitor closed the connection"),
+        Err(e) => Err(anyhow::Error::from(e)),
+    };
+    let (mut reply, mut fds) = receive()?;
+    if let VmReply::SendFiles { write } = reply {
+        send_files(&chan, &args, &candidates, write)?;
+        (reply, fds) = receive()?;
+    }
+    match reply {
+        VmReply::Invoked { .. } => {}
+        VmReply::Denied { message } => {
+            eprintln!("shuttle: {message}");
+            return Ok(EXIT_REFUSED);
+        }
+        VmReply::InvokeFailed { message, exit_code } => {
+            eprintln!("shuttle: {message}");
+            return Ok(exit_code);
+        }
+        VmReply::Failed { message } => bail!("{message}"),
+        other => bail!("unexpected answer: {other:?}"),
+    }
+    let master = fds.pop();
+    let mut raw = None;
+    if let Some(m) = &master {
+        raw = terminal_io::RawMode::enter();
+        terminal_io::copy_stdin_to(m.try_clone()?);
+        relays.push(terminal_io::copy_until_done(
+            m.try_clone()?,
+            std::io::stdout(),
+            Arc::clone(&done),
+        ));
+    }
+    let sender = chan.try_clone()?;
+    let handle = signals.handle();
+    let winch_target = match &master {
+        Some(m) => Some(m.try_clone()?),
+        None => None,
+    };
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if let (libc::SIGWINCH, Some(m)) = (sig, &winch_target) {
+                let (rows, cols) = terminal_io::size_of(std::io::stdin().as_fd());
+                let _ = shuttle_sys::terminal::set_window_size(m.as_fd(), rows, cols);
+                continue;
+            }
+            if sender
+                .send(&VmRequest::InvokeSignal { signal: sig })
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let reply = chan.recv::<VmReply>();
+    handle.close();
+    let _ = forwarder.join();
+    terminal_io::finish(&done, relays);
+    drop(raw);
+    match reply {
+        Ok(VmReply::Exited(status)) => Ok(status.shell_code()),
+        Ok(VmReply::InvokeFailed { message, exit_code }) => {
+            eprintln!("shuttle: {message}");
+            Ok(exit_code)
+        }
+        Ok(other) => bail!("unexpected answer: {other:?}"),
+        Err(ChannelError::Disconnected) => {
+            bail!("this VM's monitor went away while {program} ran")
+        }
+        Err(e) => Err(e.into()),
+    }
+}

@@ -1,0 +1,588 @@
+//! Application invocation across VMs: a program path that an `invoke` rule routes from VM a to
+//! VM b is a stub in a, and running it runs b's program, in b, with a's own stdin, stdout and
+//! stderr, its exit status and signals relayed; refusals say why and are audited; rules loaded
+//! at run time take effect in running VMs.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{assert_code, assert_success, stderr, stdout, wait_for, Env};
+use serde_json::Value;
+
+/// Where every VM finds the shuttle binary.
+const IN_VM_SHUTTLE: &str = "/run/shuttle/shuttle";
+
+fn rule(object: &str, extra: &str) -> String {
+    format!(
+        "[[rule]]\nop = \"invoke\"\nfrom = \"a\"\nto = \"b\"\nobject = \"{object}\"\n{extra}action = \"allow\"\n\n"
+    )
+}
+
+/// a may run b's sha256sum, wc, hostname and bash (not dash: a's own `sh` stays a's).
+fn policy() -> String {
+    [
+        "/usr/bin/sha256sum",
+        "/usr/bin/wc",
+        "/usr/bin/hostname",
+        "/usr/bin/bash",
+    ]
+    .iter()
+    .map(|p| rule(p, ""))
+    .collect()
+}
+
+fn load(env: &Env, policy: &str) {
+    let file = env.path().join("policy.toml");
+    std::fs::write(&file, policy).unwrap();
+    assert_success(
+        &env.output(&["policy", "load", file.to_str().unwrap()]),
+        "policy load",
+    );
+}
+
+fn audit(env: &Env) -> Vec<Value> {
+    stdout(&env.output(&["audit", "--json"]))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn invokes(env: &Env) -> Vec<Value> {
+    audit(env)
+        .into_iter()
+        .filter(|r| r["op"] == "invoke")
+        .collect()
+}
+
+fn host_sha256(data: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("sha256sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned()
+}
+
+/// How many processes of `vm` run exactly `args`.
+fn running_in(env: &Env, vm: &str, args: &str) -> usize {
+    let out = env.run_ok(vm, &format!("ps -eo args= | grep -cx '{args}' || true"));
+    out.trim().parse().unwrap_or(0)
+}
+
+#[test]
+fn programs_of_another_vm_run_there_on_the_callers_pipes() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(&env, &policy());
+    // Through a pipe, and from a file only a has, on stdin.
+    assert_eq!(
+        env.run_ok("a", "printf 'hello across\\n' | sha256sum")
+            .split_whitespace()
+            .next(),
+        Some(host_sha256(b"hello across\n").as_str())
+    );
+    env.run_ok("a", "seq 1 100000 > /etc/a-only");
+    let data: String = (1..=100_000).map(|n| format!("{n}\n")).collect();
+    assert_eq!(
+        env.run_ok("a", "sha256sum < /etc/a-only")
+            .split_whitespace()
+            .next(),
+        Some(host_sha256(data.as_bytes()).as_str())
+    );
+    assert_eq!(
+        env.run_ok("a", "seq 1 100000 | wc -l -c")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["100000", &data.len().to_string()]
+    );
+    assert_eq!(env.run_ok("a", "wc -w < /etc/a-only").trim(), "100000");
+    // They really run in b: b's hostname, b's files, b's processes.
+    assert_eq!(env.run_ok("a", "hostname").trim(), "b");
+    env.run_ok("b", "echo only-in-b > /etc/b-only");
+    assert_eq!(
+        env.run_ok("a", "test -e /etc/b-only || bash -c 'cat /etc/b-only'")
+            .trim(),
+        "only-in-b"
+    );
+    assert_eq!(
+        env.run_ok("a", "bash -c 'cat /proc/1/comm'").trim(),
+        "shuttle-init"
+    );
+    // A pipeline of invoked programs, the output going on through a's own pipe.
+    assert_eq!(
+        env.run_ok("a", "bash -c 'seq 1 10' | wc -l | sha256sum | wc -c")
+            .trim(),
+        "68"
+    );
+    // Every one was decided and audited.
+    let records = invokes(&env);
+    assert!(records.len() >= 10, "{records:?}");
+    assert!(records
+        .iter()
+        .all(|r| r["from"] == "a" && r["to"] == "b" && r["result"] == "allow"));
+    assert!(records.iter().any(|r| r["object"] == "/usr/bin/sha256sum"));
+}
+
+#[test]
+fn exit_statuses_and_signals_cross_with_the_invocation() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(&env, &policy());
+    assert_code(&env.run("a", "bash -c 'exit 7'"), 7, "exit 7 in b");
+    assert_code(
+        &env.run("a", "bash -c 'kill -TERM $$'"),
+        128 + 15,
+        "killed by SIGTERM in b",
+    );
+    assert_code(
+        &env.exec("a", &["bash", "-c", "exit 3"]),
+        3,
+        "the stub run directly",
+    );
+    // A signal to the stub reaches the program, which handles it and exits with its own code.
+    let out = env.run_ok(
+        "a",
+        r#"bash -c 'trap "echo got-TERM-in-$(hostname); exit 42" TERM; echo ready; while :; do sleep 0.05; done' > /tmp/out 2>&1 &
+p=$!
+until grep -q ready /tmp/out; do sleep 0.05; done
+kill -TERM $p; wait $p; echo status=$?; cat /tmp/out"#,
+    );
+    assert!(out.contains("status=42"), "{out}");
+    assert!(out.contains("got-TERM-in-b"), "{out}");
+    // Ctrl-C (SIGINT) with no handler ends the program as it would end a local one.
+    let out = env.run_ok(
+        "a",
+        "bash -c 'echo $$ > /tmp/pid; exec sleep 300' & p=$!; sleep 1; kill -INT $p; wait $p; echo status=$?",
+    );
+    assert!(out.contains("status=130"), "{out}");
+    assert_eq!(running_in(&env, "b", "sleep 300"), 0);
+    // A stub that dies without waiting (SIGKILL) takes its program with it.
+    env.run_ok(
+        "a",
+        "bash -c 'exec sleep 301' >/dev/null 2>&1 & echo $! > /tmp/stub",
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || running_in(
+            &env,
+            "b",
+            "sleep 301"
+        ) == 1),
+        "the invoked program did not start in b"
+    );
+    env.run_ok("a", "kill -KILL $(cat /tmp/stub)");
+    assert!(
+        wait_for(Duration::from_secs(5), || running_in(
+            &env,
+            "b",
+            "sleep 301"
+        ) == 0),
+        "the program outlived its killed stub"
+    );
+    // A program that cannot be executed in b: the shell's status, and a message.
+    env.run_ok("b", "printf 'not a program' > /usr/local/bin/broken");
+    load(
+        &env,
+        &format!("{}{}", policy(), rule("/usr/local/bin/broken", "")),
+    );
+    let out = env.run("a", "/usr/local/bin/broken");
+    assert_code(&out, 126, "not executable in b");
+    assert!(
+        stderr(&out).contains("/usr/local/bin/broken"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn a_refused_invocation_says_why_and_is_audited() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    // No rule: `shuttle invoke` is refused; the VM's own program is untouched.
+    let out = env.exec("a", &[IN_VM_SHUTTLE, "invoke", "/usr/bin/id", "-u"]);
+    assert_code(&out, 126, "invoke without a rule");
+    assert_eq!(
+        stderr(&out).trim(),
+        "shuttle: invoking /usr/bin/id is not allowed by the policy (no rule routes it from VM a to another VM)"
+    );
+    assert_eq!(env.run_ok("a", "id -u").trim(), "0");
+    // A deny rule: the same, naming the rule; no stub, a's own program runs.
+    let deny = "[[rule]]\nname = \"no-wc\"\nop = \"invoke\"\nfrom = \"a\"\nto = \"b\"\nobject = \"/usr/bin/wc\"\naction = \"deny\"\n\n";
+    let ask = "[[rule]]\nop = \"invoke\"\nfrom = \"a\"\nto = \"b\"\nobject = \"/usr/bin/id\"\naction = \"ask\"\ntimeout = \"1s\"\n\n";
+    load(
+        &env,
+        &format!("{deny}{ask}{}", rule("/usr/bin/hostname", "")),
+    );
+    let out = env.exec("a", &[IN_VM_SHUTTLE, "invoke", "/usr/bin/wc", "-c"]);
+    assert_code(&out, 126, "denied by a rule");
+    assert!(
+        stderr(&out).starts_with(
+            "shuttle: invoking /usr/bin/wc in VM b is not allowed by the policy (denied by rule #1 \"no-wc\" at "
+        ),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.run_ok("a", "printf abc | wc -c").trim(), "3");
+    assert!(!env
+        .run_ok("a", "cat /proc/self/mountinfo")
+        .contains("/usr/bin/wc"));
+    // An `ask` rule nobody answers: the stub is there, and refuses after the timeout.
+    let out = env.run("a", "id -u");
+    assert_code(&out, 126, "unanswered question");
+    assert!(
+        stderr(&out).contains("invoking /usr/bin/id in VM b is not allowed by the policy (not approved: no answer within 1s"),
+        "{}",
+        stderr(&out)
+    );
+    // Invoking on the host is never done.
+    load(
+        &env,
+        "[[rule]]\nop = \"invoke\"\nfrom = \"a\"\nto = \"@host\"\nobject = \"/usr/bin/id\"\naction = \"allow\"\n",
+    );
+    let out = env.exec("a", &[IN_VM_SHUTTLE, "invoke", "/usr/bin/id"]);
+    assert_code(&out, 126, "invoke on the host");
+    assert!(
+        stderr(&out).contains("on the host is not allowed"),
+        "{}",
+        stderr(&out)
+    );
+    // Every refusal is in the audit trail with the rule (or the default) that decided.
+    let records = invokes(&env);
+    let results: Vec<(&str, &str, bool)> = records
+        .iter()
+        .map(|r| {
+            (
+                r["object"].as_str().unwrap(),
+                r["result"].as_str().unwrap(),
+                r["rule"].is_null(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("/usr/bin/id", "deny", true),
+            ("/usr/bin/wc", "deny", false),
+            ("/usr/bin/id", "ask-deny", false),
+            ("/usr/bin/id", "deny", false),
+        ],
+        "{records:?}"
+    );
+    assert_eq!(records[1]["rule"]["name"], "no-wc");
+    let denied = stdout(&env.output(&["audit", "--denied", "--vm", "a"]));
+    assert_eq!(
+        denied.lines().filter(|l| l.contains("invoke")).count(),
+        4,
+        "{denied}"
+    );
+}
+
+#[test]
+fn rules_loaded_at_run_time_take_effect_in_running_vms() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    env.ok(&["vm", "start", "a"]);
+    env.ok(&["vm", "start", "b"]);
+    let init = env.init_pid("a");
+    assert_eq!(env.run_ok("a", "hostname").trim(), "a");
+    // A program b has and a lacks: a gets a stub at its path.
+    env.run_ok(
+        "b",
+        "mkdir -p /opt/tool && printf '#!/bin/sh\\necho tool in $(hostname): \"$@\"\\n' > /opt/tool/run && chmod 755 /opt/tool/run",
+    );
+    load(&env, &format!("{}{}", policy(), rule("/opt/tool/run", "")));
+    assert_eq!(env.run_ok("a", "hostname").trim(), "b");
+    assert_eq!(
+        env.run_ok("a", "/opt/tool/run one 'two words'").trim(),
+        "tool in b: one two words"
+    );
+    // A rule may name the program through a directory that is a symbolic link (`/bin` on a
+    // merged /usr): the stub lands on the file, and still stands for the rule's path. A rule
+    // naming a symbolic link itself gets no stub (it would cover the link's target, which other
+    // names share): the VM's own program stays.
+    load(
+        &env,
+        &format!(
+            "{}{}{}{}",
+            policy(),
+            rule("/opt/tool/run", ""),
+            rule("/bin/uname", ""),
+            rule("/usr/bin/python3", "")
+        ),
+    );
+    assert_eq!(env.run_ok("a", "uname -n").trim(), "b");
+    assert_eq!(
+        env.py_ok("a", "import socket; print(socket.gethostname())")
+            .trim(),
+        "a"
+    );
+    assert!(invokes(&env)
+        .iter()
+        .any(|r| r["object"] == "/bin/uname" && r["result"] == "allow"));
+    // A VM cannot take its stub away or write through it.
+    let out = env.run("a", "rm -f /usr/bin/hostname || echo cannot-remove; echo x > /usr/bin/hostname || echo cannot-write");
+    assert!(stdout(&out).contains("cannot-remove"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("cannot-write"), "{}", stdout(&out));
+    // The rules go: a's own programs are back, the mount point made for the missing one too.
+    load(&env, &rule("/usr/bin/wc", ""));
+    assert_eq!(env.run_ok("a", "hostname").trim(), "a");
+    assert_eq!(
+        env.run("a", "test -e /opt/tool/run").status.code(),
+        Some(1),
+        "the mount point made for /opt/tool/run is left in a"
+    );
+    let mounts = env.run_ok("a", "cat /proc/self/mountinfo");
+    assert!(!mounts.contains("/usr/bin/hostname"), "{mounts}");
+    assert!(mounts.contains("/usr/bin/wc"), "{mounts}");
+    // Neither VM was restarted.
+    assert_eq!(env.init_pid("a"), init);
+    // A VM started later gets its stubs before it runs anything.
+    env.ok(&["vm", "stop", "a"]);
+    assert_eq!(env.run_ok("a", "printf 'a b c' | wc -w").trim(), "3");
+    assert!(env
+        .run_ok("a", "cat /proc/self/mountinfo")
+        .contains("/usr/bin/wc"));
+}
+
+#[test]
+fn invoked_programs_run_as_the_caller_with_allowed_environment_and_directory() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    let pinned = rule("/usr/bin/id", "user = \"1234:99\"\n");
+    load(
+        &env,
+        &format!(
+            "{}{}{pinned}",
+            policy(),
+            rule("/usr/bin/env", "env = [\"LANG\", \"MY_*\"]\n")
+        ),
+    );
+    // The caller's uid and gid (from the kernel), or the rule's user.
+    let out = env.output(&[
+        "run",
+        "a",
+        "-u",
+        "nobody",
+        "--",
+        "bash",
+        "-c",
+        "id -u; id -g",
+    ]);
+    assert_success(&out, "as nobody");
+    assert_eq!(
+        stdout(&out).split_whitespace().collect::<Vec<_>>(),
+        ["65534", "65534"]
+    );
+    assert_eq!(
+        env.run_ok("a", "id -u; id -g")
+            .split_whitespace()
+            .collect::<Vec<_>>(),
+        ["1234", "99"]
+    );
+    // Only what the rule's env list allows crosses.
+    let out = env.run_ok(
+        "a",
+        "LANG=C.UTF-8 MY_ONE=1 MY_TWO=2 SECRET=s LD_PRELOAD=/x.so env",
+    );
+    let names: Vec<&str> = out
+        .lines()
+        .filter_map(|l| l.split_once('=').map(|(k, _)| k))
+        .collect();
+    for k in ["LANG", "MY_ONE", "MY_TWO"] {
+        assert!(names.contains(&k), "{k} missing: {out}");
+    }
+    for k in ["SECRET", "LD_PRELOAD", "TERM"] {
+        assert!(!names.contains(&k), "{k} crossed: {out}");
+    }
+    // The working directory, where b has it; `/` where it does not.
+    assert_eq!(
+        env.run_ok("a", "cd /usr/share && bash -c pwd").trim(),
+        "/usr/share"
+    );
+    assert_eq!(
+        env.run_ok("a", "mkdir -p /only-a && cd /only-a && bash -c pwd")
+            .trim(),
+        "/"
+    );
+}
+
+#[test]
+fn an_interactive_program_gets_a_terminal_of_the_target_vm() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(&env, &policy());
+    // In a, on a pseudo-terminal: a's terminal is never handed to b; the program gets one of
+    // b's own, relayed by the stub.
+    let code = r#"
+import os, pty, select, sys, time
+pid, fd = pty.fork()
+if pid == 0:
+    os.execvp("bash", ["bash", "-c", "test -t 0 && echo tty-$(hostname); read x; echo got-$x"])
+out = b""
+deadline = time.time() + 20
+sent = False
+while time.time() < deadline:
+    if not sent and b"tty-" in out:
+        os.write(fd, b"hello\n"); sent = True
+    r, _, _ = select.select([fd], [], [], 0.2)
+    if r:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:
+            break
+        if not chunk:
+            break
+        out += chunk
+_, status = os.waitpid(pid, 0)
+print(out.decode(errors="replace").replace("\r", ""))
+print("status", os.waitstatus_to_exitcode(status))
+"#;
+    let out = env.py_ok("a", code);
+    assert!(out.contains("tty-b"), "{out}");
+    assert!(out.contains("got-hello"), "{out}");
+    assert!(out.contains("status 0"), "{out}");
+}
+
+#[test]
+fn file_arguments_appear_under_shuttle_from_and_nothing_else_does() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    let policy = format!(
+        "{}{}{}{}",
+        policy(),
+        rule("/usr/bin/realpath", ""),
+        rule("/usr/bin/cat", "files = \"none\"\n"),
+        rule("/usr/bin/tee", "files = \"read-write\"\n")
+    );
+    load(&env, &policy);
+    env.run_ok(
+        "a",
+        "echo hello > /root/doc.txt; echo sibling > /root/other.txt; seq 1 1000 > /etc/a-only; \
+         : > /root/out.txt; echo secret > /root/secret; chmod 600 /root/secret",
+    );
+    // The file appears at /shuttle/from/a/PATH, and the argument names it there.
+    assert_eq!(
+        env.run_ok("a", "cd /root && sha256sum doc.txt").trim(),
+        format!("{}  /shuttle/from/a/root/doc.txt", host_sha256(b"hello\n"))
+    );
+    assert_eq!(
+        env.run_ok("a", "wc -l /etc/a-only").trim(),
+        "1000 /shuttle/from/a/etc/a-only"
+    );
+    // Relative paths, `..`, symbolic links and /proc/self/root: the file's own path in a.
+    for arg in [
+        "cd /tmp && realpath ../root/doc.txt",
+        "ln -sf /root/doc.txt /tmp/link && realpath /tmp/link",
+        "realpath /proc/self/root/root/doc.txt",
+    ] {
+        assert_eq!(
+            env.run_ok("a", arg).trim(),
+            "/shuttle/from/a/root/doc.txt",
+            "{arg}"
+        );
+    }
+    // Exactly the named file: not its siblings, read-only, gone when the program ends.
+    let seen = env.run_ok(
+        "a",
+        "bash -c 'find /shuttle -mindepth 1 | sort; echo x >> \"$1\" || echo read-only' _ /root/doc.txt",
+    );
+    assert_eq!(
+        seen.lines().collect::<Vec<_>>(),
+        [
+            "/shuttle/from",
+            "/shuttle/from/a",
+            "/shuttle/from/a/root",
+            "/shuttle/from/a/root/doc.txt",
+            "read-only"
+        ],
+        "{seen}"
+    );
+    // (`cat` itself is invoked in b in this test: a's files are read with `head`.)
+    assert_eq!(env.run_ok("a", "head -c 100 /root/doc.txt"), "hello\n");
+    assert_eq!(
+        env.run_ok("b", "find /shuttle/from/a -mindepth 1"),
+        "",
+        "what was passed stays in b after the program ended"
+    );
+    // Directories, devices, missing paths, kernel files and options stay strings.
+    assert_eq!(
+        env.run_ok(
+            "a",
+            "bash -c 'echo \"$@\"' _ /etc /dev/null /nonexistent /proc/self/status -n"
+        )
+        .trim(),
+        "/etc /dev/null /nonexistent /proc/self/status -n"
+    );
+    // A file the caller cannot open is not passed (its name means b's own file, which b
+    // lacks).
+    let out = env.output(&["run", "a", "-u", "nobody", "--", "realpath", "/root/secret"]);
+    assert!(!out.status.success());
+    assert!(!stderr(&out).contains("/shuttle/from"), "{}", stderr(&out));
+    // Names with odd bytes.
+    let odd = env.run_ok(
+        "a",
+        "f=$(printf '/tmp/we ird\\nname'); printf x > \"$f\"; bash -c 'printf \"%s|\" \"$1\"; cat \"$1\"' _ \"$f\"",
+    );
+    assert_eq!(odd, "/shuttle/from/a/tmp/we ird\nname|x");
+    // files = "none": names pass as strings; files = "read-write": the program writes a's file.
+    let out = env.run("a", "cat /root/doc.txt");
+    assert!(!out.status.success());
+    assert!(stderr(&out).contains("/root/doc.txt"), "{}", stderr(&out));
+    env.run_ok("a", "echo written-in-b | tee /root/out.txt >/dev/null");
+    assert_eq!(
+        env.run_ok("a", "head -c 100 /root/out.txt"),
+        "written-in-b\n"
+    );
+    // The audit says what was passed.
+    assert!(invokes(&env)
+        .iter()
+        .any(|r| r["object"] == "/usr/bin/sha256sum"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("with 1 file argument(s) read-only"))));
+}
+
+#[test]
+fn a_symlink_swapped_during_the_call_exposes_nothing_the_caller_cannot_open() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(&env, &format!("{}{}", policy(), rule("/usr/bin/head", "")));
+    // As nobody in a, a link flips between a file nobody may read and one it may not, while
+    // nobody invokes b's `head` on it again and again.
+    env.run_ok(
+        "a",
+        "mkdir -p /var/tmp/race && chmod 777 /var/tmp/race && echo public > /var/tmp/public \
+         && chmod 644 /var/tmp/public && echo private-data > /var/tmp/private && chmod 600 /var/tmp/private",
+    );
+    let script = r#"
+cd /var/tmp/race
+( while :; do ln -sfn /var/tmp/public link; ln -sfn /var/tmp/private link; done ) &
+racer=$!
+for i in $(seq 1 60); do head -n 1 link 2>&1; done
+kill $racer
+"#;
+    let out = env.output(&["run", "a", "-u", "nobody", "--", "sh", "-c", script]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("public"),
+        "no invocation read the public file: {text}{}",
+        stderr(&out)
+    );
+    assert!(!text.contains("private-data"), "{text}");
+}
