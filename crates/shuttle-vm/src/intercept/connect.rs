@@ -138,11 +138,18 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
         Ok(r) => r,
         Err(why) => return call.refuse(record, &why, Errno::ECONNREFUSED),
     };
+    // The decision is on record before anything reaches the target: a connection refused
+    // because its record could not be written must not have been made.
+    record.reason = Some(format!("connecting to {:?}", route.dest));
+    if !vm_api::journal(call.ctx, record.clone()) {
+        return call.answer(Err(Errno::ECONNREFUSED));
+    }
     let connected = connect_in(route.target.as_deref(), &sock, &route.dest, &info);
     let new_sock = match connected {
         Ok(s) => s,
         Err(e) => {
-            // Nobody listening there (yet): the same answer a local connect would give.
+            // Nobody listening there (yet): the same answer a local connect would give. The
+            // failure is recorded after the decision.
             record.result = Outcome::Error;
             record.reason = Some(format!("connecting in the target failed: {e}"));
             let _ = vm_api::journal(call.ctx, record);
@@ -154,10 +161,6 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
             &new_sock,
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         );
-    }
-    record.reason = Some(format!("connected to {:?}", route.dest));
-    if !vm_api::journal(call.ctx, record) {
-        return call.answer(Err(Errno::ECONNREFUSED));
     }
     let lent_datagram = route.dest.needs_netns() && sock.is_datagram();
     if lent_datagram {

@@ -75,6 +75,11 @@ fn mediate(call: &Call<'_>, name: &str, object: &str) {
     } else {
         None
     };
+    // On record before the queue is opened (or created) in the target.
+    record.reason = Some(format!("opening {object} in VM {target_vm}"));
+    if !vm_api::journal(call.ctx, record.clone()) {
+        return call.answer(Err(Errno::EACCES));
+    }
     let queue = match open_queue_in(&target, name, oflag, mode, attr, &info) {
         Ok(q) => q,
         Err(e) => {
@@ -84,10 +89,6 @@ fn mediate(call: &Call<'_>, name: &str, object: &str) {
             return call.answer(Err(e));
         }
     };
-    record.reason = Some(format!("opened {object} in VM {target_vm}"));
-    if !vm_api::journal(call.ctx, record) {
-        return call.answer(Err(Errno::EACCES));
-    }
     match unotify::inject_fd_as_result(
         call.listener,
         call.n.id,
