@@ -1,5 +1,5 @@
 //! The supervisor of one system (`shuttle __supervise MANIFEST FD`, `ps` name
-//! `shuttle-supervise`): started detached by `shuttle up`, it starts the manifest's
+//! `shuttle-system`): started detached by `shuttle up`, it starts the manifest's
 //! applications in dependency order, waits for each one's readiness before its dependents,
 //! holds each application's run connection to its VM's monitor (so it learns of every exit
 //! and can signal it), restarts failed applications with backoff as the manifest says, keeps
@@ -185,7 +185,7 @@ pub fn main(layout: &Layout, manifest_path: &Path, progress: Option<OwnedFd>) ->
 
 fn run(layout: &Layout, manifest_path: &Path, progress: &mut Option<fs::File>) -> Result<()> {
     let _ = nix::unistd::setsid();
-    let _ = nix::sys::prctl::set_name(c"shuttle-supervi");
+    let _ = nix::sys::prctl::set_name(c"shuttle-system");
     let manifest = Manifest::load(manifest_path).map_err(|e| anyhow!("{e}"))?;
     let dir = runtime_dir(layout, &manifest.name);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

@@ -47,6 +47,7 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
     );
     for vm in &manifest.vms {
         if layout.vm_dir(&vm.name).exists() {
+            eprintln!("  VM {:<21} exists (kept as it is)", vm.name);
             continue;
         }
         let o = vm.options();

@@ -100,8 +100,13 @@ fn up_starts_in_dependency_order_behind_readiness_and_down_stops_in_reverse() {
         r#"
 name = "order"
 [vm.front.app.client]
-command = ["sh", "-c", "echo client started; exec sleep 1000"]
+command = ["sh", "-c", "echo client started; sleep 0.5; touch /tmp/ok; exec sleep 1000"]
 requires = ["back.server"]
+ready = {{ command = ["test", "-e", "/tmp/ok"] }}
+
+[vm.front.app.last]
+command = ["sleep", "1000"]
+requires = ["front.client"]
 
 [vm.back.app.server]
 command = {server}
@@ -125,6 +130,8 @@ stop_timeout = "2s"
             .unwrap_or_else(|| panic!("`{needle}` missing from up's progress:\n{err}"))
     };
     assert!(pos("back.server              ready") < pos("front.client             started"));
+    // A command probe: `last` waits until the client's `test -e /tmp/ok` succeeds.
+    assert!(pos("front.client             ready") < pos("front.last               started"));
     assert!(err.contains("system order is up"), "{err}");
     let server = app(&env, "back.server");
     assert_eq!(server["state"], "ready");
@@ -150,6 +157,7 @@ stop_timeout = "2s"
         log.find(&format!("{id} stopped"))
             .unwrap_or_else(|| panic!("{id} not stopped:\n{log}"))
     };
+    assert!(stopped("front.last") < stopped("front.client"), "{log}");
     assert!(stopped("front.client") < stopped("back.server"), "{log}");
     assert_nothing_runs(&env, "order");
 }
