@@ -258,6 +258,8 @@ impl Supervisor {
     }
 
     fn serve(&mut self) -> Result<()> {
+        // Before any (possibly long) setup step: `down` finds the supervisor's pid here.
+        self.write_state();
         loop {
             if let Err(e) = self.reconcile() {
                 if self.booting {
@@ -353,7 +355,19 @@ impl Supervisor {
                         })
                     });
                     if deps_ready {
-                        self.start(i)?;
+                        if let Err(e) = self.start(i) {
+                            if self.booting {
+                                return Err(e);
+                            }
+                            // Its VM cannot start, a setup step failed, ...: try again later
+                            // rather than every tick.
+                            self.note(i, &format!("cannot start: {e:#}"));
+                            eprintln!("shuttle-supervise: {}: {e:#}", self.apps[i].spec.id());
+                            let a = &mut self.apps[i];
+                            a.st = St::Waiting;
+                            a.next_start = Some(Instant::now() + backoff(a.failures_in_a_row));
+                            a.failures_in_a_row += 1;
+                        }
                     }
                 }
                 St::Starting if self.apps[i].ready_deadline.is_some_and(|d| now > d) => {
@@ -629,9 +643,7 @@ impl Supervisor {
         if ran_for >= BACKOFF_RESET_AFTER {
             a.failures_in_a_row = 0;
         }
-        let backoff = BACKOFF_FIRST
-            .saturating_mul(1u32 << a.failures_in_a_row.min(6))
-            .min(BACKOFF_MAX);
+        let backoff = backoff(a.failures_in_a_row);
         a.failures_in_a_row += 1;
         a.restarts += 1;
         a.st = St::Waiting;
@@ -766,6 +778,14 @@ impl Supervisor {
     }
 }
 
+/// The wait before the next start after `failures` failures in a row: 0.5 s, doubling, at
+/// most 30 s.
+fn backoff(failures: u32) -> Duration {
+    BACKOFF_FIRST
+        .saturating_mul(1u32 << failures.min(6))
+        .min(BACKOFF_MAX)
+}
+
 fn describe_probe(p: Option<&Probe>) -> String {
     match p {
         Some(Probe::Socket(s)) => format!("nothing listened on unix socket {s}"),
@@ -856,6 +876,15 @@ fn probe_command(
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_a_limit() {
+        let ms: Vec<u128> = (0..9).map(|n| backoff(n).as_millis()).collect();
+        assert_eq!(
+            ms,
+            [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
+        );
+    }
 
     #[test]
     fn socket_tables_are_read() {
