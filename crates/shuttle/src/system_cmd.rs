@@ -239,14 +239,20 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
     }
     for vm in manifest.vms.iter().rev() {
         if store::is_running(layout, &vm.name) {
-            lifecycle(
+            let stopped = lifecycle(
                 layout,
                 BrokerRequest::VmStop {
                     name: vm.name.clone(),
                     grace_ms: 10_000,
                 },
                 "stop a VM",
-            )?;
+            );
+            // Someone else (a failing `up`) may have stopped it meanwhile.
+            if let Err(e) = stopped {
+                if store::is_running(layout, &vm.name) {
+                    return Err(e);
+                }
+            }
             eprintln!("  VM {:<21} stopped", vm.name);
         }
     }

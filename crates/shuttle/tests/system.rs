@@ -521,3 +521,36 @@ fn example_shop_serves_the_catalogue_from_db_and_keeps_the_intruder_out() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert_nothing_runs(&env, "shop");
 }
+
+#[test]
+fn down_while_up_still_waits_stops_everything() {
+    let Some(env) = Env::new() else { return };
+    let text = "name = \"slow\"\n[vm.a.app.server]\ncommand = [\"sleep\", \"1000\"]\nready = { port = 4444 }\nready_timeout = \"60s\"\nstop_timeout = \"2s\"\n";
+    let file = manifest(&env, "slow", text);
+    let _down = Down {
+        env: &env,
+        file: file.clone(),
+    };
+    let up = env
+        .cmd(&["up".as_ref(), file.as_os_str()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = env.path().join("run/systems/slow/state.json");
+    assert!(
+        wait_for(Duration::from_secs(20), || std::fs::read_to_string(&state)
+            .is_ok_and(|s| s.contains("\"starting\""))),
+        "the application never started"
+    );
+    let out = env.output(&["down".as_ref(), file.as_os_str()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = up.wait_with_output().unwrap();
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("stopped (SIGTERM) before every application was ready"),
+        "{err}"
+    );
+    assert_nothing_runs(&env, "slow");
+}
