@@ -102,6 +102,9 @@ pub enum DependencyRestart {
     Ignore,
     /// Stop it and start it again once the dependency is ready again.
     Restart,
+    /// Tell it: send it this signal (by number) once the dependency is ready again
+    /// (`"signal:HUP"`).
+    Signal(i32),
 }
 
 /// How a supervisor knows an application is ready for its dependents.

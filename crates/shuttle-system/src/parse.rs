@@ -539,14 +539,21 @@ fn parse_app(
     let on_dependency_restart = match table.str(cx, "on_dependency_restart", "\"restart\"") {
         None | Some(("ignore", _)) => DependencyRestart::Ignore,
         Some(("restart", _)) => DependencyRestart::Restart,
-        Some((other, at)) => {
-            cx.err(
-                at,
-                format!("unknown on_dependency_restart `{other}`"),
-                "write \"ignore\" (the default: keep running) or \"restart\"",
-            );
-            DependencyRestart::Ignore
-        }
+        Some((other, at)) => match other
+            .strip_prefix("signal:")
+            .and_then(shuttle_policy::Signal::from_name)
+        {
+            Some(sig) => DependencyRestart::Signal(sig.number()),
+            None => {
+                cx.err(
+                    at,
+                    format!("unknown on_dependency_restart `{other}`"),
+                    "write \"ignore\" (the default: keep running), \"restart\" or \"signal:NAME\" \
+                     (such as \"signal:HUP\": sent once the dependency is ready again)",
+                );
+                DependencyRestart::Ignore
+            }
+        },
     };
     let ready = table.get("ready").and_then(|f| parse_probe(cx, f));
     let ready_timeout = table.duration(cx, "ready_timeout", DEFAULT_READY_TIMEOUT);
@@ -810,6 +817,7 @@ ready = { port = 8080 }
 command = ["python3", "/srv/worker.py"]
 requires = ["shop.web", "db.postgres"]
 restart = "no"
+on_dependency_restart = "signal:HUP"
 "#;
 
     #[test]
@@ -839,6 +847,8 @@ restart = "no"
         assert_eq!(web.env, [("LANG".to_owned(), "C.UTF-8".to_owned())]);
         assert_eq!(web.on_dependency_restart, DependencyRestart::Restart);
         assert_eq!(m.dependents("db.postgres").len(), 2);
+        let worker = m.app("shop.worker").unwrap();
+        assert_eq!(worker.on_dependency_restart, DependencyRestart::Signal(1));
     }
 
     #[test]

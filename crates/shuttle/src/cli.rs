@@ -155,8 +155,8 @@ pub enum Command {
 
 #[derive(Debug, Args)]
 pub struct GraphArgs {
-    /// The system manifest (TOML)
-    pub file: PathBuf,
+    /// The system manifest (TOML); without it, the one system that is up
+    pub file: Option<PathBuf>,
     /// dot (Graphviz source) or svg (rendered with Graphviz's `dot`, which must be installed)
     #[arg(long, value_parser = ["dot", "svg"], default_value = "dot")]
     pub format: String,

@@ -284,7 +284,15 @@ fn audit_counts(layout: &Layout) -> Result<Vec<EdgeCount>> {
 
 /// `shuttle graph FILE [--format dot|svg] [--json]`.
 pub fn graph(layout: &Layout, args: &GraphArgs) -> Result<i32> {
-    let manifest = Manifest::load(&args.file).map_err(|e| anyhow!("{e}"))?;
+    let file = match &args.file {
+        Some(f) => f.clone(),
+        None => match crate::system_cmd::running_manifests(layout).as_slice() {
+            [one] => one.clone(),
+            [] => bail!("no system is up: name its manifest, as in `shuttle graph FILE`"),
+            _ => bail!("several systems are up: name one's manifest, as in `shuttle graph FILE`"),
+        },
+    };
+    let manifest = Manifest::load(&file).map_err(|e| anyhow!("{e}"))?;
     // The system's own policy; without one, the active policy.
     let policy = match &manifest.policy {
         Some(p) => Some(

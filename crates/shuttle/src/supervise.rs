@@ -300,6 +300,9 @@ impl Supervisor {
                         a.ready_deadline = None;
                         let (id, t) = (a.spec.id(), a.started.map(|s| s.0.elapsed()));
                         self.note(app, "ready");
+                        if self.apps[app].restarts > 0 {
+                            self.tell_dependents(app);
+                        }
                         if self.booting {
                             self.say(format!(
                                 "  {id:<24} ready ({} ms)",
@@ -667,6 +670,27 @@ impl Supervisor {
             }
         }
         Ok(())
+    }
+
+    /// Sends their signal to the running dependents that asked to be told when `app` is
+    /// ready again after a restart (`on_dependency_restart = "signal:NAME"`).
+    fn tell_dependents(&self, app: usize) {
+        let id = self.apps[app].spec.id();
+        for (j, a) in self.apps.iter().enumerate() {
+            let DependencyRestart::Signal(sig) = a.spec.on_dependency_restart else {
+                continue;
+            };
+            if !a.spec.requires.contains(&id) || !matches!(a.st, St::Ready | St::Starting) {
+                continue;
+            }
+            if let Some(s) = &a.signaller {
+                let _ = s.signal(sig);
+                self.note(
+                    j,
+                    &format!("told with signal {sig}: {id} restarted and is ready"),
+                );
+            }
+        }
     }
 
     fn transitive_restart_dependents(&self, id: &str) -> Vec<usize> {

@@ -96,7 +96,7 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
                 copy_into(layout, &vm.name, &f.from, &f.to)?;
             }
         }
-        spawn_supervisor(layout, file)
+        spawn_supervisor(layout, file, &name)
     })();
     if let Err(e) = result {
         for vm in started.iter().rev() {
@@ -145,12 +145,9 @@ fn copy_into(layout: &Layout, vm: &str, from: &Path, to: &str) -> Result<()> {
 
 /// Starts the system's supervisor, detached, and relays its progress lines until it says
 /// `ok` (every application ready) or `error: ...` (it stopped what it started).
-fn spawn_supervisor(layout: &Layout, file: &Path) -> Result<()> {
+fn spawn_supervisor(layout: &Layout, file: &Path, name: &str) -> Result<()> {
     let manifest_path = fs::canonicalize(file)?;
-    let name = Manifest::load(&manifest_path)
-        .map_err(|e| anyhow!("{e}"))?
-        .name;
-    let dir = supervise::runtime_dir(layout, &name);
+    let dir = supervise::runtime_dir(layout, name);
     shuttle_vm::layout::ensure_private_dir(&layout.runtime)?;
     fs::create_dir_all(&dir)?;
     let log_path = dir.join("supervisor.log");
@@ -314,6 +311,14 @@ fn systems(layout: &Layout) -> Vec<SystemState> {
     }
     out.sort_by(|a, b| a.system.cmp(&b.system));
     out
+}
+
+/// The manifests of the systems that are up.
+pub fn running_manifests(layout: &Layout) -> Vec<PathBuf> {
+    systems(layout)
+        .into_iter()
+        .map(|s| PathBuf::from(s.manifest))
+        .collect()
 }
 
 fn human_duration(secs: u64) -> String {

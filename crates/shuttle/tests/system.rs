@@ -241,6 +241,12 @@ stop_timeout = "2s"
 command = ["sleep", "1000"]
 requires = ["a.flaky"]
 stop_timeout = "2s"
+
+[vm.b.app.told]
+command = ["sh", "-c", "trap 'echo told' HUP; while :; do sleep 0.1; done"]
+requires = ["a.flaky"]
+on_dependency_restart = "signal:HUP"
+stop_timeout = "2s"
 "#;
     let file = manifest(&env, "crashy", text);
     let (_down, out) = up(&env, &file);
@@ -395,6 +401,8 @@ command = ["sh", "-c", "python3 -c \"import socket; socket.socket(socket.AF_UNIX
     ] {
         assert!(dot.contains(needle), "`{needle}` missing from:\n{dot}");
     }
+    // Without FILE: the one system that is up.
+    assert_eq!(env.ok(&["graph"]), dot);
     let out = env.output(&[
         "graph".as_ref(),
         file.as_os_str(),
