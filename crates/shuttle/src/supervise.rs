@@ -508,6 +508,13 @@ impl Supervisor {
         );
         let session = match started {
             Ok(s) => s,
+            Err(e) if self.booting => {
+                // Not found, a bad user, ...: restarting would not help.
+                bail!(
+                    "cannot start {id}: {e}; its log: {}",
+                    app_log(&self.layout, &self.manifest.name, &id).display()
+                );
+            }
             Err(e) => {
                 // Could not even start (not found, bad user, ...): an exit like any other.
                 let code = match &e {

@@ -216,6 +216,18 @@ requires = ["db.server"]
     );
     assert!(env.ok(&["logs", "db.server"]).contains("oops"));
     assert_nothing_runs(&env, "crash");
+    // A program that does not exist in the VM fails `up` with the reason.
+    let file = manifest(
+        &env,
+        "missing",
+        "name = \"missing\"\n[vm.db.app.ghost]\ncommand = [\"/no/such/program\"]\nrestart = \"always\"\n",
+    );
+    let (_down3, out) = up(&env, &file);
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert!(err.contains("cannot start db.ghost: "), "{err}");
+    assert!(err.contains("/no/such/program"), "{err}");
+    assert_nothing_runs(&env, "missing");
 }
 
 #[test]
