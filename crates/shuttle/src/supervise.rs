@@ -410,13 +410,10 @@ impl Supervisor {
             &shuttle_proto::BrokerRequest::VmStart { name: vm.into() },
         )? {
             shuttle_proto::BrokerReply::Done => Ok(()),
-            shuttle_proto::BrokerReply::Failed { message }
-                if store::is_running(&self.layout, vm) =>
-            {
-                let _ = message;
-                client::wait_until_ready(&self.layout, vm, Duration::from_secs(30))?;
-                Ok(())
-            }
+            // Someone else started it meanwhile: wait until it is ready.
+            shuttle_proto::BrokerReply::Failed { .. } if store::is_running(&self.layout, vm) => Ok(
+                client::wait_until_ready(&self.layout, vm, Duration::from_secs(30))?,
+            ),
             shuttle_proto::BrokerReply::Failed { message } => bail!("starting VM {vm}: {message}"),
             other => bail!("the broker answered unexpectedly: {other:?}"),
         }
