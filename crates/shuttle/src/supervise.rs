@@ -166,6 +166,8 @@ struct Supervisor {
     events: mpsc::Receiver<Event>,
     progress: Option<fs::File>,
     booting: bool,
+    /// What `state.json` holds.
+    last_state: Option<String>,
 }
 
 /// `shuttle __supervise MANIFEST FD`.
@@ -235,6 +237,7 @@ fn run(layout: &Layout, manifest_path: &Path, progress: &mut Option<fs::File>) -
         events,
         progress: progress.take(),
         booting: true,
+        last_state: None,
     };
     let result = sup.serve();
     let _ = fs::remove_file(state_file(layout, &sup.manifest.name));
@@ -626,9 +629,15 @@ impl Supervisor {
         let restart = self.apps[i].spec.restart.restarts(code);
         if !restart {
             self.apps[i].st = if code == 0 { St::Exited } else { St::Failed };
-            if self.booting && (was == St::Starting || code != 0) {
+            if self.booting && was == St::Starting {
                 bail!(
                     "{id} exited with status {code} before it was ready; its log: {}",
+                    log.display()
+                );
+            }
+            if self.booting && code != 0 {
+                bail!(
+                    "{id} failed (status {code}) while the system came up; its log: {}",
                     log.display()
                 );
             }
@@ -766,7 +775,7 @@ impl Supervisor {
         }
     }
 
-    fn write_state(&self) {
+    fn write_state(&mut self) {
         let state = SystemState {
             system: self.manifest.name.clone(),
             manifest: self.manifest.file.clone(),
@@ -798,10 +807,15 @@ impl Supervisor {
         };
         let path = state_file(&self.layout, &self.manifest.name);
         let tmp = path.with_extension("json.tmp");
-        if let Ok(text) = serde_json::to_string_pretty(&state) {
-            if fs::write(&tmp, text).is_ok() {
-                let _ = fs::rename(&tmp, &path);
-            }
+        let Ok(text) = serde_json::to_string_pretty(&state) else {
+            return;
+        };
+        // Called at every tick; the file changes only when something happened.
+        if self.last_state.as_ref() == Some(&text) {
+            return;
+        }
+        if fs::write(&tmp, &text).is_ok() && fs::rename(&tmp, &path).is_ok() {
+            self.last_state = Some(text);
         }
     }
 }

@@ -240,7 +240,7 @@ command = ["sh", "-c", "echo up; sleep 0.4; exit 3"]
 restart = "on-failure"
 
 [vm.a.app.once]
-command = ["sh", "-c", "sleep 0.3; exit 5"]
+command = ["sh", "-c", "sleep 2; exit 5"]
 restart = "no"
 
 [vm.b.app.follower]
