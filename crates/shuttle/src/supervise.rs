@@ -558,6 +558,9 @@ impl Supervisor {
         match spec.ready.clone() {
             None => {
                 self.apps[i].st = St::Ready;
+                if self.apps[i].restarts > 0 {
+                    self.tell_dependents(i);
+                }
                 if self.booting {
                     self.say(format!("  {id:<24} ready (no readiness probe)"));
                 }

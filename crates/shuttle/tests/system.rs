@@ -290,6 +290,13 @@ stop_timeout = "2s"
         0,
         "ignore keeps it running"
     );
+    let told = env.ok(&["logs", "b.told"]);
+    assert!(
+        told.contains("[shuttle] told with signal 1: a.flaky restarted and is ready"),
+        "{told}"
+    );
+    assert!(told.lines().filter(|l| *l == "told").count() >= 2, "{told}");
+    assert_eq!(app(&env, "b.told")["restarts"], 0, "told, not restarted");
     let once = app(&env, "a.once");
     assert_eq!(once["state"], "failed", "{once:#}");
     assert_eq!(once["last_exit"], 5);
