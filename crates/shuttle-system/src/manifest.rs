@@ -197,3 +197,17 @@ impl Manifest {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_policies() {
+        assert!(!Restart::No.restarts(1));
+        assert!(!Restart::OnFailure.restarts(0));
+        assert!(Restart::OnFailure.restarts(3));
+        assert!(Restart::OnFailure.restarts(128 + 9));
+        assert!(Restart::Always.restarts(0));
+    }
+}

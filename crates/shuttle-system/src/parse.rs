@@ -941,6 +941,54 @@ command = ["x"]
     }
 
     #[test]
+    fn copied_files_and_the_policy_are_found_beside_the_manifest() {
+        let dir = std::env::temp_dir().join(format!("shuttle-system-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("app.py"), "print(1)\n").unwrap();
+        std::fs::write(
+            dir.join("policy.toml"),
+            "[[rule]]\nop = \"connect\"\nfrom = \"a\"\nto = \"b\"\nobject = \"tcp:80\"\naction = \"allow\"\n",
+        )
+        .unwrap();
+        let file = dir.join("system.toml");
+        let text = "policy = \"policy.toml\"\n[vm.a]\nfiles = { \"/srv/app.py\" = \"app.py\" }\n[vm.a.app.x]\ncommand = [\"python3\", \"/srv/app.py\"]\n";
+        let m = parse(&file.display().to_string(), text).unwrap();
+        assert_eq!(m.vms[0].files[0].to, "/srv/app.py");
+        assert_eq!(m.vms[0].files[0].from, dir.join("app.py"));
+        assert_eq!(m.policy.as_ref().unwrap().path, dir.join("policy.toml"));
+        let bad = "[vm.a]\nfiles = { \"/srv/app.py\" = \"nope.py\", \"rel\" = \"app.py\" }\n[vm.a.app.x]\ncommand = [\"x\"]\n";
+        let e = parse(&file.display().to_string(), bad).unwrap_err();
+        let e: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(
+            e[0].contains(":2:27: error: ") && e[0].contains("nope.py` is not a file"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].contains(":2:38: error: `rel` is not an absolute path in the VM"),
+            "{e:?}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_bad_policy_is_an_error_of_the_manifest() {
+        let dir = std::env::temp_dir().join(format!("shuttle-system-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("p.toml"), "[[rule]]\nop = \"conect\"\n").unwrap();
+        let file = dir.join("s.toml").display().to_string();
+        let e = parse(
+            &file,
+            "policy = \"p.toml\"\n[vm.a.app.x]\ncommand = [\"x\"]\n",
+        )
+        .unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("s.toml:1:10: error: the policy"), "{e}");
+        assert!(e.contains("p.toml:2:6: error: unknown op `conect`"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn missing_commands_and_empty_manifests_are_errors() {
         let e = errors("[vm.a.app.x]\nuser = \"root\"\n");
         assert!(e[0].contains("missing `command`"), "{e:?}");
