@@ -136,7 +136,8 @@ pub enum Command {
     ///
     /// Edges between VMs are the policy's rules that apply to the system's VMs, labelled with
     /// the audit's counts of allowed and denied requests; red dashed edges are requests that
-    /// only were denied. Example: shuttle graph examples/shop/system.toml --format svg > shop.svg
+    /// only were denied. While the system is up, applications are coloured by state.
+    /// Example: shuttle graph examples/shop/system.toml --format svg > shop.svg
     Graph(GraphArgs),
     #[command(name = "__monitor", hide = true)]
     Monitor { name: String, ready_fd: i32 },

@@ -3,6 +3,7 @@
 //! allow something between the system's VMs are edges between the VMs, labelled with the
 //! audit's counts; requests the audit saw that no allowing rule explains are red dashed edges.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
@@ -25,6 +26,9 @@ pub struct Graph {
     pub system: String,
     pub vms: Vec<GraphVm>,
     pub edges: Vec<GraphEdge>,
+    /// While the system is up: each application's state (`ready`, `failed`, ...) and restarts.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub states: BTreeMap<String, (String, u32)>,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -161,6 +165,7 @@ pub fn build(manifest: &Manifest, policy: Option<&Policy>, counts: &[EdgeCount])
         system: manifest.name.clone(),
         vms,
         edges,
+        states: BTreeMap::new(),
     }
 }
 
@@ -224,11 +229,27 @@ pub fn to_dot(g: &Graph) -> String {
         );
         for a in &vm.apps {
             let short = a.split_once('.').map_or(a.as_str(), |(_, n)| n);
+            let (label, fill) = match g.states.get(a) {
+                None => (short.to_owned(), "#eef3ff"),
+                Some((state, restarts)) => {
+                    let fill = match state.as_str() {
+                        "ready" => "#dafbe1",
+                        "failed" | "exited" => "#ffebe9",
+                        _ => "#fff8c5",
+                    };
+                    let restarts = match restarts {
+                        0 => String::new(),
+                        1 => ", 1 restart".into(),
+                        n => format!(", {n} restarts"),
+                    };
+                    (format!("{short}\n{state}{restarts}"), fill)
+                }
+            };
             let _ = writeln!(
                 s,
-                "    {} [label={}, shape=box, style=\"rounded,filled\", fillcolor=\"#eef3ff\"];",
+                "    {} [label={}, shape=box, style=\"rounded,filled\", fillcolor=\"{fill}\"];",
                 quote(a),
-                quote(short)
+                quote(&label)
             );
         }
         let _ = writeln!(s, "  }}");
@@ -303,7 +324,14 @@ pub fn graph(layout: &Layout, args: &GraphArgs) -> Result<i32> {
             .and_then(|t| Policy::parse("active policy", &t).ok()),
     };
     let counts = audit_counts(layout)?;
-    let g = build(&manifest, policy.as_ref(), &counts);
+    let mut g = build(&manifest, policy.as_ref(), &counts);
+    if let Some(state) = crate::system_cmd::running_state(layout, &manifest.name) {
+        g.states = state
+            .apps
+            .into_iter()
+            .map(|a| (a.id, (a.state, a.restarts)))
+            .collect();
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&g)?);
         return Ok(0);

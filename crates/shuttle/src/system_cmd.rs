@@ -313,6 +313,11 @@ fn systems(layout: &Layout) -> Vec<SystemState> {
     out
 }
 
+/// The state of system `name`, if it is up.
+pub fn running_state(layout: &Layout, name: &str) -> Option<SystemState> {
+    systems(layout).into_iter().find(|s| s.system == name)
+}
+
 /// The manifests of the systems that are up.
 pub fn running_manifests(layout: &Layout) -> Vec<PathBuf> {
     systems(layout)

@@ -413,7 +413,7 @@ command = ["sh", "-c", "python3 -c \"import socket; socket.socket(socket.AF_UNIX
         "digraph \"g\" {",
         "subgraph \"cluster_a\"",
         "label=\"VM a\"",
-        "\"a.server\" [label=\"server\"",
+        "\"a.server\" [label=\"server\\nready\", shape=box, style=\"rounded,filled\", fillcolor=\"#dafbe1\"]",
         "\"b.client\" -> \"a.server\" [label=\"requires\"",
         "\"vm:b\" -> \"vm:a\" [ltail=\"cluster_b\", lhead=\"cluster_a\", label=\"connect unix:/run/g.sock (b-to-a)\\nallowed 1, denied 0\"",
         "\"vm:c\" -> ",
