@@ -474,7 +474,7 @@ fn example_logs_collects_from_every_producer_and_survives_a_collector_restart() 
         wait_for(Duration::from_secs(10), || {
             let p = app(&env, "producer-a.emit");
             app(&env, "collector.collector")["restarts"] == 1
-                && p["restarts"] == 1
+                && p["restarts"].as_u64() >= Some(1)
                 && p["state"] == "ready"
         }),
         "{:#}",
