@@ -292,7 +292,11 @@ fn parse_vm(
     let table = Table::read(cx, t, at, VM_KEYS, &format!("VM `{name}`"));
     let opt =
         |cx: &mut Ctx<'_>, key: &str, ex: &str| table.str(cx, key, ex).map(|(s, _)| s.to_owned());
-    let base = opt(cx, "base", "\"host\"");
+    // A base directory may be given relative to the manifest.
+    let base = opt(cx, "base", "\"host\"").map(|b| match b.as_str() {
+        "host" => b,
+        other => resolve(dir, other).display().to_string(),
+    });
     let net = opt(cx, "net", "\"none\"");
     let memory = opt(cx, "memory", "\"512M\"");
     let pids = table.get("pids").and_then(|f| match f.item.as_integer() {
@@ -618,6 +622,8 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_path_buf();
+    // Absolute, so that paths resolved beside the manifest stay valid from anywhere.
+    let dir = dir.canonicalize().unwrap_or(dir);
     let root = Table::read(&mut cx, doc.as_table(), 0, TOP_KEYS, "a manifest");
     let name = match root.str(&mut cx, "name", "\"shop\"") {
         Some((n, at)) => {
@@ -956,6 +962,16 @@ command = ["x"]
         assert_eq!(m.vms[0].files[0].to, "/srv/app.py");
         assert_eq!(m.vms[0].files[0].from, dir.join("app.py"));
         assert_eq!(m.policy.as_ref().unwrap().path, dir.join("policy.toml"));
+        std::fs::create_dir_all(dir.join("rootfs")).unwrap();
+        let m = parse(
+            &file.display().to_string(),
+            "[vm.a]\nbase = \"rootfs\"\n[vm.a.app.x]\ncommand = [\"x\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            m.vms[0].base,
+            Some(dir.join("rootfs").display().to_string())
+        );
         let bad = "[vm.a]\nfiles = { \"/srv/app.py\" = \"nope.py\", \"rel\" = \"app.py\" }\n[vm.a.app.x]\ncommand = [\"x\"]\n";
         let e = parse(&file.display().to_string(), bad).unwrap_err();
         let e: Vec<String> = e.0.iter().map(ToString::to_string).collect();
