@@ -29,6 +29,10 @@ pub struct PolicySource {
     pub path: PathBuf,
     /// Its text, as validated.
     pub text: String,
+    /// The rules are the manifest's own `[[rule]]` tables: `path` is the manifest, and
+    /// `text` the manifest with everything but its rules blanked out (lines kept, so rule
+    /// locations are the manifest's).
+    pub inline: bool,
 }
 
 /// One VM of the system, with the options of `shuttle vm create`.

@@ -11,7 +11,7 @@ use crate::manifest::{
     AppSpec, DependencyRestart, FileCopy, Manifest, PolicySource, Probe, Restart, SetupStep, VmSpec,
 };
 
-const TOP_KEYS: &[&str] = &["name", "policy", "vm"];
+const TOP_KEYS: &[&str] = &["name", "policy", "rule", "vm"];
 const VM_KEYS: &[&str] = &[
     "base", "net", "memory", "pids", "hide", "tags", "files", "app",
 ];
@@ -591,6 +591,68 @@ fn parse_app(
     ))
 }
 
+/// The manifest's own `[[rule]]` tables as a policy. Everything else of the manifest is
+/// blanked out (newlines kept), so that the policy parser's locations are the manifest's own
+/// and its errors can be reported as they are.
+fn inline_policy(cx: &mut Ctx<'_>, text: &str, dir: &Path, f: Field<'_>) -> Option<PolicySource> {
+    let Item::ArrayOfTables(rules) = f.item else {
+        cx.err(
+            f.at,
+            format!(
+                "`rule` must be an array of tables, found {}",
+                f.item.type_name()
+            ),
+            "write each rule as a `[[rule]]` table (the syntax of a policy file)",
+        );
+        return None;
+    };
+    let mut keep: Vec<std::ops::Range<usize>> = Vec::new();
+    for t in rules.iter() {
+        if let Some(span) = t.span() {
+            keep.push(span);
+        }
+        for (key, item) in t.iter() {
+            let start = t.get_key_value(key).and_then(|(k, _)| k.span());
+            if let (Some(start), Some(end)) = (start, item.span()) {
+                keep.push(start.start..end.end);
+            }
+        }
+    }
+    let masked: String = text
+        .char_indices()
+        .map(|(i, c)| {
+            if c == '\n' || keep.iter().any(|r| r.contains(&i)) {
+                c
+            } else {
+                ' '
+            }
+        })
+        .collect();
+    let file = cx.file.to_owned();
+    if let Err(errors) = shuttle_policy::Policy::parse(&file, &masked) {
+        for e in errors {
+            cx.errors.push(ManifestError {
+                file: e.file,
+                location: crate::Location {
+                    line: e.location.line,
+                    column: e.location.column,
+                },
+                message: e.message,
+                hint: e.hint,
+            });
+        }
+        return None;
+    }
+    let name = Path::new(&file)
+        .file_name()
+        .map_or_else(|| PathBuf::from("system.toml"), PathBuf::from);
+    Some(PolicySource {
+        path: dir.join(name),
+        text: masked,
+        inline: true,
+    })
+}
+
 pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> {
     let mut cx = Ctx {
         file,
@@ -659,7 +721,11 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
                             "fix the policy file (shuttle policy check FILE shows the same errors)",
                         );
                     }
-                    Some(PolicySource { path, text })
+                    Some(PolicySource {
+                        path,
+                        text,
+                        inline: false,
+                    })
                 }
                 Err(e) => {
                     cx.err(
@@ -671,6 +737,19 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
                 }
             }
         });
+    let policy_key = root.get("policy").is_some();
+    let policy = match (policy, root.get("rule")) {
+        (policy, None) => policy,
+        (_, Some(f)) if policy_key => {
+            cx.err(
+                f.at,
+                "the manifest has both `policy = FILE` and `[[rule]]` tables",
+                "keep the rules in one place: in the policy file, or here",
+            );
+            None
+        }
+        (_, Some(f)) => inline_policy(&mut cx, text, &dir, f),
+    };
     let mut vms = Vec::new();
     let mut apps: Vec<ParsedApp> = Vec::new();
     match root.get("vm") {
@@ -1002,6 +1081,30 @@ command = ["x"]
         assert!(e.contains("s.toml:1:10: error: the policy"), "{e}");
         assert!(e.contains("p.toml:2:6: error: unknown op `conect`"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn rules_may_live_in_the_manifest_with_errors_at_their_own_lines() {
+        let text = "name = \"x\"\n[vm.a.app.x]\ncommand = [\"x\"]\n\n[[rule]]\nname = \"a-b\"\nop = \"connect\"\nfrom = \"a\"\nto = \"b\"  # the server\nobject = \"tcp:80\"\naction = \"allow\"\n\n[vm.b.app.y]\ncommand = [\"y\"]\n";
+        let m = parse("dir/s.toml", text).unwrap();
+        let p = m.policy.unwrap();
+        assert!(p.inline);
+        let policy = shuttle_policy::Policy::parse("s.toml", &p.text).unwrap();
+        assert_eq!(policy.len(), 1);
+        assert_eq!(policy.rules()[0].location().line, 5);
+        assert_eq!(p.text.lines().count(), text.lines().count());
+        assert!(!p.text.contains("vm."), "{}", p.text);
+        let bad = text.replace("op = \"connect\"", "op = \"conect\"");
+        let e = errors(&bad);
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("sys/system.toml:7:6: error: unknown op `conect`"),
+            "{e:?}"
+        );
+        let both = format!("policy = \"p.toml\"\n{text}");
+        assert!(errors(&both)
+            .iter()
+            .any(|e| e.contains("both `policy = FILE` and `[[rule]]`")));
     }
 
     #[test]

@@ -67,11 +67,13 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
         eprintln!("  VM {:<21} created", vm.name);
     }
     if let Some(policy) = &manifest.policy {
-        if crate::policy_cmd::load(layout, &policy.path)? != 0 {
-            bail!(
-                "the system's policy {} was not loaded",
-                policy.path.display()
-            );
+        let path = if policy.inline {
+            inline_policy_file(layout, &manifest.name, &policy.path, &policy.text)?
+        } else {
+            policy.path.clone()
+        };
+        if crate::policy_cmd::load(layout, &path)? != 0 {
+            bail!("the system's policy {} was not loaded", path.display());
         }
     }
     // VMs this `up` starts, stopped again if it fails.
@@ -111,6 +113,32 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
         file.display()
     );
     Ok(0)
+}
+
+/// Writes the manifest's own rules (the manifest with everything else blanked out, so that
+/// rule locations in `policy explain` and the audit are the manifest's lines) to
+/// `state/systems/NAME/policy.toml`, for `policy load`.
+fn inline_policy_file(
+    layout: &Layout,
+    system: &str,
+    manifest: &Path,
+    text: &str,
+) -> Result<PathBuf> {
+    let dir = layout.state.join("systems").join(system);
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("policy.toml");
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    if let Some(first) = lines.first_mut() {
+        if first.trim().is_empty() {
+            *first = format!(
+                "# the [[rule]] tables of {} (at their lines)",
+                manifest.display()
+            );
+        }
+    }
+    fs::write(&path, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
 }
 
 /// Copies a host file into a running VM (through `sh` in the VM, with the file as its stdin,

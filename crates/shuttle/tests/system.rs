@@ -353,15 +353,18 @@ fn graph_draws_vms_apps_dependencies_and_audited_interactions() {
     let Some(env) = Env::new() else { return };
     let dir = env.path().join("g");
     std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("policy.toml"),
-        "[[rule]]\nname = \"b-to-a\"\nop = \"connect\"\nfrom = \"b\"\nto = \"a\"\nobject = \"unix:/run/g.sock\"\naction = \"allow\"\n",
-    )
-    .unwrap();
+    // The policy inline, as the manifest's own [[rule]] tables.
     let text = format!(
         r#"
 name = "g"
-policy = "policy.toml"
+[[rule]]
+name = "b-to-a"
+op = "connect"
+from = "b"
+to = "a"
+object = "unix:/run/g.sock"
+action = "allow"
+
 [vm.a.app.server]
 command = {server}
 ready = {{ socket = "/run/g.sock" }}
@@ -382,6 +385,18 @@ command = ["sh", "-c", "python3 -c \"import socket; socket.socket(socket.AF_UNIX
     assert!(wait_for(Duration::from_secs(10), || env
         .ok(&["logs", "b.client"])
         .contains("connected")));
+    // The rule's location is the manifest's own line.
+    let explain = env.ok(&[
+        "policy",
+        "explain",
+        "--op",
+        "connect",
+        "--from",
+        "b",
+        "--object",
+        "unix:/run/g.sock",
+    ]);
+    assert!(explain.contains(":3:1"), "{explain}");
     let graph = || -> Value {
         serde_json::from_str(&env.ok(&["graph".as_ref(), file.as_os_str(), "--json".as_ref()]))
             .unwrap()
