@@ -17,6 +17,7 @@ packages=(
   # 5432: nothing of Shuttle's uses or touches it.
   postgresql-15         # postgres, initdb, pg_ctl and pgbench (in /usr/lib/postgresql/15/bin)
   postgresql-client-15  # psql
+  graphviz        # `dot`, for `shuttle graph --format svg` (tests/system.rs renders one)
 )
 missing=()
 for p in "${packages[@]}"; do

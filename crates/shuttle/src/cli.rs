@@ -115,8 +115,75 @@ pub enum Command {
         )]
         args: Vec<OsString>,
     },
+    /// Bring a whole system up from a manifest: VMs, policy, applications in dependency order
+    ///
+    /// Creates the VMs that do not exist yet, loads the system's policy, starts the VMs,
+    /// copies the manifest's files in, then starts every application once what it requires
+    /// is ready (readiness probes), showing progress. A detached supervisor then keeps the
+    /// applications running (restarts with backoff, as the manifest says) until `down`. If an
+    /// application never becomes ready, everything this command started is stopped again.
+    /// The manifest format is in the README ("Systems").
+    ///
+    /// Example: shuttle up examples/shop/system.toml
+    Up {
+        /// The system manifest (TOML)
+        file: PathBuf,
+    },
+    /// Stop a system: its applications in reverse dependency order, then its VMs
+    ///
+    /// Example: shuttle down examples/shop/system.toml
+    Down {
+        /// The system manifest (TOML)
+        file: PathBuf,
+    },
+    /// List the applications of running systems (state, restarts, uptime) and the VMs
+    Ps {
+        /// Print JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an application's kept output (its stdout and stderr, and the supervisor's notes)
+    ///
+    /// Example: shuttle logs db.postgres --follow
+    Logs {
+        /// The application, as VM.APP
+        app: String,
+        /// Keep printing what it writes
+        #[arg(long, short = 'f')]
+        follow: bool,
+    },
+    /// Draw a system: VMs as boxes, applications inside, dependencies and allowed interactions
+    ///
+    /// Edges between VMs are the policy's rules that apply to the system's VMs, labelled with
+    /// the audit's counts of allowed and denied requests; red dashed edges are requests that
+    /// only were denied. While the system is up, applications are coloured by state.
+    /// Example: shuttle graph examples/shop/system.toml --format svg > shop.svg
+    Graph(GraphArgs),
     #[command(name = "__monitor", hide = true)]
     Monitor { name: String, ready_fd: i32 },
+    #[command(name = "__supervise", hide = true)]
+    Supervise { manifest: PathBuf, ready_fd: i32 },
+    #[command(name = "__probe", hide = true)]
+    Probe {
+        #[arg(long)]
+        socket: Option<String>,
+        #[arg(long)]
+        port: Option<u16>,
+        #[arg(long)]
+        exists: Option<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct GraphArgs {
+    /// The system manifest (TOML); without it, the one system that is up
+    pub file: Option<PathBuf>,
+    /// dot (Graphviz source) or svg (rendered with Graphviz's `dot`, which must be installed)
+    #[arg(long, value_parser = ["dot", "svg"], default_value = "dot")]
+    pub format: String,
+    /// Print the graph's nodes and edges as JSON instead
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

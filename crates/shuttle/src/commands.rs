@@ -46,6 +46,27 @@ pub fn dispatch(cli: Cli) -> i32 {
         }
         return shuttle_vm::monitor::main(&layout, name, ready);
     }
+    if let Command::Probe {
+        socket,
+        port,
+        exists,
+    } = &cli.command
+    {
+        return crate::system_cmd::probe(socket.as_deref(), *port, exists.as_deref());
+    }
+    if let Command::Supervise { manifest, ready_fd } = &cli.command {
+        init_logging("info");
+        let progress = shuttle_sys::fdpass::own_inherited(*ready_fd);
+        let keep: Vec<i32> = progress
+            .iter()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+            .collect();
+        if let Err(e) = shuttle_sys::process::close_descriptors_except(&keep) {
+            eprintln!("shuttle: closing inherited descriptors: {e}");
+            return EXIT_SHUTTLE_FAILED;
+        }
+        return crate::supervise::main(&layout, manifest, progress);
+    }
     init_logging(if matches!(cli.command, Command::Daemon { .. }) {
         "info"
     } else {
@@ -73,7 +94,12 @@ pub fn dispatch(cli: Cli) -> i32 {
             signal,
         } => crate::broker_cmd::signal(&vm, &program, &signal),
         Command::Invoke { program, args } => crate::invoke_cmd::invoke(program, args),
-        Command::Monitor { .. } => Ok(0),
+        Command::Up { file } => crate::system_cmd::up(&layout, &file),
+        Command::Down { file } => crate::system_cmd::down(&layout, &file),
+        Command::Ps { json } => crate::system_cmd::ps(&layout, json),
+        Command::Logs { app, follow } => crate::system_cmd::logs(&layout, &app, follow),
+        Command::Graph(args) => crate::graph_cmd::graph(&layout, &args),
+        Command::Monitor { .. } | Command::Supervise { .. } | Command::Probe { .. } => Ok(0),
     };
     match result {
         Ok(code) => code,
@@ -89,7 +115,7 @@ pub fn dispatch(cli: Cli) -> i32 {
 }
 
 /// Managing VMs needs root (namespaces, mounts, cgroups); say so before anything happens.
-fn require_root() -> Result<()> {
+pub(crate) fn require_root() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("managing VMs needs root (namespaces, mounts and cgroups): run shuttle as root, for example with sudo");
     }
@@ -97,7 +123,7 @@ fn require_root() -> Result<()> {
 }
 
 /// Kernel features a VM needs that a host may lack.
-fn require_kernel_features() -> Result<()> {
+pub(crate) fn require_kernel_features() -> Result<()> {
     let filesystems = std::fs::read_to_string("/proc/filesystems").unwrap_or_default();
     if !filesystems
         .lines()
@@ -111,7 +137,7 @@ fn require_kernel_features() -> Result<()> {
     Ok(())
 }
 
-fn shuttle_exe() -> Result<std::path::PathBuf> {
+pub(crate) fn shuttle_exe() -> Result<std::path::PathBuf> {
     std::env::current_exe().context("cannot find the shuttle binary to start the VM's monitor")
 }
 
@@ -175,7 +201,7 @@ fn vm_command(layout: &Layout, cmd: VmCommand) -> Result<()> {
 
 /// Has the broker carry out a lifecycle request (starting the broker first if needed).
 /// Preconditions the user can fix are checked before, so bad input starts nothing.
-fn lifecycle(layout: &Layout, req: BrokerRequest, purpose: &'static str) -> Result<()> {
+pub(crate) fn lifecycle(layout: &Layout, req: BrokerRequest, purpose: &'static str) -> Result<()> {
     let chan = shuttle_broker::client::connect_or_start(layout, &shuttle_exe()?, purpose)?;
     match shuttle_broker::client::request(&chan, &req)? {
         BrokerReply::Done => Ok(()),

@@ -7,8 +7,11 @@
 mod broker_cmd;
 mod cli;
 mod commands;
+mod graph_cmd;
 mod invoke_cmd;
 mod policy_cmd;
+mod supervise;
+mod system_cmd;
 mod terminal_io;
 
 use std::process::ExitCode;

@@ -141,7 +141,7 @@ fn explain(
     Ok(0)
 }
 
-fn load(layout: &Layout, file: &Path) -> Result<i32> {
+pub(crate) fn load(layout: &Layout, file: &Path) -> Result<i32> {
     let text = read(file)?;
     // Check here first: a bad file gets its errors without starting anything.
     let source = std::fs::canonicalize(file)

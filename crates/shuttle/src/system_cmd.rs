@@ -1,0 +1,511 @@
+//! Whole systems from a manifest: `up`, `down`, `ps`, `logs`, `graph`, and the readiness
+//! helper that runs inside VMs (`__probe`).
+
+use std::fs;
+use std::io::{BufRead, Read, Seek, Write};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde::Serialize;
+use shuttle_proto::{BrokerRequest, VmCreateSpec};
+use shuttle_system::Manifest;
+use shuttle_vm::{client, store, Layout};
+
+use crate::commands::{lifecycle, require_kernel_features, require_root, shuttle_exe};
+use crate::supervise::{self, SystemState};
+
+fn load_manifest(file: &Path) -> Result<Manifest> {
+    Manifest::load(file).map_err(|errors| {
+        let n = errors.errors().len();
+        anyhow!(
+            "{errors}\n{}: {n} error(s); nothing was started",
+            file.display()
+        )
+    })
+}
+
+/// `shuttle up FILE`.
+pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
+    require_root()?;
+    let manifest = load_manifest(file)?;
+    require_kernel_features()?;
+    let name = manifest.name.clone();
+    if supervise::is_running(layout, &name) {
+        bail!(
+            "system {name} is already up: see `shuttle ps`, or stop it with `shuttle down {}`",
+            file.display()
+        );
+    }
+    let t0 = Instant::now();
+    eprintln!(
+        "system {name}: {} VM(s), {} application(s)",
+        manifest.vms.len(),
+        manifest.apps.len()
+    );
+    for vm in &manifest.vms {
+        if layout.vm_dir(&vm.name).exists() {
+            eprintln!("  VM {:<21} exists (kept as it is)", vm.name);
+            continue;
+        }
+        let o = vm.options();
+        lifecycle(
+            layout,
+            BrokerRequest::VmCreate(VmCreateSpec {
+                name: o.name.clone(),
+                base: o.base.clone(),
+                net: o.net.clone(),
+                memory: o.memory.clone(),
+                pids: o.pids,
+                hide: o.hide.iter().map(|h| h.display().to_string()).collect(),
+                tags: o.tags.clone(),
+            }),
+            "create a VM",
+        )?;
+        eprintln!("  VM {:<21} created", vm.name);
+    }
+    if let Some(policy) = &manifest.policy {
+        let path = if policy.inline {
+            inline_policy_file(layout, &manifest.name, &policy.path, &policy.text)?
+        } else {
+            policy.path.clone()
+        };
+        if crate::policy_cmd::load(layout, &path)? != 0 {
+            bail!("the system's policy {} was not loaded", path.display());
+        }
+    }
+    // VMs this `up` starts, stopped again if it fails.
+    let mut started: Vec<String> = Vec::new();
+    let result = (|| -> Result<()> {
+        for vm in &manifest.vms {
+            if store::is_running(layout, &vm.name) {
+                continue;
+            }
+            lifecycle(
+                layout,
+                BrokerRequest::VmStart {
+                    name: vm.name.clone(),
+                },
+                "start a VM",
+            )?;
+            started.push(vm.name.clone());
+            eprintln!("  VM {:<21} started", vm.name);
+        }
+        for vm in &manifest.vms {
+            for f in &vm.files {
+                copy_into(layout, &vm.name, &f.from, &f.to)?;
+            }
+        }
+        spawn_supervisor(layout, file, &name)
+    })();
+    if let Err(e) = result {
+        for vm in started.iter().rev() {
+            let _ = client::stop(layout, vm, Duration::from_secs(5));
+            eprintln!("  VM {vm:<21} stopped again");
+        }
+        return Err(e);
+    }
+    eprintln!(
+        "system {name} is up in {:.1} s: `shuttle ps` lists it, `shuttle down {}` stops it",
+        t0.elapsed().as_secs_f64(),
+        file.display()
+    );
+    Ok(0)
+}
+
+/// Writes the manifest's own rules (the manifest with everything else blanked out, so that
+/// rule locations in `policy explain` and the audit are the manifest's lines) to
+/// `state/systems/NAME/policy.toml`, for `policy load`.
+fn inline_policy_file(
+    layout: &Layout,
+    system: &str,
+    manifest: &Path,
+    text: &str,
+) -> Result<PathBuf> {
+    let dir = layout.state.join("systems").join(system);
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("policy.toml");
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    if let Some(first) = lines.first_mut() {
+        if first.trim().is_empty() {
+            *first = format!(
+                "# the [[rule]] tables of {} (at their lines)",
+                manifest.display()
+            );
+        }
+    }
+    fs::write(&path, lines.join("\n") + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Copies a host file into a running VM (through `sh` in the VM, with the file as its stdin,
+/// so the write happens inside the VM's own root).
+fn copy_into(layout: &Layout, vm: &str, from: &Path, to: &str) -> Result<()> {
+    let src = fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let err = std::io::stderr();
+    let cmd = supervise::command_spec(
+        &[
+            "sh".into(),
+            "-c".into(),
+            "mkdir -p \"$(dirname \"$1\")\" && cat > \"$1\"".into(),
+            "sh".into(),
+            to.into(),
+        ],
+        None,
+        None,
+        &[],
+    );
+    let code = client::run(layout, vm, cmd, &[src.as_fd(), err.as_fd(), err.as_fd()])?
+        .wait()?
+        .shell_code();
+    if code != 0 {
+        bail!(
+            "copying {} to {to} in VM {vm} failed (status {code})",
+            from.display()
+        );
+    }
+    eprintln!("  VM {vm:<21} {to} <- {}", from.display());
+    Ok(())
+}
+
+/// Starts the system's supervisor, detached, and relays its progress lines until it says
+/// `ok` (every application ready) or `error: ...` (it stopped what it started).
+fn spawn_supervisor(layout: &Layout, file: &Path, name: &str) -> Result<()> {
+    let manifest_path = fs::canonicalize(file)?;
+    let dir = supervise::runtime_dir(layout, name);
+    shuttle_vm::layout::ensure_private_dir(&layout.runtime)?;
+    fs::create_dir_all(&dir)?;
+    let log_path = dir.join("supervisor.log");
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)?;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // The write end must survive this one exec (see shuttle_vm::detach).
+    nix::fcntl::fcntl(
+        &write,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )?;
+    let mut cmd = Command::new(shuttle_exe()?);
+    cmd.env_clear().env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    for passed in ["SHUTTLE_ROOT", "SHUTTLE_LOG"] {
+        if let Some(v) = std::env::var_os(passed) {
+            cmd.env(passed, v);
+        }
+    }
+    let spawned = cmd
+        .arg("__supervise")
+        .arg(&manifest_path)
+        .arg(write.as_raw_fd().to_string())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn();
+    drop(write);
+    let mut child = spawned.context("starting the system's supervisor")?;
+    let mut last = String::new();
+    for line in std::io::BufReader::new(fs::File::from(read)).lines() {
+        let line = line?;
+        if line == "ok" || line.starts_with("error: ") {
+            last = line;
+            break;
+        }
+        eprintln!("{line}");
+    }
+    let _ = child.try_wait();
+    match last.strip_prefix("error: ") {
+        None if last == "ok" => Ok(()),
+        Some(msg) => bail!(
+            "{msg}\nnothing of system {name} is left running (supervisor log: {})",
+            log_path.display()
+        ),
+        None => bail!(
+            "the supervisor exited before the system was up (its log: {})",
+            log_path.display()
+        ),
+    }
+}
+
+/// `shuttle down FILE`.
+pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
+    require_root()?;
+    let manifest = load_manifest(file)?;
+    let name = &manifest.name;
+    if supervise::is_running(layout, name) {
+        let pid = fs::read_to_string(supervise::state_file(layout, name))
+            .ok()
+            .and_then(|t| serde_json::from_str::<SystemState>(&t).ok())
+            .map(|s| s.supervisor_pid)
+            .ok_or_else(|| anyhow!("cannot find the supervisor of system {name}"))?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)
+            .with_context(|| format!("signalling the supervisor (pid {pid})"))?;
+        let limit: Duration = manifest
+            .apps
+            .iter()
+            .map(|a| a.stop_timeout + Duration::from_secs(5))
+            .sum();
+        let deadline = Instant::now() + limit;
+        while supervise::is_running(layout, name) {
+            if Instant::now() > deadline {
+                bail!("the supervisor of system {name} (pid {pid}) did not stop within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for app in manifest.apps.iter().rev() {
+            eprintln!("  {:<24} stopped", app.id());
+        }
+    }
+    for vm in manifest.vms.iter().rev() {
+        if store::is_running(layout, &vm.name) {
+            let stopped = lifecycle(
+                layout,
+                BrokerRequest::VmStop {
+                    name: vm.name.clone(),
+                    grace_ms: 10_000,
+                },
+                "stop a VM",
+            );
+            // Someone else (a failing `up`) may have stopped it meanwhile.
+            if let Err(e) = stopped {
+                if store::is_running(layout, &vm.name) {
+                    return Err(e);
+                }
+            }
+            eprintln!("  VM {:<21} stopped", vm.name);
+        }
+    }
+    eprintln!("system {name} is down");
+    Ok(0)
+}
+
+#[derive(Debug, Serialize)]
+struct PsOutput {
+    systems: Vec<PsSystem>,
+    vms: Vec<PsVm>,
+}
+
+#[derive(Debug, Serialize)]
+struct PsSystem {
+    name: String,
+    manifest: String,
+    supervisor: &'static str,
+    apps: Vec<PsApp>,
+}
+
+#[derive(Debug, Serialize)]
+struct PsApp {
+    #[serde(flatten)]
+    row: supervise::AppRow,
+    uptime_secs: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct PsVm {
+    name: String,
+    state: &'static str,
+    started_at: Option<u64>,
+    uptime_secs: Option<u64>,
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+fn systems(layout: &Layout) -> Vec<SystemState> {
+    let mut out = Vec::new();
+    let Ok(rd) = fs::read_dir(layout.runtime.join("systems")) else {
+        return out;
+    };
+    for e in rd.filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !supervise::is_running(layout, &name) {
+            continue;
+        }
+        if let Some(s) = fs::read_to_string(supervise::state_file(layout, &name))
+            .ok()
+            .and_then(|t| serde_json::from_str::<SystemState>(&t).ok())
+        {
+            out.push(s);
+        }
+    }
+    out.sort_by(|a, b| a.system.cmp(&b.system));
+    out
+}
+
+/// The state of system `name`, if it is up.
+pub fn running_state(layout: &Layout, name: &str) -> Option<SystemState> {
+    systems(layout).into_iter().find(|s| s.system == name)
+}
+
+/// The manifests of the systems that are up.
+pub fn running_manifests(layout: &Layout) -> Vec<PathBuf> {
+    systems(layout)
+        .into_iter()
+        .map(|s| PathBuf::from(s.manifest))
+        .collect()
+}
+
+fn human_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// `shuttle ps [--json]`.
+pub fn ps(layout: &Layout, json: bool) -> Result<i32> {
+    let now = now_unix();
+    let systems: Vec<PsSystem> = systems(layout)
+        .into_iter()
+        .map(|s| PsSystem {
+            name: s.system,
+            manifest: s.manifest,
+            supervisor: "running",
+            apps: s
+                .apps
+                .into_iter()
+                .map(|row| PsApp {
+                    uptime_secs: row.started_at.map(|t| now.saturating_sub(t)),
+                    row,
+                })
+                .collect(),
+        })
+        .collect();
+    let mut vms = Vec::new();
+    for c in store::list(layout)?.into_iter().flatten() {
+        let running = store::is_running(layout, &c.name);
+        let started_at = if running {
+            client::status(layout, &c.name).ok().map(|s| s.started_at)
+        } else {
+            None
+        };
+        vms.push(PsVm {
+            state: if running { "running" } else { "stopped" },
+            uptime_secs: started_at.map(|t| now.saturating_sub(t)),
+            started_at,
+            name: c.name,
+        });
+    }
+    let out = PsOutput { systems, vms };
+    let mut o = std::io::stdout().lock();
+    if json {
+        writeln!(o, "{}", serde_json::to_string_pretty(&out)?)?;
+        return Ok(0);
+    }
+    if out.systems.is_empty() {
+        writeln!(o, "no system is up (start one with `shuttle up FILE`)")?;
+    }
+    for s in &out.systems {
+        writeln!(o, "system {} ({})", s.name, s.manifest)?;
+        writeln!(
+            o,
+            "  {:<24} {:<9} {:>8} {:>8} {:>7} {:>5}",
+            "APP", "STATE", "RESTARTS", "UPTIME", "PID", "EXIT"
+        )?;
+        for a in &s.apps {
+            let opt = |v: Option<String>| v.unwrap_or_else(|| "-".into());
+            writeln!(
+                o,
+                "  {:<24} {:<9} {:>8} {:>8} {:>7} {:>5}",
+                a.row.id,
+                a.row.state,
+                a.row.restarts,
+                opt(a.uptime_secs.map(human_duration)),
+                opt(a.row.pid.map(|p| p.to_string())),
+                opt(a.row.last_exit.map(|c| c.to_string())),
+            )?;
+        }
+    }
+    if !out.vms.is_empty() {
+        writeln!(o, "  {:<24} {:<9} {:>8}", "VM", "STATE", "UPTIME")?;
+        for v in &out.vms {
+            writeln!(
+                o,
+                "  {:<24} {:<9} {:>8}",
+                v.name,
+                v.state,
+                v.uptime_secs
+                    .map(human_duration)
+                    .unwrap_or_else(|| "-".into())
+            )?;
+        }
+    }
+    Ok(0)
+}
+
+/// Finds the log of application `VM.APP`: in the running systems first, then in every
+/// system's kept logs.
+fn find_log(layout: &Layout, app: &str) -> Result<PathBuf> {
+    if !app.contains('.') {
+        bail!("name the application as VM.APP, such as db.postgres (see `shuttle ps`)");
+    }
+    for s in systems(layout) {
+        if let Some(row) = s.apps.iter().find(|a| a.id == app) {
+            return Ok(PathBuf::from(&row.log));
+        }
+    }
+    if let Ok(rd) = fs::read_dir(layout.state.join("systems")) {
+        for e in rd.filter_map(Result::ok) {
+            let p = e.path().join("logs").join(format!("{app}.log"));
+            if p.exists() {
+                return Ok(p);
+            }
+        }
+    }
+    bail!(
+        "no application {app} has a log: see `shuttle ps` for the applications of running systems"
+    )
+}
+
+/// `shuttle logs APP [--follow]`.
+pub fn logs(layout: &Layout, app: &str, follow: bool) -> Result<i32> {
+    let path = find_log(layout, app)?;
+    let mut f = fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    let mut out = std::io::stdout().lock();
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        f.read_to_end(&mut buf)?;
+        out.write_all(&buf)?;
+        out.flush()?;
+        if !follow {
+            return Ok(0);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        // Truncated meanwhile: start again from the top.
+        if f.metadata()
+            .is_ok_and(|m| m.len() < f.stream_position().unwrap_or(0))
+        {
+            f.rewind()?;
+        }
+    }
+}
+
+/// `shuttle __probe --socket PATH | --port N | --exists PATH` (inside a VM).
+pub fn probe(socket: Option<&str>, port: Option<u16>, exists: Option<&str>) -> i32 {
+    let ok = if let Some(p) = socket {
+        std::os::unix::net::UnixStream::connect(p).is_ok()
+    } else if let Some(port) = port {
+        std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_secs(1),
+        )
+        .is_ok()
+    } else if let Some(p) = exists {
+        fs::symlink_metadata(p).is_ok()
+    } else {
+        false
+    };
+    i32::from(!ok)
+}
