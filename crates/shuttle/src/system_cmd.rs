@@ -142,17 +142,21 @@ fn inline_policy_file(
 }
 
 /// Copies a host file into a running VM (through `sh` in the VM, with the file as its stdin,
-/// so the write happens inside the VM's own root).
+/// so the write happens inside the VM's own root), keeping its permission bits (a script
+/// stays executable).
 fn copy_into(layout: &Layout, vm: &str, from: &Path, to: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
     let src = fs::File::open(from).with_context(|| format!("opening {}", from.display()))?;
+    let mode = src.metadata()?.permissions().mode() & 0o777;
     let err = std::io::stderr();
     let cmd = supervise::command_spec(
         &[
             "sh".into(),
             "-c".into(),
-            "mkdir -p \"$(dirname \"$1\")\" && cat > \"$1\"".into(),
+            "mkdir -p \"$(dirname \"$1\")\" && cat > \"$1\" && chmod \"$2\" \"$1\"".into(),
             "sh".into(),
             to.into(),
+            format!("{mode:o}"),
         ],
         None,
         None,

@@ -532,6 +532,20 @@ fn example_shop_serves_the_catalogue_from_db_and_keeps_the_intruder_out() {
         "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/', timeout=10).read().decode())",
     );
     assert!(page.contains("shop|teapot|24.50"), "{page}");
+    // An invoice printed by VM printer's program through the invoke rule, on the shop's file.
+    let printed = env.py_ok(
+        "shop",
+        "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/invoice', timeout=10).read().decode())",
+    );
+    assert!(
+        printed.contains(
+            "printed 3 lines on printer (/shuttle/from/shop/srv/shop/invoices/invoice.txt)"
+        ),
+        "{printed}"
+    );
+    assert!(env
+        .run_ok("printer", "cat /tmp/printed-invoices.log")
+        .contains("teapot|24.50"));
     assert!(
         wait_for(Duration::from_secs(15), || env
             .ok(&["audit", "--denied", "--json"])
