@@ -22,6 +22,7 @@ pub mod layout;
 pub mod monitor;
 pub mod plan;
 pub mod setup;
+pub mod share;
 pub mod store;
 pub mod stubs;
 pub mod transfer;
