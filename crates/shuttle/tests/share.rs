@@ -115,6 +115,54 @@ fn a_fifo_of_one_vm_carries_data_to_another() {
 }
 
 #[test]
+fn a_shared_memory_file_of_one_vm_is_mapped_in_another() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    // a keeps a POSIX shared-memory segment (a file in its own /dev/shm tmpfs) alive.
+    let _holder = Guard(
+        env.cmd(&[
+            "run",
+            "a",
+            "--",
+            "python3",
+            "-c",
+            "from multiprocessing import shared_memory as s, resource_tracker as r\n\
+             m = s.SharedMemory(name='seg', create=True, size=64)\n\
+             r.unregister(m._name, 'shared_memory')\n\
+             m.buf[:7] = b'from-a!'\n\
+             import time\n\
+             time.sleep(60)",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap(),
+    );
+    assert!(wait_for(Duration::from_secs(10), || env
+        .run("a", "test -s /dev/shm/seg")
+        .status
+        .success()));
+    env.run_ok("b", "true");
+    load(&env, &share("b", "a", "/dev/shm/seg", "mode = \"rw\"\n"));
+    // b maps the same pages: what it writes, a reads.
+    let got = env.py_ok(
+        "b",
+        "from multiprocessing import shared_memory as s, resource_tracker as r\n\
+         m = s.SharedMemory(name='seg')\n\
+         r.unregister(m._name, 'shared_memory')\n\
+         print(bytes(m.buf[:7]).decode())\n\
+         m.buf[:7] = b'from-b!'",
+    );
+    assert_eq!(got.trim(), "from-a!");
+    assert_eq!(
+        env.py_ok("a", "print(open('/dev/shm/seg', 'rb').read(7).decode())")
+            .trim(),
+        "from-b!"
+    );
+}
+
+#[test]
 fn a_host_directory_is_shared_into_a_vm_and_rw_writes_through() {
     let Some(env) = Env::new() else { return };
     env.create("a", &[]);
