@@ -147,3 +147,29 @@ pub fn restrict_tree(mount: BorrowedFd<'_>, writable: bool) -> Result<(), Errno>
     }
     Ok(())
 }
+
+/// The value of extended attribute `name` of `path` itself (lgetxattr(2): a symbolic link is
+/// not followed), or `None` when it has none. Used to read overlayfs' markers
+/// (`trusted.overlay.opaque`) in a VM's upper layer.
+pub fn lgetxattr(path: &std::path::Path, name: &std::ffi::CStr) -> Result<Option<Vec<u8>>, Errno> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let mut buf = vec![0u8; 256];
+    // SAFETY: both strings are valid C strings; the buffer is live and of the length passed.
+    let r = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast::<libc::c_void>(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return match Errno::last() {
+            Errno::ENODATA | Errno::ENOTSUP => Ok(None),
+            e => Err(e),
+        };
+    }
+    buf.truncate(r as usize);
+    Ok(Some(buf))
+}

@@ -20,6 +20,7 @@ pub mod invoke;
 pub mod ipc_group;
 pub mod layout;
 pub mod monitor;
+pub mod paths;
 pub mod plan;
 pub mod setup;
 pub mod share;

@@ -115,6 +115,24 @@ pub enum Command {
         )]
         args: Vec<OsString>,
     },
+    /// Where a VM's file lives on the host, or which VMs' file a host path is
+    ///
+    /// VM:/PATH prints the host path: the VM's upper layer when the VM wrote the file, else
+    /// its base (the host's root or the --base directory). A host path prints VM:/PATH and
+    /// the layer (upper: that VM's own copy; base: seen through the VM's base, not copied),
+    /// one line per VM. Paths are taken as named: symbolic links are not followed.
+    ///
+    /// Examples:
+    ///   shuttle path web:/etc/nginx/nginx.conf
+    ///   shuttle path /var/lib/shuttle/vms/web/upper/etc/hostname
+    ///   shuttle path --json /etc/hosts
+    Path {
+        /// VM:/PATH, or a host path
+        target: String,
+        /// Print JSON (an object for VM:/PATH, an array for a host path)
+        #[arg(long)]
+        json: bool,
+    },
     #[command(name = "__monitor", hide = true)]
     Monitor { name: String, ready_fd: i32 },
 }
