@@ -115,6 +115,19 @@ pub enum Command {
         )]
         args: Vec<OsString>,
     },
+    /// Inside a VM: open a file or URL with the handler of the VM the policy routes it to
+    ///
+    /// `open` rules route a URL by its scheme (object scheme:https) and a file by its MIME
+    /// type (mime:application/pdf, from /etc/mime.types) or extension (ext:pdf); the rule's
+    /// handler runs in the rule's VM with the URL, or the file shown read-only at
+    /// /shuttle/from/THIS-VM/PATH. Installed as xdg-open (`ln -s /run/shuttle/shuttle
+    /// /usr/local/bin/xdg-open` in the VM), `xdg-open URL` does the same. Refused: exit 126.
+    ///
+    /// Example: shuttle open https://example.org/   shuttle open ~/bill.pdf
+    Open {
+        /// A path or URL
+        target: OsString,
+    },
     /// Where a VM's file lives on the host, or which VMs' file a host path is
     ///
     /// VM:/PATH prints the host path: the VM's upper layer when the VM wrote the file, else

@@ -73,6 +73,7 @@ pub fn dispatch(cli: Cli) -> i32 {
             signal,
         } => crate::broker_cmd::signal(&vm, &program, &signal),
         Command::Invoke { program, args } => crate::invoke_cmd::invoke(program, args),
+        Command::Open { target } => crate::invoke_cmd::open(target),
         Command::Path { target, json } => path(&layout, &target, json),
         Command::Monitor { .. } => Ok(0),
     };
