@@ -277,3 +277,32 @@ fn symbolic_links_in_the_owner_never_lead_out_of_its_root() {
         "{refused:?}"
     );
 }
+
+#[test]
+fn what_the_owner_hides_stays_hidden_and_vms_starting_later_get_their_shares() {
+    let Some(env) = Env::new() else { return };
+    let dir = host_dir();
+    let base = dir.path().to_str().unwrap().to_owned();
+    std::fs::create_dir(dir.path().join("secret")).unwrap();
+    std::fs::write(dir.path().join("secret/key"), "host-key\n").unwrap();
+    std::fs::write(dir.path().join("public"), "public\n").unwrap();
+    env.create("a", &["--hide", &format!("{base}/secret")]);
+    env.create("b", &[]);
+    env.create("d", &[]);
+    assert!(!exists_in(&env, "a", &format!("{base}/secret/key")));
+    // d is not running when the policy is loaded: it gets the share when it starts.
+    load(
+        &env,
+        &(share("b", "a", &base, "at = \"/mnt/a\"\n")
+            + &share("d", "a", &base, "at = \"/mnt/a\"\n")),
+    );
+    for vm in ["b", "d"] {
+        assert_eq!(env.run_ok(vm, "cat /mnt/a/public").trim(), "public");
+        // a's mask over the secret came along with the directory.
+        assert!(
+            !env.run(vm, "cat /mnt/a/secret/key").status.success(),
+            "a's hidden file shows in {vm}"
+        );
+        assert!(!env.run(vm, "grep -rq host-key /mnt/a").status.success());
+    }
+}
