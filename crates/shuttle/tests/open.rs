@@ -30,7 +30,7 @@ fn urls_and_files_open_with_the_handler_of_the_routed_vm() {
          'if [ -f \"$1\" ]; then cat \"$1\" >> /srv/opened; fi' > /usr/local/bin/record && \
          chmod 755 /usr/local/bin/record",
     );
-    let policy = open_rule("scheme:https") + &open_rule("ext:note");
+    let policy = open_rule("scheme:https") + &open_rule("ext:note") + &open_rule("mime:text/*");
     let file = env.path().join("policy.toml");
     std::fs::write(&file, policy).unwrap();
     env.ok(&["policy", "load", file.to_str().unwrap()]);
@@ -48,12 +48,19 @@ fn urls_and_files_open_with_the_handler_of_the_routed_vm() {
         "a",
         &format!("ln -sf {IN_VM_SHUTTLE} /usr/local/bin/xdg-open && /usr/local/bin/xdg-open https://second.example/"),
     );
+    // By MIME type (the caller's /etc/mime.types says text/plain for .txt), a glob rule.
+    env.run_ok(
+        "a",
+        &format!("echo 'plain text' > /srv/docs/y.txt && {IN_VM_SHUTTLE} open /srv/docs/y.txt"),
+    );
     assert_eq!(
         env.run_ok("viewer", "cat /srv/opened"),
         "viewer https://example.org/a?b=c\n\
          viewer /shuttle/from/a/srv/docs/x.note\n\
          the note\n\
-         viewer https://second.example/\n"
+         viewer https://second.example/\n\
+         viewer /shuttle/from/a/srv/docs/y.txt\n\
+         plain text\n"
     );
     // A scheme no rule routes: refused with a message, exit status 126, audited.
     let out = env.run("a", &format!("{IN_VM_SHUTTLE} open mailto:x@example.org"));
@@ -75,7 +82,12 @@ fn urls_and_files_open_with_the_handler_of_the_routed_vm() {
         .collect();
     assert_eq!(
         allowed,
-        ["scheme:https", "ext:note", "scheme:https"],
+        [
+            "scheme:https",
+            "ext:note",
+            "scheme:https",
+            "mime:text/plain"
+        ],
         "{records:?}"
     );
     assert!(
