@@ -345,7 +345,11 @@ impl Shares {
                 if !crate::store::is_running(&self.layout, o) {
                     return Ok(None);
                 }
-                let ns = crate::transfer::target_ns(&self.layout, o)?;
+                // Starting or stopping right now (locked, not serving yet): waits, and the
+                // periodic check tries again.
+                let Ok(ns) = crate::transfer::target_ns(&self.layout, o) else {
+                    return Ok(None);
+                };
                 let pidfd = shuttle_sys::process::pidfd_open(ns.init_pid())
                     .map_err(|e| format!("VM {o}'s init: {e}"))?;
                 Some((ns, pidfd))
