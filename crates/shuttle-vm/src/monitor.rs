@@ -166,6 +166,8 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
         fs::write(layout.ipc_group_file(name), group)
             .map_err(io("recording the IPC group in", &run_dir))?;
     }
+    // Shares of this VM's previous run still held elsewhere go first (see share.rs).
+    crate::share::wait_for_receivers(layout, name, Duration::from_secs(3));
     let result = launch(layout, &config, ipc_namespace);
     match result {
         Ok((init_pid, init, cgroup, notify)) => {

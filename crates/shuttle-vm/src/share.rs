@@ -303,6 +303,30 @@ impl Shares {
                 }
             }
         }
+        self.record_owners(&st);
+    }
+
+    /// Writes the VMs this VM holds shares of to its runtime directory, for
+    /// [`wait_for_receivers`].
+    fn record_owners(&self, st: &State) {
+        let owners: std::collections::BTreeSet<&str> = st
+            .applied
+            .values()
+            .filter_map(|a| match &a.want.owner {
+                Owner::Vm(o) => Some(o.as_str()),
+                Owner::Host => None,
+            })
+            .collect();
+        let file = owners_file(&self.layout, &self.vm);
+        let text: String = owners.iter().map(|o| format!("{o}\n")).collect();
+        if std::fs::read_to_string(&file).unwrap_or_default() == text {
+            return;
+        }
+        let tmp = file.with_extension("tmp");
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &file));
+        if let Err(e) = written {
+            tracing::warn!(vm = %self.vm, error = %e, "recording the owners of shares");
+        }
     }
 
     fn audit(
@@ -398,6 +422,39 @@ impl Shares {
                 .join()
                 .unwrap_or_else(|_| Err("the share thread panicked".into()))
         })
+    }
+}
+
+/// Where a running VM records the VMs it holds shares of.
+fn owners_file(layout: &Layout, vm: &str) -> PathBuf {
+    layout.runtime_vm_dir(vm).join("shares-from")
+}
+
+/// Before VM `owner` starts: waits (up to `timeout`) until no running VM holds a share of its
+/// previous run any more. A share keeps the owner's old overlay mounted; a new overlay on the
+/// same upper and work directories must not be mounted while it is (overlayfs: undefined
+/// behaviour). Receivers let go within a second of the owner's end (their periodic check).
+pub fn wait_for_receivers(layout: &Layout, owner: &str, timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    let held = || {
+        std::fs::read_dir(layout.runtime_vms_dir())
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|vm| vm != owner)
+            .find(|vm| {
+                std::fs::read_to_string(owners_file(layout, vm))
+                    .is_ok_and(|t| t.lines().any(|l| l == owner))
+                    && crate::store::is_running(layout, vm)
+            })
+    };
+    while let Some(vm) = held() {
+        if std::time::Instant::now() >= deadline {
+            tracing::warn!(owner, receiver = %vm, "a share of this VM's previous run is still held");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
 

@@ -225,6 +225,25 @@ fn shares_follow_the_owner_vm_starting_and_stopping() {
         )),
         "the share stayed in b after a stopped"
     );
+    // A quick restart: a's new run waits until b let go of its old one (one overlay at a
+    // time on a's layers), then b gets the share of the new run.
+    env.ok(&["vm", "start", "a"]);
+    assert!(wait_for(Duration::from_secs(10), || exists_in(
+        &env,
+        "b",
+        "/srv/data/f"
+    )));
+    env.ok(&["vm", "stop", "a"]);
+    env.ok(&["vm", "start", "a"]);
+    env.run_ok("a", "echo new-run > /srv/data/f");
+    assert!(
+        wait_for(Duration::from_secs(10), || env
+            .run("b", "cat /srv/data/f")
+            .status
+            .success()
+            && env.run_ok("b", "cat /srv/data/f").trim() == "new-run"),
+        "b does not see a's new run"
+    );
 }
 
 #[test]
