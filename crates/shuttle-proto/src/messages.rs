@@ -217,6 +217,12 @@ pub struct InvokeSpec {
     /// rewritten to that path.
     #[serde(default)]
     pub files: Vec<u32>,
+    /// `shuttle open`: the objects of `open` rules this request may match, in the order to
+    /// try (`scheme:https`, `mime:application/pdf`, `ext:pdf`). When present, `program` is
+    /// ignored: the first object some rule routes decides, and the program run is that rule's
+    /// `handler`, with `args` (the path or URL) as its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub open: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

@@ -105,3 +105,71 @@ pub fn attach_onto(mount: BorrowedFd<'_>, target: BorrowedFd<'_>) -> Result<(), 
     }
     Ok(())
 }
+
+/// Like [`clone_mount`], with every mount beneath `fd` too (`AT_RECURSIVE`): what a VM masks
+/// inside a shared directory (hidden paths, Shuttle's own directories) stays masked in the copy.
+pub fn clone_tree(fd: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let flags = OPEN_TREE_CLONE
+        | libc::O_CLOEXEC as libc::c_uint
+        | libc::AT_EMPTY_PATH as u32
+        | libc::AT_RECURSIVE as u32;
+    // SAFETY: the path is a valid empty C string; the flags are plain integers.
+    let r = unsafe { libc::syscall(libc::SYS_open_tree, fd.as_raw_fd(), c"".as_ptr(), flags) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: open_tree returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Like [`restrict`], for every mount of a tree made by [`clone_tree`] (`AT_RECURSIVE`).
+pub fn restrict_tree(mount: BorrowedFd<'_>, writable: bool) -> Result<(), Errno> {
+    let mut attr = MountAttr {
+        attr_set: MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        ..MountAttr::default()
+    };
+    if !writable {
+        attr.attr_set |= MOUNT_ATTR_RDONLY;
+    }
+    // SAFETY: `attr` is a live, properly laid out struct mount_attr of the size passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            mount.as_raw_fd(),
+            c"".as_ptr(),
+            (libc::AT_EMPTY_PATH | libc::AT_RECURSIVE) as libc::c_uint,
+            &attr as *const MountAttr,
+            size_of::<MountAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
+/// The value of extended attribute `name` of `path` itself (lgetxattr(2): a symbolic link is
+/// not followed), or `None` when it has none. Used to read overlayfs' markers
+/// (`trusted.overlay.opaque`) in a VM's upper layer.
+pub fn lgetxattr(path: &std::path::Path, name: &std::ffi::CStr) -> Result<Option<Vec<u8>>, Errno> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|_| Errno::EINVAL)?;
+    let mut buf = vec![0u8; 256];
+    // SAFETY: both strings are valid C strings; the buffer is live and of the length passed.
+    let r = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            name.as_ptr(),
+            buf.as_mut_ptr().cast::<libc::c_void>(),
+            buf.len(),
+        )
+    };
+    if r < 0 {
+        return match Errno::last() {
+            Errno::ENODATA | Errno::ENOTSUP => Ok(None),
+            e => Err(e),
+        };
+    }
+    buf.truncate(r as usize);
+    Ok(Some(buf))
+}

@@ -35,6 +35,9 @@ use crate::{store, transfer};
 /// The longest program path accepted (PATH_MAX).
 const MAX_PROGRAM: usize = 4096;
 
+/// The most objects one `open` request may name.
+const MAX_OPEN_OBJECTS: usize = 8;
+
 /// The caller's uid and gid, from the kernel.
 pub(crate) type CallerIds = Option<(u32, u32)>;
 
@@ -277,21 +280,63 @@ fn decide(
             },
         ));
     }
-    // A stub mounted where the rule's path leads (through a symbolic link to a directory)
-    // knows itself by that place: the rule's path is the object.
-    let translated = ctx
-        .stubs
-        .as_ref()
-        .and_then(|s| s.rule_path_for(&spec.program));
-    let program = translated.as_deref().unwrap_or(&spec.program);
-    record.object = program.to_owned();
     let policy = ctx.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let req = Request::new(Op::Invoke, VmIdentity::vm(&ctx.vm, &ctx.tags), program);
-    let Some((decision, target)) = policy.route(&req) else {
+    let me = VmIdentity::vm(&ctx.vm, &ctx.tags);
+    // `shuttle open`: the first of the objects the caller names that a rule routes decides;
+    // the program is that rule's handler.
+    let opening = !spec.open.is_empty();
+    let (program, routed) = if opening {
+        record.op = Op::Open.as_str().into();
+        record.object = spec.open.first().cloned().unwrap_or_default();
+        let routed = spec.open.iter().find_map(|object| {
+            policy
+                .route(&Request::new(Op::Open, me, object))
+                .map(|r| (object, r))
+        });
+        match routed {
+            Some((object, r)) => {
+                record.object = object.clone();
+                let handler = match &r.0.rule.map(|rule| &rule.params().op) {
+                    Some(OpParams::Open { handler, .. }) => handler.clone(),
+                    _ => String::new(),
+                };
+                (handler, Some(r))
+            }
+            None => (String::new(), None),
+        }
+    } else {
+        // A stub mounted where the rule's path leads (through a symbolic link to a
+        // directory) knows itself by that place: the rule's path is the object.
+        let translated = ctx
+            .stubs
+            .as_ref()
+            .and_then(|s| s.rule_path_for(&spec.program));
+        let program = translated.unwrap_or_else(|| spec.program.clone());
+        record.object = program.clone();
+        let routed = policy.route(&Request::new(Op::Invoke, me, &program));
+        (program, routed)
+    };
+    let program = program.as_str();
+    // What the messages call the request.
+    let what = if opening {
+        let arg: String = spec
+            .args
+            .first()
+            .map(|a| {
+                String::from_utf8_lossy(a.as_bytes())
+                    .chars()
+                    .take(200)
+                    .collect()
+            })
+            .unwrap_or_default();
+        format!("opening {arg} ({})", record.object)
+    } else {
+        format!("invoking {program}")
+    };
+    let Some((decision, target)) = routed else {
         record.reason = Some("no rule matched: default deny".into());
         let message = format!(
-            "invoking {program} is not allowed by the policy (no rule routes it from VM {} to \
-             another VM)",
+            "{what} is not allowed by the policy (no rule routes it from VM {} to another VM)",
             ctx.vm
         );
         return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
@@ -312,8 +357,8 @@ fn decide(
             record.to = Some(shuttle_audit::HOST.into());
             record.reason = Some(format!("{} routes it to the host", rule.label()));
             let message = format!(
-                "invoking {program} on the host is not allowed: work started on a VM's behalf \
-                 runs in a VM ({rule_at} routes it to @host)"
+                "{what} on the host is not allowed: work started on a VM's behalf runs in a \
+                 VM ({rule_at} routes it to @host)"
             );
             return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
         }
@@ -334,9 +379,8 @@ fn decide(
         Action::Allow => record.result = Outcome::Allow,
         Action::Deny => {
             record.reason = Some(format!("denied by {}", rule.label()));
-            let message = format!(
-                "invoking {program} in VM {to} is not allowed by the policy (denied by {rule_at})"
-            );
+            let message =
+                format!("{what} in VM {to} is not allowed by the policy (denied by {rule_at})");
             return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
         }
         Action::Ask => {
@@ -344,10 +388,8 @@ fn decide(
             if !allow {
                 record.result = Outcome::AskDeny;
                 record.reason = Some(how.clone());
-                let message = format!(
-                    "invoking {program} in VM {to} is not allowed by the policy (not approved: \
-                     {how})"
-                );
+                let message =
+                    format!("{what} in VM {to} is not allowed by the policy (not approved: {how})");
                 return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
             }
             record.result = Outcome::AskAllow;
@@ -356,6 +398,7 @@ fn decide(
     }
     let params = match &rule.params().op {
         OpParams::Invoke(p) => p.clone(),
+        OpParams::Open { invoke, .. } => invoke.clone(),
         _ => InvokeParams::default(),
     };
     Ok((to, params, approval, program.to_owned()))
@@ -436,8 +479,14 @@ fn receive_files(chan: &Channel, spec: &InvokeSpec) -> Result<Vec<transfer::File
 /// Checks what the policy does not: sizes and descriptors.
 fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     let p = &spec.program;
-    if !p.starts_with('/') || p.len() > MAX_PROGRAM || p.contains('\0') {
+    if spec.open.is_empty() && (!p.starts_with('/') || p.len() > MAX_PROGRAM || p.contains('\0')) {
         return Err(format!("program {p:?} is not an absolute path"));
+    }
+    if spec.open.len() > MAX_OPEN_OBJECTS || spec.open.iter().any(|o| o.len() > MAX_PROGRAM) {
+        return Err("too many or too long objects to open".into());
+    }
+    if !spec.open.is_empty() && spec.args.len() != 1 {
+        return Err("open takes one path or URL".into());
     }
     let expected = if spec.terminal.is_some() { 0 } else { 3 };
     if fds != expected {
@@ -537,6 +586,7 @@ mod tests {
             cwd: None,
             terminal,
             files: Vec::new(),
+            open: Vec::new(),
         }
     }
 

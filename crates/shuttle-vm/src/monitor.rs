@@ -119,6 +119,8 @@ struct Started {
     policy: crate::vm_api::SharedPolicy,
     /// The invoke stubs the policy puts into the VM (`None` if they cannot be managed).
     stubs: Option<Arc<crate::stubs::Stubs>>,
+    /// The shares the policy shows in the VM (`None` if they cannot be managed).
+    shares: Option<Arc<crate::share::Shares>>,
 }
 
 fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
@@ -164,6 +166,8 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
         fs::write(layout.ipc_group_file(name), group)
             .map_err(io("recording the IPC group in", &run_dir))?;
     }
+    // Shares of this VM's previous run still held elsewhere go first (see share.rs).
+    crate::share::wait_for_receivers(layout, name, Duration::from_secs(3));
     let result = launch(layout, &config, ipc_namespace);
     match result {
         Ok((init_pid, init, cgroup, notify)) => {
@@ -204,9 +208,27 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
                     None
                 }
             };
+            // Shares too: a command started afterwards finds them in place.
+            let shares = match crate::share::Shares::new(
+                layout,
+                name,
+                &config.tags,
+                init_pid.as_raw(),
+                Arc::clone(&journal),
+            ) {
+                Ok(shares) => {
+                    shares.sync(&policy, true);
+                    Some(Arc::new(shares))
+                }
+                Err(e) => {
+                    tracing::error!(vm = name, error = %e, "shares cannot be managed");
+                    None
+                }
+            };
             Ok(Started {
                 policy: Arc::new(std::sync::RwLock::new(policy)),
                 stubs,
+                shares,
                 layout: layout.clone(),
                 config,
                 init_pid,
@@ -446,6 +468,7 @@ struct Shared {
     name: String,
     policy: crate::vm_api::SharedPolicy,
     stubs: Option<Arc<crate::stubs::Stubs>>,
+    shares: Option<Arc<crate::share::Shares>>,
     init: Channel,
     init_pid: Pid,
     /// Signals to init go through this once it may have been reaped (after which its pid
@@ -537,6 +560,7 @@ impl Started {
             journal,
             policy,
             stubs,
+            shares,
         } = self;
         let api = Arc::new(crate::vm_api::ApiContext {
             layout: layout.clone(),
@@ -566,8 +590,9 @@ impl Started {
             init,
             init_pid,
             init_pidfd,
-            policy,
+            policy: Arc::clone(&policy),
             stubs,
+            shares: shares.clone(),
             started_at,
             intercepted,
             next_id: AtomicU64::new(1),
@@ -587,6 +612,19 @@ impl Started {
             thread::spawn(move || {
                 if signals.forever().next().is_some() {
                     s.request_stop(DEFAULT_GRACE);
+                }
+            });
+        }
+
+        // Shares follow their owners: applied when an owner VM starts, taken away when it
+        // stops (checked every second).
+        if let Some(shares) = shares {
+            let policy = Arc::clone(&policy);
+            thread::spawn(move || loop {
+                thread::sleep(Duration::from_secs(1));
+                if shares.needs_recheck() {
+                    let p = Arc::clone(&policy.read().unwrap_or_else(|e| e.into_inner()));
+                    shares.sync(&p, false);
                 }
             });
         }
@@ -724,6 +762,10 @@ fn serve_client(shared: &Arc<Shared>, chan: Channel) -> Result<(), ChannelError>
                     // routes elsewhere is a stub from the next exec on.
                     if let Some(stubs) = &shared.stubs {
                         stubs.sync(&p);
+                    }
+                    // And shares: `policy load` returns with them in place (or removed).
+                    if let Some(shares) = &shared.shares {
+                        shares.sync(&p, true);
                     }
                     chan.send(&MonitorReply::Done)
                 }

@@ -30,7 +30,7 @@ use shuttle_policy::{Action, Op, Policy, Request, Target, VmIdentity};
 pub const STUB_BINARY: &str = "/run/shuttle/shuttle";
 
 /// Paths a stub is never put on: kernel file systems and Shuttle's own directory.
-const NO_STUBS_UNDER: &[&str] = &["/proc", "/sys", "/run/shuttle"];
+pub(crate) const NO_STUBS_UNDER: &[&str] = &["/proc", "/sys", "/run/shuttle"];
 
 /// The program paths that need a stub in VM `vm`: the objects of `invoke` rules that the
 /// policy routes from this VM to another VM with `allow` or `ask` (a `deny`, or no rule,
@@ -292,7 +292,7 @@ fn kind_of(mode: u32) -> &'static str {
 }
 
 /// The directory `dir` (absolute, in the VM), made (mode 0755, root's) where it is missing.
-fn directory(root: &OwnedFd, dir: &str) -> Result<OwnedFd, Errno> {
+pub(crate) fn directory(root: &OwnedFd, dir: &str) -> Result<OwnedFd, Errno> {
     let how = || {
         OpenHow::new()
             .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)

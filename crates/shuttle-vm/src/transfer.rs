@@ -38,7 +38,7 @@ pub const FROM_DIR: &str = "/shuttle/from";
 
 /// File systems whose "regular files" are views of the kernel (or of a VM's processes), never
 /// passed to another VM.
-const PSEUDO_FS: &[i64] = &[
+pub(crate) const PSEUDO_FS: &[i64] = &[
     libc::PROC_SUPER_MAGIC,
     libc::SYSFS_MAGIC,
     libc::CGROUP_SUPER_MAGIC,
@@ -66,6 +66,18 @@ pub(crate) struct TargetNs {
     vm: String,
     init_pid: i32,
     mount_ns: Arc<OwnedFd>,
+}
+
+impl TargetNs {
+    /// The VM's init, on the host.
+    pub(crate) fn init_pid(&self) -> i32 {
+        self.init_pid
+    }
+
+    /// The VM's mount namespace.
+    pub(crate) fn mount_ns(&self) -> BorrowedFd<'_> {
+        self.mount_ns.as_fd()
+    }
 }
 
 /// Opens the mount namespace of running VM `vm`.

@@ -159,6 +159,37 @@ pub enum Command {
     /// only were denied. While the system is up, applications are coloured by state.
     /// Example: shuttle graph examples/shop/system.toml --format svg > shop.svg
     Graph(GraphArgs),
+    /// Inside a VM: open a file or URL with the handler of the VM the policy routes it to
+    ///
+    /// `open` rules route a URL by its scheme (object scheme:https) and a file by its MIME
+    /// type (mime:application/pdf, from /etc/mime.types) or extension (ext:pdf); the rule's
+    /// handler runs in the rule's VM with the URL, or the file shown read-only at
+    /// /shuttle/from/THIS-VM/PATH. Installed as xdg-open (`ln -s /run/shuttle/shuttle
+    /// /usr/local/bin/xdg-open` in the VM), `xdg-open URL` does the same. Refused: exit 126.
+    ///
+    /// Example: shuttle open https://example.org/   shuttle open ~/bill.pdf
+    Open {
+        /// A path or URL
+        target: OsString,
+    },
+    /// Where a VM's file lives on the host, or which VMs' file a host path is
+    ///
+    /// VM:/PATH prints the host path: the VM's upper layer when the VM wrote the file, else
+    /// its base (the host's root or the --base directory). A host path prints VM:/PATH and
+    /// the layer (upper: that VM's own copy; base: seen through the VM's base, not copied),
+    /// one line per VM. Paths are taken as named: symbolic links are not followed.
+    ///
+    /// Examples:
+    ///   shuttle path web:/etc/nginx/nginx.conf
+    ///   shuttle path /var/lib/shuttle/vms/web/upper/etc/hostname
+    ///   shuttle path --json /etc/hosts
+    Path {
+        /// VM:/PATH, or a host path
+        target: String,
+        /// Print JSON (an object for VM:/PATH, an array for a host path)
+        #[arg(long)]
+        json: bool,
+    },
     #[command(name = "__monitor", hide = true)]
     Monitor { name: String, ready_fd: i32 },
     #[command(name = "__supervise", hide = true)]

@@ -100,6 +100,8 @@ pub fn dispatch(cli: Cli) -> i32 {
         Command::Logs { app, follow } => crate::system_cmd::logs(&layout, &app, follow),
         Command::Graph(args) => crate::graph_cmd::graph(&layout, &args),
         Command::Monitor { .. } | Command::Supervise { .. } | Command::Probe { .. } => Ok(0),
+        Command::Open { target } => crate::invoke_cmd::open(target),
+        Command::Path { target, json } => path(&layout, &target, json),
     };
     match result {
         Ok(code) => code,
@@ -529,4 +531,52 @@ fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
     terminal_io::finish(&done, relays);
     drop(raw);
     Ok(status?.shell_code())
+}
+
+/// `shuttle path`: where a VM's file lives on the host, or the reverse.
+fn path(layout: &Layout, target: &str, json: bool) -> Result<i32> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match shuttle_vm::paths::split_vm_path(target) {
+        Some((vm, inside)) => {
+            let found = match shuttle_vm::paths::in_vm(layout, vm, inside) {
+                Ok(found) => found,
+                Err(e) => return not_found(e),
+            };
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&found)?)?;
+            } else {
+                writeln!(out, "{}", found.host_path.display())?;
+            }
+        }
+        None => {
+            let absolute = std::path::absolute(target)?;
+            let found = match shuttle_vm::paths::on_host(layout, &absolute.to_string_lossy()) {
+                Ok(found) => found,
+                Err(e) => return not_found(e),
+            };
+            if json {
+                writeln!(out, "{}", serde_json::to_string(&found)?)?;
+            } else {
+                for f in found {
+                    let layer = match f.layer {
+                        shuttle_vm::paths::Layer::Upper => "upper",
+                        shuttle_vm::paths::Layer::Base => "base",
+                    };
+                    writeln!(out, "{}:{}\t{layer}", f.vm, f.path)?;
+                }
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// A path that is not where it was looked for: exit status 1 (2 for other errors).
+fn not_found(e: shuttle_vm::paths::PathError) -> Result<i32> {
+    use shuttle_vm::paths::PathError;
+    eprintln!("shuttle: {e}");
+    Ok(match e {
+        PathError::Store(_) | PathError::Io { .. } | PathError::NotAbsolute(_) => 2,
+        _ => 1,
+    })
 }

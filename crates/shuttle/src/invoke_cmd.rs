@@ -46,6 +46,36 @@ pub fn stub_program() -> Option<String> {
     (me.dev() == shuttle.dev() && me.ino() == shuttle.ino()).then(|| exe.to_owned())
 }
 
+/// Whether this binary was started as `xdg-open` (a link to it by that name).
+pub fn called_as_xdg_open() -> bool {
+    std::env::args_os()
+        .next()
+        .and_then(|a| {
+            std::path::Path::new(&a)
+                .file_name()
+                .map(|n| n == "xdg-open")
+        })
+        .unwrap_or(false)
+}
+
+/// `xdg-open PATH|URL`.
+pub fn xdg_open_main() -> i32 {
+    let mut args = std::env::args_os().skip(1);
+    let (Some(target), None) = (args.next(), args.next()) else {
+        eprintln!(
+            "usage: xdg-open PATH|URL (Shuttle: opens it with the handler the policy routes it to)"
+        );
+        return 1;
+    };
+    match open(target) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shuttle: {e:#}");
+            EXIT_SHUTTLE_FAILED
+        }
+    }
+}
+
 /// The stub's whole life: never returns to the CLI's argument parser.
 pub fn stub_main(program: String) -> i32 {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -133,6 +163,81 @@ fn send_files(chan: &Channel, args: &[OsString], candidates: &[u32], write: bool
 /// Runs `program` (an absolute path, as the rule names it) with `args` where the policy routes
 /// it; returns the exit status to exit with.
 pub fn invoke(program: String, args: Vec<OsString>) -> Result<i32> {
+    invoke_with(program, args, Vec::new())
+}
+
+/// `shuttle open PATH|URL` (and `xdg-open` when this binary is installed under that name):
+/// opens a file or URL with the handler of the VM the policy's `open` rules route it to. A
+/// URL is routed by its scheme (`scheme:https`); a file by its MIME type (from
+/// /etc/mime.types, `mime:application/pdf`; a directory is `mime:inode/directory`), then by
+/// its extension (`ext:pdf`). A file is passed as a file argument.
+pub fn open(target: OsString) -> Result<i32> {
+    let text = target.to_string_lossy().into_owned();
+    let (arg, objects) = match url_scheme(&text) {
+        Some(scheme) if scheme != "file" => (target, vec![format!("scheme:{scheme}")]),
+        Some(_) => {
+            // file:///path is the path.
+            let path = text.trim_start_matches("file://").to_owned();
+            let objects = file_objects(&path);
+            (OsString::from(path), objects)
+        }
+        None => (target.clone(), file_objects(&text)),
+    };
+    if objects.is_empty() {
+        bail!("{text}: no scheme, type or extension to route by: name a URL or a file with an extension");
+    }
+    invoke_with(String::new(), vec![arg], objects)
+}
+
+/// The scheme of `s` (lower case) when it is a URL: `NAME:` with NAME of two or more
+/// characters (so that no path is taken for one).
+fn url_scheme(s: &str) -> Option<String> {
+    let (scheme, _) = s.split_once(':')?;
+    let mut chars = scheme.chars();
+    let first = chars.next()?;
+    (scheme.len() >= 2
+        && first.is_ascii_alphabetic()
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c)))
+    .then(|| scheme.to_ascii_lowercase())
+}
+
+/// The `open` objects a file may match, most specific first.
+fn file_objects(path: &str) -> Vec<String> {
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        return vec!["mime:inode/directory".to_owned()];
+    }
+    let ext = std::path::Path::new(path)
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .filter(|e| !e.is_empty());
+    let Some(ext) = ext else {
+        return Vec::new();
+    };
+    let mut objects = Vec::new();
+    if let Some(mime) = std::fs::read_to_string("/etc/mime.types")
+        .ok()
+        .and_then(|types| mime_of(&types, &ext))
+    {
+        objects.push(format!("mime:{mime}"));
+    }
+    objects.push(format!("ext:{ext}"));
+    objects
+}
+
+/// The MIME type /etc/mime.types gives extension `ext`.
+fn mime_of(types: &str, ext: &str) -> Option<String> {
+    types
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            let mime = words.next()?;
+            words.any(|w| w == ext).then(|| mime.to_owned())
+        })
+}
+
+fn invoke_with(program: String, args: Vec<OsString>, open: Vec<String>) -> Result<i32> {
     // Caught from now on: one that arrives while the program starts is delivered once it runs.
     let mut signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
         .context("installing signal handlers")?;
@@ -186,6 +291,7 @@ pub fn invoke(program: String, args: Vec<OsString>) -> Result<i32> {
             .map(|d| Bytes::from(d.as_os_str())),
         terminal: pty_mode.then(|| terminal_io::size_of(stdin.as_fd())),
         files: candidates.clone(),
+        open,
     };
     let borrowed: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
     chan.send_with_fds(&VmRequest::Invoke(spec), &borrowed)?;
@@ -263,5 +369,27 @@ pub fn invoke(program: String, args: Vec<OsString>) -> Result<i32> {
             bail!("this VM's monitor went away while {program} ran")
         }
         Err(e) => Err(e.into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_are_told_from_paths() {
+        assert_eq!(url_scheme("https://x").as_deref(), Some("https"));
+        assert_eq!(url_scheme("MAILTO:a@b").as_deref(), Some("mailto"));
+        assert_eq!(url_scheme("/srv/a:b"), None);
+        assert_eq!(url_scheme("c:x"), None);
+        assert_eq!(url_scheme("doc.pdf"), None);
+    }
+
+    #[test]
+    fn mime_types_come_from_the_table() {
+        let types = "# comment\napplication/pdf pdf\ntext/plain txt text conf\n";
+        assert_eq!(mime_of(types, "conf").as_deref(), Some("text/plain"));
+        assert_eq!(mime_of(types, "pdf").as_deref(), Some("application/pdf"));
+        assert_eq!(mime_of(types, "comment"), None);
     }
 }

@@ -22,6 +22,8 @@ fn main() -> ExitCode {
     // Under a program path in a VM, this binary is that program's invoke stub.
     let code = match invoke_cmd::stub_program() {
         Some(program) => invoke_cmd::stub_main(program),
+        // Installed as the VM's xdg-open: `xdg-open PATH|URL` is `shuttle open PATH|URL`.
+        None if invoke_cmd::called_as_xdg_open() => invoke_cmd::xdg_open_main(),
         None => commands::dispatch(cli::Cli::parse()),
     };
     ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))

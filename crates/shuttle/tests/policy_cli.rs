@@ -26,7 +26,7 @@ fn the_example_policy_is_valid() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("ok, 4 rules"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok, 5 rules"));
 }
 
 #[test]
