@@ -574,7 +574,8 @@ fn a_killed_init_stops_its_vm_cleanly_and_connects_to_it_are_refused() {
         );
     }
     assert_eq!(outcomes(&counts, "secret"), ["errno2"], "{counts:?}");
-    // Every refusal is audited as an error, every success as allowed.
+    // Every refusal is audited as an error; every decision to allow as allowed, before the
+    // connect in db (which may then fail, audited as an error after it).
     let records = audit(&env);
     for (target, object) in [("unix", "unix:/run/db.sock"), ("tcp", "tcp:7000")] {
         let (mut connected, mut refused) = (0, 0);
@@ -586,12 +587,23 @@ fn a_killed_init_stops_its_vm_cleanly_and_connects_to_it_are_refused() {
                 connected += n;
             }
         }
+        let failed_in_db = records
+            .iter()
+            .filter(|r| {
+                r["from"] == "app"
+                    && r["object"] == object
+                    && r["result"] == "error"
+                    && r["reason"]
+                        .as_str()
+                        .is_some_and(|w| w.starts_with("connecting in the target failed"))
+            })
+            .count() as u64;
         assert_eq!(
             (
                 audited(&records, "app", object, "allow"),
                 audited(&records, "app", object, "error")
             ),
-            (connected, refused),
+            (connected + failed_in_db, refused),
             "{target}: audit (allow, error) vs the client's counts {counts:?}"
         );
     }
