@@ -628,3 +628,211 @@ fn a_killed_init_stops_its_vm_cleanly_and_connects_to_it_are_refused() {
     assert_eq!(env.state("app"), "stopped");
     assert_eq!(env.run_ok("app", "echo again").trim(), "again");
 }
+
+/// Connects `ROUNDS` times to every target named (as for [`CLIENT`]) and prints, per target,
+/// the outcome of every attempt as JSON: `ok N` (the server's connection count), `errnoE`,
+/// `recv-errnoE` or `bad`.
+const BURST: &str = r#"
+import json, socket, sys
+rounds, targets = int(sys.argv[1]), []
+for arg in sys.argv[2:]:
+    name, kind, where = arg.replace("=", ":", 1).split(":", 2)
+    targets.append((name, socket.AF_UNIX, where) if kind == "unix" else (name, socket.AF_INET, ("127.0.0.1", int(where))))
+seen = {name: [] for name, _, _ in targets}
+for _ in range(rounds):
+    for name, fam, addr in targets:
+        s = socket.socket(fam)
+        try:
+            s.connect(addr)
+        except OSError as e:
+            seen[name].append("errno%d" % e.errno); s.close(); continue
+        try:
+            answer = s.recv(64).decode().split()
+            seen[name].append("ok " + answer[1] if answer[:1] == ["db"] else "bad")
+        except OSError as e:
+            seen[name].append("recv-errno%d" % e.errno)
+        s.close()
+print(json.dumps(seen))
+"#;
+
+/// Outcomes of every attempt, per target, as [`BURST`] prints them.
+fn burst(env: &Env, vm: &str, rounds: u32, targets: &[&str]) -> BTreeMap<String, Vec<String>> {
+    let rounds = rounds.to_string();
+    let mut args = vec!["python3", "-c", BURST, &rounds];
+    args.extend_from_slice(targets);
+    let out = env.exec(vm, &args);
+    assert_success(&out, "burst client");
+    serde_json::from_str(stdout(&out).trim()).unwrap()
+}
+
+/// The server's connection count in an `ok N` outcome.
+fn accepted(outcome: &str) -> Option<u64> {
+    outcome.strip_prefix("ok ")?.parse().ok()
+}
+
+/// A small tmpfs mounted on the host, unmounted (lazily: a monitor may hold files open there)
+/// when dropped.
+struct TinyFs(PathBuf);
+
+impl TinyFs {
+    fn mount(at: PathBuf, size: &str) -> TinyFs {
+        std::fs::create_dir_all(&at).unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            &at,
+            Some("tmpfs"),
+            nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .unwrap_or_else(|e| panic!("mounting a tmpfs on {}: {e}", at.display()));
+        TinyFs(at)
+    }
+
+    /// Fills the file system with `fill`; returns how many bytes it took.
+    fn fill(&self) -> u64 {
+        use std::io::Write;
+        let mut f = std::fs::File::create(self.0.join("fill")).unwrap();
+        let block = vec![0u8; 4096];
+        let mut written = 0;
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", self.0.display()),
+            }
+        }
+        written
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(self.0.join("fill")).unwrap();
+    }
+}
+
+impl Drop for TinyFs {
+    fn drop(&mut self) {
+        if let Err(e) = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH) {
+            eprintln!("unmounting {}: {e}", self.0.display());
+        }
+    }
+}
+
+/// A write that fails for want of space leaves the journal as it was (the partial line is cut
+/// off), so decisions work again as soon as there is room; only a failed `fdatasync` poisons
+/// the journal until the monitor reopens it (the kernel may have dropped the pages), which a
+/// tmpfs never reports.
+#[test]
+fn a_full_audit_disk_refuses_every_decision_and_says_why() {
+    let Some(env) = Env::new() else { return };
+    env.create("db", &[]);
+    env.create("app", &[]);
+    // app's journal on a file system of its own, 1 MiB.
+    let disk = TinyFs::mount(env.vm_dir("app").join("audit"), "1m");
+    serve(&env, "db");
+    load(&env, &write_policy(&env, "policy.toml", POLICY));
+
+    let before = burst(&env, "app", 5, &TARGETS);
+    assert!(
+        before["unix"].iter().all(|o| o.starts_with("ok ")),
+        "{before:?}"
+    );
+    assert!(before["secret"].iter().all(|o| o == "errno2"), "{before:?}");
+    let last_accepted = before["tcp"]
+        .iter()
+        .filter_map(|o| accepted(o))
+        .max()
+        .unwrap();
+
+    let filled = disk.fill();
+    eprintln!("filled the journal's file system with {filled} bytes");
+    let full = burst(&env, "app", 60, &TARGETS);
+    eprintln!("with the disk full: {full:?}");
+    // The space left in the journal's last page may take a few more records; then every
+    // decision, allowed or denied, is refused: none can be recorded.
+    for (target, seen) in &full {
+        let tail = &seen[seen.len() - 40..];
+        assert!(
+            tail.iter().all(|o| o == "errno111"),
+            "{target}: decisions that cannot be audited must be refused: {seen:?}"
+        );
+        assert!(
+            seen.iter()
+                .all(|o| o == "errno111" || o.starts_with("ok ") || o == "errno2"),
+            "{target}: {seen:?}"
+        );
+    }
+    let log = std::fs::read_to_string(env.run_vms().join("app.log")).unwrap();
+    let refusals = log.lines().filter(|l| l.contains("refusing")).count();
+    eprintln!(
+        "{refusals} lines of the monitor's log say why, such as: {}",
+        log.lines().find(|l| l.contains("refusing")).unwrap_or("")
+    );
+    assert!(
+        !log.contains('\x1b'),
+        "escape sequences in a log file:\n{log}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("refusing") && l.contains("No space left on device")),
+        "the monitor's log should say why decisions are refused:\n{log}"
+    );
+
+    disk.free();
+    let after = burst(&env, "app", 5, &TARGETS);
+    eprintln!("after freeing space: {after:?}");
+    assert!(
+        after["unix"].iter().all(|o| o.starts_with("ok ")),
+        "{after:?}"
+    );
+    assert!(
+        after["tcp"].iter().all(|o| o.starts_with("ok ")),
+        "{after:?}"
+    );
+    assert!(after["secret"].iter().all(|o| o == "errno2"), "{after:?}");
+
+    // A refused connect never reached the server: its count went up by the connects that
+    // were allowed, no more.
+    let oks_while_full = full["unix"]
+        .iter()
+        .chain(&full["tcp"])
+        .filter(|o| o.starts_with("ok "))
+        .count() as u64;
+    let first_after = after["unix"]
+        .iter()
+        .filter_map(|o| accepted(o))
+        .min()
+        .unwrap();
+    assert_eq!(
+        first_after,
+        last_accepted + oks_while_full + 1,
+        "db accepted connections that app was refused"
+    );
+
+    // The audit trail has every decision that took effect, and nothing else.
+    let records = audit(&env);
+    let all = |target: &str| -> Vec<&String> {
+        before[target]
+            .iter()
+            .chain(&full[target])
+            .chain(&after[target])
+            .collect()
+    };
+    for (target, object, result, outcome) in [
+        ("unix", "unix:/run/db.sock", "allow", "ok "),
+        ("tcp", "tcp:7000", "allow", "ok "),
+        ("secret", "unix:/run/secret.sock", "deny", "errno2"),
+    ] {
+        let took_effect = all(target)
+            .iter()
+            .filter(|o| o.starts_with(outcome))
+            .count() as u64;
+        assert_eq!(
+            audited(&records, "app", object, result),
+            took_effect,
+            "{target}: audit records vs decisions that took effect"
+        );
+    }
+    env.ok(&["vm", "stop", "app"]);
+    drop(disk);
+}
