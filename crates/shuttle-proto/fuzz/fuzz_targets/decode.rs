@@ -8,8 +8,8 @@ use libfuzzer_sys::fuzz_target;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use shuttle_proto::{
-    BrokerReply, BrokerRequest, CommandSpec, Hello, InitEvent, InitRequest, MonitorReply,
-    MonitorRequest, VmReply, VmRequest,
+    BrokerReply, BrokerRequest, CommandSpec, Hello, InitEvent, InitRequest, InvokeSpec,
+    MonitorReply, MonitorRequest, VmReply, VmRequest, VmStatus,
 };
 
 fn round_trip<T: Serialize + DeserializeOwned>(data: &[u8]) {
@@ -36,6 +36,7 @@ fn round_trip<T: Serialize + DeserializeOwned>(data: &[u8]) {
 fuzz_target!(|data: &[u8]| {
     // What a process in a VM may send to its broker socket, first: it is the hostile side.
     round_trip::<VmRequest>(data);
+    round_trip::<InvokeSpec>(data);
     round_trip::<Hello>(data);
     round_trip::<MonitorRequest>(data);
     round_trip::<CommandSpec>(data);
@@ -45,4 +46,5 @@ fuzz_target!(|data: &[u8]| {
     round_trip::<VmReply>(data);
     round_trip::<MonitorReply>(data);
     round_trip::<BrokerReply>(data);
+    round_trip::<VmStatus>(data);
 });
