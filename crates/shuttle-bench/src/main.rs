@@ -10,6 +10,9 @@
 //!                                 (`true` invoked across VMs vs `shuttle run` into the target)
 //!   target/release/shuttle-bench --pgbench [--seconds N] [--rounds N] [--clients N]
 //!                                 (PostgreSQL across VMs: pgbench -C -S, cross-VM vs same VM)
+//!   target/release/shuttle-bench --load [--seconds N]
+//!                                 (mediated connects at full speed, sustained; the monitor's
+//!                                 memory and descriptors meanwhile)
 //!
 //! It measures, interleaving the two sides so that drift in machine load hits both alike:
 //! * `shuttle run VM -- true` into a running VM vs `bwrap --unshare-all ... true`
@@ -28,6 +31,7 @@ use anyhow::{bail, Context, Result};
 
 mod connect;
 mod invoke;
+mod load;
 mod pgbench;
 mod throughput;
 
@@ -177,6 +181,8 @@ fn main() -> Result<()> {
             arg(&args, "--runs", 200)?,
             arg(&args, "--rounds", 3)?,
         )
+    } else if args.iter().any(|a| a == "--load") {
+        load::run(&bench, arg(&args, "--seconds", 60)? as u64)
     } else if args.iter().any(|a| a == "--pgbench") {
         pgbench::run(
             &bench,

@@ -17,6 +17,8 @@ use crate::layout::Layout;
 pub enum StoreError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     #[error("VM {0} already exists: pick another name, or remove it with `shuttle vm rm {0}`")]
     Exists(String),
     #[error("no VM named {0}: see `shuttle vm ls`, or create it with `shuttle vm create {0}`")]
@@ -211,6 +213,11 @@ pub fn remove(layout: &Layout, name: &str) -> Result<(), StoreError> {
         return Err(StoreError::Running(name.into()));
     };
     let dir = layout.vm_dir(name);
+    // A monitor that was killed could not remove the VM's cgroup (its next start would):
+    // nothing runs the VM while we hold its lock, so whatever is left there goes now.
+    if let Some(stale) = crate::cgroup::VmCgroup::existing(&layout.cgroup_parent(), name) {
+        stale.remove(std::time::Duration::from_secs(2))?;
+    }
     // Decisions the broker has not collected yet outlive the VM: its journal moves aside.
     let journal = layout.audit_journal(name);
     if journal.exists() {

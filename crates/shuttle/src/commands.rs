@@ -27,9 +27,12 @@ const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/s
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SHUTTLE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    // Colours only on a terminal: monitors and the broker log to files (`run/vms/NAME.log`),
+    // where escape sequences only get in the way of reading and searching.
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }
 
