@@ -62,9 +62,11 @@ pub(super) fn caller_and_socket(call: &Call<'_>, fd: i32) -> Option<(CallerInfo,
     }
     match sock {
         Ok(sock) => Some((info, sock)),
-        // Not a socket, or not a descriptor: the kernel's own answer.
-        Err(_) => {
-            call.stay_local();
+        // Not a descriptor (EBADF) or not a socket (ENOTSOCK): the kernel's own answer, given
+        // here rather than by letting the call continue, because another thread could put a
+        // lent socket at that number before the kernel looked again.
+        Err(e) => {
+            call.answer(Err(e));
             None
         }
     }
