@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{audit_records as audit, load_policy as load};
+
 use common::{assert_success, stdout, Env};
 use serde_json::Value;
 
@@ -57,22 +59,6 @@ fn client(env: &Env, vm: &str, user: Option<&str>, kind: &str, target: &str) -> 
     }
     args.extend(["--", "python3", "-c", CLIENT, kind, target]);
     stdout(&env.output(&args)).trim().to_owned()
-}
-
-fn load(env: &Env, policy: &str) {
-    let file = env.path().join("policy.toml");
-    std::fs::write(&file, policy).unwrap();
-    assert_success(
-        &env.output(&["policy", "load", file.to_str().unwrap()]),
-        "policy load",
-    );
-}
-
-fn audit(env: &Env) -> Vec<Value> {
-    stdout(&env.output(&["audit", "--json"]))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 const POLICY: &str = r#"

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{audit_records as audit, load_policy as load};
+
 use std::time::Duration;
 
 use common::{assert_code, assert_success, stderr, stdout, wait_for, Env};
@@ -31,22 +33,6 @@ fn policy() -> String {
     .iter()
     .map(|p| rule(p, ""))
     .collect()
-}
-
-fn load(env: &Env, policy: &str) {
-    let file = env.path().join("policy.toml");
-    std::fs::write(&file, policy).unwrap();
-    assert_success(
-        &env.output(&["policy", "load", file.to_str().unwrap()]),
-        "policy load",
-    );
-}
-
-fn audit(env: &Env) -> Vec<Value> {
-    stdout(&env.output(&["audit", "--json"]))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
 }
 
 fn invokes(env: &Env) -> Vec<Value> {

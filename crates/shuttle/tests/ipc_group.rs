@@ -4,16 +4,9 @@
 
 mod common;
 
-use common::{assert_success, stdout, Env};
+use common::load_policy as load;
 
-fn load(env: &Env, policy: &str) {
-    let file = env.path().join("policy.toml");
-    std::fs::write(&file, policy).unwrap();
-    assert_success(
-        &env.output(&["policy", "load", file.to_str().unwrap()]),
-        "policy load",
-    );
-}
+use common::{assert_success, stdout, Env};
 
 /// The SysV shared-memory segments a VM sees, by id.
 fn segments(env: &Env, vm: &str) -> Vec<String> {

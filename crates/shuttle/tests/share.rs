@@ -5,25 +5,18 @@
 
 mod common;
 
+use common::load_policy as load;
+
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{assert_success, host_dir, stdout, wait_for, Env, Guard};
+use common::{host_dir, stdout, wait_for, Env, Guard};
 use serde_json::Value;
 
 fn share(from: &str, to: &str, object: &str, extra: &str) -> String {
     format!(
         "[[rule]]\nop = \"share\"\nfrom = \"{from}\"\nto = \"{to}\"\nobject = \"{object}\"\n{extra}action = \"allow\"\n\n"
     )
-}
-
-fn load(env: &Env, policy: &str) {
-    let file = env.path().join("policy.toml");
-    std::fs::write(&file, policy).unwrap();
-    assert_success(
-        &env.output(&["policy", "load", file.to_str().unwrap()]),
-        "policy load",
-    );
 }
 
 fn shares(env: &Env) -> Vec<Value> {

@@ -6,6 +6,8 @@
 
 mod common;
 
+use common::{audit_records as audit, load_policy as load};
+
 use common::{assert_success, stdout, Env};
 use serde_json::Value;
 
@@ -149,22 +151,6 @@ fn run_client(env: &Env, vm: &str, mode: &str) -> std::collections::BTreeMap<Str
         .lines()
         .filter_map(|l| l.split_once(' '))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
-        .collect()
-}
-
-fn load(env: &Env, policy: &str) {
-    let file = env.path().join("policy.toml");
-    std::fs::write(&file, policy).unwrap();
-    assert_success(
-        &env.output(&["policy", "load", file.to_str().unwrap()]),
-        "policy load",
-    );
-}
-
-fn audit(env: &Env) -> Vec<Value> {
-    stdout(&env.output(&["audit", "--json"]))
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
         .collect()
 }
 

@@ -594,3 +594,21 @@ pub fn is_zombie(pid: i32) -> bool {
         })
         .unwrap_or(true)
 }
+
+/// Writes `policy` beside the test's state and loads it with `shuttle policy load`.
+pub fn load_policy(env: &Env, policy: &str) {
+    let file = env.path().join("policy.toml");
+    std::fs::write(&file, policy).unwrap();
+    assert_success(
+        &env.output(&["policy", "load", file.to_str().unwrap()]),
+        "policy load",
+    );
+}
+
+/// Every audit record so far, from `shuttle audit --json`.
+pub fn audit_records(env: &Env) -> Vec<Value> {
+    stdout(&env.output(&["audit", "--json"]))
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
