@@ -104,6 +104,7 @@ impl CallerInfo {
             thread: Arc::new(KnownThread {
                 pidfd: process::pidfd_open(tgid).ok()?,
                 comm: None,
+                fdinfo: OnceLock::from(None),
             }),
             // The innermost entry is the id inside the VM's PID namespace.
             pid_in_vm: field("NStgid:")
@@ -141,16 +142,35 @@ impl CallerInfo {
         }
     }
 
-    /// Whether descriptor `fd` of the caller is close-on-exec (from /proc/PID/fdinfo).
+    /// Whether descriptor `fd` of the caller is close-on-exec (from /proc/TID/fdinfo; the
+    /// thread shares its process's descriptor table).
     pub fn fd_cloexec(&self, fd: i32) -> bool {
-        read_proc(&format!("/proc/{}/fdinfo/{fd}", self.tgid))
-            .and_then(|t| {
-                t.lines()
-                    .find_map(|l| l.strip_prefix("flags:"))
-                    .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
-            })
-            .is_some_and(|flags| flags & libc::O_CLOEXEC as u32 != 0)
+        let text = match self.thread.fdinfo_dir(self.tid) {
+            Some(dir) => read_at_dir(dir, &fd.to_string()),
+            None => read_proc(&format!("/proc/{}/fdinfo/{fd}", self.tgid)),
+        };
+        text.and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("flags:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .is_some_and(|flags| flags & libc::O_CLOEXEC as u32 != 0)
     }
+}
+
+/// Reads small /proc file `name` under directory `dir` with one read(2), as [`read_proc`].
+fn read_at_dir(dir: &OwnedFd, name: &str) -> Option<String> {
+    use std::io::Read;
+    let fd = nix::fcntl::openat(
+        dir,
+        name,
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+        nix::sys::stat::Mode::empty(),
+    )
+    .ok()?;
+    let mut buf = [0u8; 512];
+    let n = std::fs::File::from(fd).read(&mut buf).ok()?;
+    String::from_utf8(buf[..n].to_vec()).ok()
 }
 
 /// A thread that made mediated calls: its pidfd and its open `comm` file. Both name that very
@@ -160,6 +180,24 @@ pub(super) struct KnownThread {
     pidfd: OwnedFd,
     /// `None` on the `/proc/TID/status` path, which reads the name from there.
     comm: Option<std::fs::File>,
+    /// `/proc/TID/fdinfo`, opened at the first call that needs it (calls that inject a
+    /// descriptor): looking a name up in it is cheaper than walking the whole path each time.
+    fdinfo: OnceLock<Option<OwnedFd>>,
+}
+
+impl KnownThread {
+    fn fdinfo_dir(&self, tid: u32) -> Option<&OwnedFd> {
+        self.fdinfo
+            .get_or_init(|| {
+                nix::fcntl::open(
+                    format!("/proc/{tid}/fdinfo").as_str(),
+                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                    nix::sys::stat::Mode::empty(),
+                )
+                .ok()
+            })
+            .as_ref()
+    }
 }
 
 /// Threads that made mediated calls lately, by thread id, so that a thread connecting again
@@ -191,6 +229,7 @@ impl CallerCache {
         let thread = Arc::new(KnownThread {
             pidfd,
             comm: std::fs::File::open(format!("/proc/{tid}/comm")).ok(),
+            fdinfo: OnceLock::new(),
         });
         let mut cache = self.lock();
         if cache.len() >= CACHED_THREADS {

@@ -13,7 +13,7 @@ use shuttle_sys::unotify;
 
 use super::address::{self, Address, Destination, MAX_SOCKADDR};
 use super::caller::{CallerInfo, CallerSocket};
-use super::target::{as_caller, connect_bounded, in_namespace, Namespace, TargetVm};
+use super::target::{as_caller, connect_bounded, TargetVm};
 use super::{judge, route, stay_local_on, Call, Judgement, Mediators};
 use crate::vm_api;
 
@@ -211,7 +211,7 @@ pub(super) fn socket_for(
     };
     let make = || socket(family, kind, SockFlag::SOCK_CLOEXEC, proto);
     let sock = match (dest.needs_netns(), target) {
-        (true, Some(t)) => in_namespace(t, Namespace::Net, make)?,
+        (true, Some(t)) => t.socket_in_network((like.domain, like.kind, like.protocol), make)?,
         _ => make()?,
     };
     if dest.needs_netns() && like.domain == libc::AF_UNIX {
@@ -230,7 +230,10 @@ fn connect_in(
 ) -> Result<OwnedFd, Errno> {
     let sock = socket_for(target, like, dest)?;
     if matches!(dest, Destination::Inet { .. }) && like.kind == libc::SOCK_STREAM {
-        carry_tcp_options(like.sock.as_fd(), sock.as_fd());
+        static HOST_TCP_DEFAULTS: std::sync::OnceLock<Option<TcpOptions>> =
+            std::sync::OnceLock::new();
+        let defaults = target.map_or(&HOST_TCP_DEFAULTS, |t| &t.tcp_defaults);
+        carry_tcp_options(like.sock.as_fd(), sock.as_fd(), defaults);
     }
     let resolved = resolve_in(target, dest)?;
     as_caller(info, || connect_bounded(&sock, &*resolved.addr))?;
@@ -268,26 +271,68 @@ fn resolve_in(target: Option<&TargetVm>, dest: &Destination) -> Result<address::
     Ok(resolved)
 }
 
-/// Sets on `ours`, the socket connected in the caller's place, the TCP options the caller set
-/// on its own socket before `connect` (libpq, for one, sets TCP_NODELAY and keepalives there):
-/// a fresh socket would otherwise run with Nagle's algorithm and without keepalives. Only
-/// values that differ from a fresh socket's are set; a failure leaves the default.
-fn carry_tcp_options(theirs: BorrowedFd<'_>, ours: BorrowedFd<'_>) {
-    use nix::sys::socket::{getsockopt, setsockopt, sockopt, GetSockOpt, SetSockOpt};
-    fn carry<T: PartialEq, O>(theirs: BorrowedFd<'_>, ours: BorrowedFd<'_>, opt: O)
-    where
-        O: GetSockOpt<Val = T> + SetSockOpt<Val = T> + Copy,
-    {
-        if let (Ok(want), Ok(have)) = (getsockopt(&theirs, opt), getsockopt(&ours, opt)) {
-            if want != have {
-                let _ = setsockopt(&ours, opt, &want);
-            }
-        }
+/// The TCP options a client may set before `connect` that a socket made in its place must
+/// carry (libpq, for one, sets TCP_NODELAY and keepalives there).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct TcpOptions {
+    no_delay: bool,
+    keep_alive: bool,
+    keep_idle: i32,
+    keep_interval: i32,
+    keep_count: i32,
+    user_timeout: u32,
+}
+
+impl TcpOptions {
+    fn of(fd: BorrowedFd<'_>) -> Option<TcpOptions> {
+        use nix::sys::socket::{getsockopt, sockopt};
+        Some(TcpOptions {
+            no_delay: getsockopt(&fd, sockopt::TcpNoDelay).ok()?,
+            keep_alive: getsockopt(&fd, sockopt::KeepAlive).ok()?,
+            keep_idle: getsockopt(&fd, sockopt::TcpKeepIdle).ok()? as i32,
+            keep_interval: getsockopt(&fd, sockopt::TcpKeepInterval).ok()? as i32,
+            keep_count: getsockopt(&fd, sockopt::TcpKeepCount).ok()? as i32,
+            user_timeout: getsockopt(&fd, sockopt::TcpUserTimeout).ok()?,
+        })
     }
-    carry(theirs, ours, sockopt::TcpNoDelay);
-    carry(theirs, ours, sockopt::KeepAlive);
-    carry(theirs, ours, sockopt::TcpKeepIdle);
-    carry(theirs, ours, sockopt::TcpKeepInterval);
-    carry(theirs, ours, sockopt::TcpKeepCount);
-    carry(theirs, ours, sockopt::TcpUserTimeout);
+}
+
+/// Sets on `ours`, a fresh socket connected in the caller's place, the TCP options the caller
+/// set on its own socket before `connect`: a fresh socket would otherwise run with Nagle's
+/// algorithm and without keepalives. Only values that differ from a fresh socket's (read once
+/// per target, `defaults`) are set; a failure leaves the default.
+fn carry_tcp_options(
+    theirs: BorrowedFd<'_>,
+    ours: BorrowedFd<'_>,
+    defaults: &std::sync::OnceLock<Option<TcpOptions>>,
+) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let (Some(want), Some(have)) = (
+        TcpOptions::of(theirs),
+        *defaults.get_or_init(|| TcpOptions::of(ours)),
+    ) else {
+        return;
+    };
+    if want.no_delay != have.no_delay {
+        let _ = setsockopt(&ours, sockopt::TcpNoDelay, &want.no_delay);
+    }
+    if want.keep_alive != have.keep_alive {
+        let _ = setsockopt(&ours, sockopt::KeepAlive, &want.keep_alive);
+    }
+    if want.keep_idle != have.keep_idle {
+        let _ = setsockopt(&ours, sockopt::TcpKeepIdle, &(want.keep_idle as u32));
+    }
+    if want.keep_interval != have.keep_interval {
+        let _ = setsockopt(
+            &ours,
+            sockopt::TcpKeepInterval,
+            &(want.keep_interval as u32),
+        );
+    }
+    if want.keep_count != have.keep_count {
+        let _ = setsockopt(&ours, sockopt::TcpKeepCount, &(want.keep_count as u32));
+    }
+    if want.user_timeout != have.user_timeout {
+        let _ = setsockopt(&ours, sockopt::TcpUserTimeout, &want.user_timeout);
+    }
 }

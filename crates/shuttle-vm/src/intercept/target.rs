@@ -29,12 +29,54 @@ pub(super) struct TargetVm {
     net: OwnedFd,
     ipc: OwnedFd,
     pub net_inode: u64,
+    /// Fresh sockets made in the target's network namespace ahead of need, by (domain, type,
+    /// protocol): entering the namespace and returning costs two setns(2) calls, so each visit
+    /// makes a few. They are plain new sockets, made by the monitor as any would be.
+    spare_sockets: Mutex<HashMap<(i32, i32, i32), Vec<OwnedFd>>>,
+    /// The TCP options of a fresh socket in the target's network namespace, read once.
+    pub tcp_defaults: OnceLock<Option<super::connect::TcpOptions>>,
 }
+
+/// Sockets made per visit to a target's network namespace beyond the one needed now.
+const SPARE_SOCKETS: usize = 3;
 
 impl TargetVm {
     /// Whether the init still lives (then its pid cannot have been reused).
     pub fn alive(&self) -> bool {
         shuttle_sys::process::pidfd_send_signal(self.pidfd.as_fd(), 0).is_ok()
+    }
+
+    /// A new socket of kind `key` (domain, type, protocol) in the target's network namespace,
+    /// made by `make`: a spare one made on an earlier visit, or one of a few made now.
+    pub fn socket_in_network(
+        &self,
+        key: (i32, i32, i32),
+        make: impl Fn() -> Result<OwnedFd, Errno>,
+    ) -> Result<OwnedFd, Errno> {
+        let spare = |s: &Self| {
+            s.spare_sockets
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get_mut(&key)
+                .and_then(Vec::pop)
+        };
+        if let Some(sock) = spare(self) {
+            return Ok(sock);
+        }
+        let mut made = in_namespace(self, Namespace::Net, || {
+            let mut made = vec![make()?];
+            // Spares are a saving, not a need: stop at the first that cannot be made.
+            made.extend((0..SPARE_SOCKETS).map_while(|_| make().ok()));
+            Ok(made)
+        })?;
+        let now = made.swap_remove(0);
+        self.spare_sockets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(key)
+            .or_default()
+            .extend(made);
+        Ok(now)
     }
 }
 
@@ -73,6 +115,8 @@ pub(super) fn running_vm(ctx: &ApiContext, name: &str) -> Option<Arc<TargetVm>> 
         net,
         ipc,
         net_inode,
+        spare_sockets: Mutex::default(),
+        tcp_defaults: OnceLock::new(),
     };
     // Checked after opening: everything above belonged to a process that was this VM's init
     // and, its pidfd says, still is (so the pid was not reused in between).
