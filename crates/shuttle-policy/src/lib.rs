@@ -39,7 +39,9 @@ mod policy;
 mod rule;
 mod selector;
 
-pub use error::{ErrorKind, Location, PolicyError, PolicyErrors};
+pub use error::{
+    Diagnostic, Diagnostics, ErrorKind, LineIndex, Location, PolicyError, PolicyErrors,
+};
 pub use explain::{Considered, Explanation, RequestSummary, RuleSummary};
 pub use glob::{Glob, GlobError};
 pub use object::{ObjectError, ObjectKind, ObjectPattern, Op};

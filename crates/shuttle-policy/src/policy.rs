@@ -145,7 +145,7 @@ impl Policy {
             Ok(policy)
         } else {
             errors.sort_by_key(|e| e.location);
-            Err(PolicyErrors(errors))
+            Err(crate::Diagnostics(errors))
         }
     }
 

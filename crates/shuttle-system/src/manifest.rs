@@ -171,7 +171,7 @@ impl Manifest {
         let file = path.display().to_string();
         match std::fs::read_to_string(path) {
             Ok(text) => Manifest::parse(&file, &text),
-            Err(e) => Err(ManifestErrors(vec![crate::ManifestError {
+            Err(e) => Err(shuttle_policy::Diagnostics(vec![crate::ManifestError {
                 file,
                 location: Location { line: 1, column: 1 },
                 message: format!("cannot read the manifest: {e}"),

@@ -630,17 +630,8 @@ fn inline_policy(cx: &mut Ctx<'_>, text: &str, dir: &Path, f: Field<'_>) -> Opti
         .collect();
     let file = cx.file.to_owned();
     if let Err(errors) = shuttle_policy::Policy::parse(&file, &masked) {
-        for e in errors {
-            cx.errors.push(ManifestError {
-                file: e.file,
-                location: crate::Location {
-                    line: e.location.line,
-                    column: e.location.column,
-                },
-                message: e.message,
-                hint: e.hint,
-            });
-        }
+        cx.errors
+            .extend(errors.into_iter().map(ManifestError::from));
         return None;
     }
     let name = Path::new(&file)
@@ -676,7 +667,7 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
                 format!("invalid TOML: {msg}"),
                 "check the quoting, brackets and `key = value` syntax at this position",
             );
-            return Err(ManifestErrors(cx.errors));
+            return Err(shuttle_policy::Diagnostics(cx.errors));
         }
     };
     let dir = Path::new(file)
@@ -841,7 +832,7 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
     };
     if !cx.errors.is_empty() {
         cx.errors.sort_by_key(|e| e.location);
-        return Err(ManifestErrors(cx.errors));
+        return Err(shuttle_policy::Diagnostics(cx.errors));
     }
     let mut ordered: Vec<Option<ParsedApp>> = apps.into_iter().map(Some).collect();
     let apps = order
