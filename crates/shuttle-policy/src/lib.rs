@@ -44,7 +44,7 @@ pub use error::{
 };
 pub use explain::{Considered, Explanation, RequestSummary, RuleSummary};
 pub use glob::{Glob, GlobError};
-pub use object::{ObjectError, ObjectKind, ObjectPattern, Op};
+pub use object::{check_abs_path, ObjectError, ObjectKind, ObjectPattern, Op};
 pub use params::{
     FileAccess, InvokeParams, OpParams, Params, ShareMode, Signal, SignalSet, DEFAULT_ASK_TIMEOUT,
     DEFAULT_INVOKE_ENV,
