@@ -37,6 +37,11 @@ pub struct UpRecord {
     pub started: Vec<String>,
 }
 
+/// Where the broker keeps system `system`'s layer of the active policy.
+fn layer_file(layout: &Layout, system: &str) -> PathBuf {
+    layout.policy_layers_dir().join(format!("{system}.json"))
+}
+
 pub fn up_record_file(layout: &Layout, system: &str) -> PathBuf {
     supervise::runtime_dir(layout, system).join("up.json")
 }
@@ -189,6 +194,9 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
             // change nothing.
             crate::policy_cmd::set_layer(layout, &name, parts)?;
             layer_set = true;
+        } else if layer_file(layout, &name).exists() {
+            // Rules of an earlier version of the manifest whose `down` never ran.
+            crate::policy_cmd::remove_layer(layout, &name)?;
         }
         for vm in &manifest.vms {
             if layout.vm_dir(&vm.name).exists() {
@@ -381,11 +389,7 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
         }
     }
     // The system's rules go; every other rule stays.
-    if layout
-        .policy_layers_dir()
-        .join(format!("{name}.json"))
-        .exists()
-    {
+    if layer_file(layout, name).exists() {
         crate::policy_cmd::remove_layer(layout, name)?;
     }
     let record = read_up_record(layout, name);
