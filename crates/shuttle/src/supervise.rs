@@ -706,13 +706,13 @@ impl Supervisor {
 
     fn start(&mut self, i: usize) -> Result<()> {
         let vm = self.apps[i].spec.vm.clone();
-        if self.apps[i].boot_deadline.is_none() {
-            self.apps[i].boot_deadline = Some(Instant::now() + self.apps[i].spec.ready_timeout);
-        }
         self.ensure_vm(&vm)?;
         if !self.components_ready(i)? {
-            // Stays waiting: the next tick looks again.
+            // Stays waiting: the next tick looks again (the wait has its own deadline).
             return Ok(());
+        }
+        if self.apps[i].boot_deadline.is_none() {
+            self.apps[i].boot_deadline = Some(Instant::now() + self.apps[i].spec.ready_timeout);
         }
         if !self.apps[i].setup_done {
             self.setup(i)?;

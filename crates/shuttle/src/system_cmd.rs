@@ -420,8 +420,14 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
             continue;
         }
         if let Some((other, _)) = others.iter().find(|(_, vms)| vms.contains(&vm.name)) {
+            // Handed over: the other system's `down` stops it.
+            let mut theirs = read_up_record(layout, other).unwrap_or_default();
+            if !theirs.started.contains(&vm.name) {
+                theirs.started.push(vm.name.clone());
+                write_up_record(layout, other, &theirs)?;
+            }
             eprintln!(
-                "  VM {:<21} left running: system {other}, which is up, uses it too",
+                "  VM {:<21} left running: system {other}, which is up, uses it too (its down stops it)",
                 vm.name
             );
             continue;

@@ -681,15 +681,15 @@ stop_timeout = "2s"
     // The provider's own file (not the host's: the host has no /srv/site/index.html).
     assert!(env.upper("build").join("srv/site/index.html").is_file());
     assert!(!Path::new("/srv/site/index.html").exists());
+    // At its start, the server read the provider's file and could not write beside it.
     assert!(
-        wait_for(Duration::from_secs(10), || env
-            .ok(&["logs", "web.server"])
-            .contains("made in VM build")),
+        wait_for(Duration::from_secs(10), || {
+            let log = env.ok(&["logs", "web.server"]);
+            log.contains("made in VM build") && log.contains("Read-only file system")
+        }),
         "{}",
         env.ok(&["logs", "web.server"])
     );
-    let log = env.ok(&["logs", "web.server"]);
-    assert!(log.contains("Read-only file system"), "{log}");
     assert_eq!(
         env.run_ok("web", "cat /var/www/index.html"),
         "made in VM build\n"
@@ -950,4 +950,70 @@ fn application_logs_rotate_at_their_bound_and_logs_shows_them_in_order() {
         "lines out of order or lost: {numbers:?}"
     );
     assert!(shown.trim_end().ends_with("done"), "{shown}");
+}
+
+#[test]
+fn a_vm_two_systems_use_is_stopped_by_the_last_down() {
+    let Some(env) = Env::new() else { return };
+    let one = manifest(
+        &env,
+        "one",
+        "name = \"one\"\n[vm.shared.app.a]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n[vm.solo.app.b]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n",
+    );
+    let two = manifest(
+        &env,
+        "two",
+        "name = \"two\"\n[vm.shared.app.c]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n",
+    );
+    let (_down1, out) = up(&env, &one);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_down2, out) = up(&env, &two);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.output(&["down".as_ref(), one.as_os_str()]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("left running: system two, which is up, uses it too"),
+        "{err}"
+    );
+    assert_eq!(env.state("shared"), "running");
+    assert_eq!(env.state("solo"), "stopped");
+    assert_eq!(app(&env, "shared.c")["state"], "ready");
+    let out = env.output(&["down".as_ref(), two.as_os_str()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_nothing_runs(&env, "two");
+}
+
+#[test]
+fn a_component_that_never_appears_fails_up_and_leaves_nothing_running() {
+    let Some(env) = Env::new() else { return };
+    let text = "name = \"nocomp\"\n[vm.web]\ncomponents = [{ from = \"build\", path = \"/srv/never\" }]\n[vm.web.app.server]\ncommand = [\"sleep\", \"1000\"]\nready_timeout = \"2s\"\n[vm.build.app.idle]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n";
+    let file = manifest(&env, "nocomp", text);
+    let (_down, out) = up(&env, &file);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(common::EXIT_SHUTTLE_FAILED),
+        "{err}"
+    );
+    assert!(
+        err.contains("web.server waited 2s for its components and still misses build:/srv/never at /srv/never"),
+        "{err}"
+    );
+    assert!(err.contains("shuttle audit --vm web"), "{err}");
+    assert!(
+        err.contains("nothing of system nocomp is left running"),
+        "{err}"
+    );
+    assert_nothing_runs(&env, "nocomp");
+    assert!(!env.path().join("state/policy/layers/nocomp.json").exists());
+    // The refusal and its reason are in the audit.
+    assert!(common::audit_records(&env)
+        .iter()
+        .any(|r| r["op"] == "share"
+            && r["from"] == "web"
+            && r["result"] == "error"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("/srv/never"))));
 }
