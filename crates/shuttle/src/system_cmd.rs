@@ -440,10 +440,15 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
             },
             "stop a VM",
         );
-        // Someone else (a failing `up`) may have stopped it meanwhile.
+        // Someone else (a failing `up`) may be stopping it meanwhile: its monitor holds the
+        // VM's lock until the VM is gone.
         if let Err(e) = stopped {
-            if store::is_running(layout, &vm.name) {
-                return Err(e);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while store::is_running(layout, &vm.name) {
+                if Instant::now() > deadline {
+                    return Err(e);
+                }
+                std::thread::sleep(Duration::from_millis(50));
             }
         }
         eprintln!("  VM {:<21} stopped", vm.name);
