@@ -143,6 +143,7 @@ impl Policy {
     /// an error at the later rule. Errors come grouped by source, in source order.
     pub fn parse_layered(sources: &[(&str, &str)]) -> Result<Policy, PolicyErrors> {
         let name = match sources {
+            [] => "(no policy)".to_owned(),
             [(one, _)] => (*one).to_owned(),
             many => many.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" + "),
         };

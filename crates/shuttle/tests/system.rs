@@ -1017,3 +1017,39 @@ fn a_component_that_never_appears_fails_up_and_leaves_nothing_running() {
                 .as_str()
                 .is_some_and(|s| s.contains("/srv/never"))));
 }
+
+#[test]
+fn logs_follow_carries_on_across_rotations() {
+    let Some(env) = Env::new() else { return };
+    // 60 lines of 50 bytes, one every 25 ms, against a bound of 500 bytes: a rotation about
+    // every quarter of a second while `logs --follow` reads.
+    let text = "name = \"follow\"\n[vm.f.app.talk]\ncommand = [\"python3\", \"-c\", \"import sys, time\\ntime.sleep(1)\\nfor i in range(60):\\n    sys.stdout.write('line %05d ' % i + 'x' * 38 + '\\\\n'); sys.stdout.flush(); time.sleep(0.025)\\nprint('done', flush=True)\\ntime.sleep(1000)\"]\nstop_timeout = \"1s\"\n";
+    let file = manifest(&env, "follow", text);
+    let _down = Down {
+        env: &env,
+        file: file.clone(),
+    };
+    let out = env
+        .cmd(&["up".as_ref(), file.as_os_str()])
+        .env("SHUTTLE_APP_LOG_MAX", "500")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut follow = common::Guard(
+        env.cmd(&["logs", "--follow", "f.talk"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let shown = follow.read_until("done", Duration::from_secs(20));
+    let numbers: Vec<u32> = shown
+        .lines()
+        .filter_map(|l| l.strip_prefix("line "))
+        .map(|l| l[..5].parse().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..60).collect::<Vec<u32>>(), "{shown}");
+    assert!(env
+        .path()
+        .join("state/systems/follow/logs/f.talk.log.1")
+        .exists());
+}
