@@ -81,10 +81,14 @@ fn option_drift(existing: &shuttle_vm::VmConfig, wanted: &shuttle_vm::VmConfig) 
         out.push(format!("net {:?} (manifest: {:?})", existing.net, wanted.net).to_lowercase());
     }
     if existing.memory_bytes != wanted.memory_bytes {
+        let size = |v: Option<u64>| match v {
+            Some(n) if n % (1 << 20) == 0 => format!("{}M", n >> 20),
+            other => opt(other),
+        };
         out.push(format!(
-            "memory {} bytes (manifest: {})",
-            opt(existing.memory_bytes),
-            opt(wanted.memory_bytes)
+            "memory {} (manifest: {})",
+            size(existing.memory_bytes),
+            size(wanted.memory_bytes)
         ));
     }
     if existing.pids != wanted.pids {

@@ -894,7 +894,7 @@ fn changed_vm_options_are_an_error_that_says_how_to_recreate() {
         "{err}"
     );
     assert!(
-        err.contains("VM opt: memory 67108864 bytes (manifest: 134217728); tags [\"old\"] (manifest: [\"new\"])"),
+        err.contains("VM opt: memory 64M (manifest: 128M); tags [\"old\"] (manifest: [\"new\"])"),
         "{err}"
     );
     assert!(err.contains("shuttle vm rm --force NAME"), "{err}");
