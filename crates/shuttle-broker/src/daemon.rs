@@ -39,6 +39,9 @@ fn setup(what: impl Into<String>) -> impl FnOnce(String) -> DaemonError {
 
 struct Broker {
     layout: Layout,
+    /// Held while the active policy changes and is handed to monitors, so that two changes
+    /// (a load and a system's layer) never interleave and no monitor keeps an older whole.
+    policy_lock: Mutex<()>,
     audit: Mutex<AuditStore>,
     questions: crate::questions::Questions,
 }
@@ -78,6 +81,7 @@ pub fn run(layout: &Layout, ready: Option<OwnedFd>) -> Result<(), DaemonError> {
     let listener = listen_on(&layout.broker_socket())?;
     let broker = Arc::new(Broker {
         layout: layout.clone(),
+        policy_lock: Mutex::new(()),
         audit: Mutex::new(audit),
         questions: crate::questions::Questions::default(),
     });
@@ -201,6 +205,24 @@ impl Broker {
         loop {
             let reply = match chan.recv::<BrokerRequest>() {
                 Ok(BrokerRequest::LoadPolicy { source, text }) => self.load_policy(&source, &text),
+                Ok(BrokerRequest::SetPolicyLayer { layer, parts }) => {
+                    self.change_policy(&format!("layer {layer}"), None, || {
+                        policy_store::set_layer(&self.layout, &layer, &parts)
+                    })
+                }
+                Ok(BrokerRequest::RemovePolicyLayer { layer }) => {
+                    self.change_policy(&format!("layer {layer} removed"), None, || {
+                        policy_store::remove_layer(&self.layout, &layer)
+                    })
+                }
+                Ok(BrokerRequest::ReapplyPolicy { vms }) => {
+                    self.change_policy("reapplied", Some(&vms), || {
+                        let parts = policy_store::active_parts(&self.layout);
+                        let policy = shuttle_vm::vm_api::parse_parts(&parts)
+                            .map_err(PolicyStoreError::Invalid)?;
+                        Ok((policy, parts))
+                    })
+                }
                 Ok(BrokerRequest::CollectAudit) => BrokerReply::Collected {
                     records: self.collect_all(),
                 },
@@ -269,7 +291,25 @@ impl Broker {
 
     /// Validates, persists and distributes a policy. Invalid: nothing changes.
     fn load_policy(&self, source: &str, text: &str) -> BrokerReply {
-        let policy = match policy_store::activate(&self.layout, source, text) {
+        self.change_policy(source, None, || {
+            policy_store::activate(&self.layout, source, text)
+        })
+    }
+
+    /// Makes a change to the active policy (`change` validates and persists it, returning the
+    /// whole) and hands the whole to every running monitor (or to `only` those VMs'), one
+    /// change at a time. Invalid: nothing changes.
+    fn change_policy(
+        &self,
+        what: &str,
+        only: Option<&[String]>,
+        change: impl FnOnce() -> Result<
+            (shuttle_policy::Policy, Vec<shuttle_proto::PolicyText>),
+            PolicyStoreError,
+        >,
+    ) -> BrokerReply {
+        let _changing = self.policy_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let (policy, parts) = match change() {
             Ok(p) => p,
             Err(PolicyStoreError::Invalid(errors)) => {
                 return BrokerReply::PolicyRejected {
@@ -288,10 +328,12 @@ impl Broker {
             .into_iter()
             .flatten()
         {
-            if !store::is_running(&self.layout, &config.name) {
+            if !store::is_running(&self.layout, &config.name)
+                || only.is_some_and(|o| !o.contains(&config.name))
+            {
                 continue;
             }
-            match vm_client::set_policy(&self.layout, &config.name, source, text) {
+            match vm_client::set_policy(&self.layout, &config.name, &parts) {
                 Ok(()) => monitors += 1,
                 Err(e) => {
                     tracing::warn!(vm = %config.name, error = %e, "monitor did not take the new policy");
@@ -299,7 +341,7 @@ impl Broker {
                 }
             }
         }
-        tracing::info!(%source, rules = policy.len(), monitors, "policy loaded");
+        tracing::info!(%what, rules = policy.len(), monitors, "policy changed");
         BrokerReply::PolicyLoaded {
             rules: policy.len(),
             monitors,
@@ -310,19 +352,17 @@ impl Broker {
     /// Makes every running VM's monitor enforce the active policy, in case a load happened
     /// while it could not be reached.
     fn reattach(&self) {
-        let Some(source) = policy_store::active_source(&self.layout) else {
+        let parts = policy_store::active_parts(&self.layout);
+        if parts.is_empty() {
             return;
-        };
-        let Ok(text) = fs::read_to_string(self.layout.active_policy()) else {
-            return;
-        };
+        }
         for config in store::list(&self.layout)
             .unwrap_or_default()
             .into_iter()
             .flatten()
         {
             if store::is_running(&self.layout, &config.name) {
-                if let Err(e) = vm_client::set_policy(&self.layout, &config.name, &source, &text) {
+                if let Err(e) = vm_client::set_policy(&self.layout, &config.name, &parts) {
                     tracing::warn!(vm = %config.name, error = %e, "re-attaching: monitor did not take the policy");
                 }
             }

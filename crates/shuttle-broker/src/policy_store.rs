@@ -1,18 +1,25 @@
 //! The active policy on disk: `$STATE/policy/active.toml` plus the name of the file it came
-//! from. Replaced atomically (write a temporary file, fsync, rename), so a crash leaves either
-//! the old policy or the new one, never a mix.
+//! from (what `policy load` replaces), and named layers in `$STATE/policy/layers/NAME.json`
+//! (a system's rules while it is up, added by `up` and removed by `down`), which follow it.
+//! Every change is checked against the whole (a layer's rule that the loaded policy makes
+//! unreachable is an error) and written atomically (write a temporary file, fsync, rename),
+//! so a crash leaves either the old state or the new one, never a mix.
 
 use std::fs;
 use std::io::Write;
 use std::path::Path;
 
 use shuttle_policy::{Policy, PolicyErrors};
+use shuttle_proto::PolicyText;
+use shuttle_vm::vm_api::{active_policy_parts, parse_parts};
 use shuttle_vm::Layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyStoreError {
     #[error("{0}")]
     Invalid(PolicyErrors),
+    #[error("invalid policy layer name {0:?}: use lower-case letters, digits and '-'")]
+    LayerName(String),
     #[error("writing {path}: {source}")]
     Write {
         path: String,
@@ -44,14 +51,135 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PolicyStoreError> {
     result.map_err(err)
 }
 
-/// Validates `text` and makes it the active policy. A policy with errors changes nothing.
-pub fn activate(layout: &Layout, source: &str, text: &str) -> Result<Policy, PolicyStoreError> {
-    let policy = Policy::parse(source, text).map_err(PolicyStoreError::Invalid)?;
+/// The active policy's sources with the loaded policy replaced by `base` (`None`: kept) and
+/// layer `layer` replaced by `parts` (`None`: removed), in the order monitors use.
+fn with_changes(
+    layout: &Layout,
+    base: Option<PolicyText>,
+    layer: Option<(&str, Option<&[PolicyText]>)>,
+) -> Vec<PolicyText> {
+    let mut out = Vec::new();
+    match base {
+        Some(b) => out.push(b),
+        None => {
+            if let Ok(text) = fs::read_to_string(layout.active_policy()) {
+                let source = active_source(layout)
+                    .unwrap_or_else(|| layout.active_policy().display().to_string());
+                out.push(PolicyText { source, text });
+            }
+        }
+    }
+    let mut names: Vec<String> = layer_names(layout);
+    if let Some((name, Some(_))) = layer {
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
+            names.sort();
+        }
+    }
+    for name in names {
+        match layer {
+            Some((l, Some(parts))) if l == name => out.extend(parts.iter().cloned()),
+            Some((l, None)) if l == name => {}
+            _ => out.extend(read_layer(layout, &name)),
+        }
+    }
+    out
+}
+
+fn layer_file(layout: &Layout, name: &str) -> std::path::PathBuf {
+    layout.policy_layers_dir().join(format!("{name}.json"))
+}
+
+fn layer_names(layout: &Layout) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(layout.policy_layers_dir())
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(".json"))
+                .map(str::to_owned)
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn read_layer(layout: &Layout, name: &str) -> Vec<PolicyText> {
+    fs::read(layer_file(layout, name))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Validates `text` with the layers that follow it and makes it the loaded policy. A policy
+/// with errors changes nothing. Returns the whole active policy and its sources.
+pub fn activate(
+    layout: &Layout,
+    source: &str,
+    text: &str,
+) -> Result<(Policy, Vec<PolicyText>), PolicyStoreError> {
+    let base = PolicyText {
+        source: source.to_owned(),
+        text: text.to_owned(),
+    };
+    let parts = with_changes(layout, Some(base), None);
+    let policy = parse_parts(&parts).map_err(PolicyStoreError::Invalid)?;
     // Source first: a crash between the two leaves the old policy with a newer name at worst,
     // and the name is only used in messages and for SIGHUP.
     write_atomically(&layout.active_policy_source(), source.as_bytes())?;
     write_atomically(&layout.active_policy(), text.as_bytes())?;
-    Ok(policy)
+    Ok((policy, parts))
+}
+
+/// Adds or replaces layer `name` after checking the whole active policy with it. A layer with
+/// errors changes nothing.
+pub fn set_layer(
+    layout: &Layout,
+    name: &str,
+    layer: &[PolicyText],
+) -> Result<(Policy, Vec<PolicyText>), PolicyStoreError> {
+    if !shuttle_policy::is_valid_vm_name(name) {
+        return Err(PolicyStoreError::LayerName(name.to_owned()));
+    }
+    let parts = with_changes(layout, None, Some((name, Some(layer))));
+    let policy = parse_parts(&parts).map_err(PolicyStoreError::Invalid)?;
+    let bytes = serde_json::to_vec_pretty(layer).unwrap_or_default();
+    write_atomically(&layer_file(layout, name), &bytes)?;
+    Ok((policy, parts))
+}
+
+/// Removes layer `name` (nothing to do if there is none). Taking rules away never makes the
+/// rest invalid; a rest that was already invalid on disk is reported.
+pub fn remove_layer(
+    layout: &Layout,
+    name: &str,
+) -> Result<(Policy, Vec<PolicyText>), PolicyStoreError> {
+    if !shuttle_policy::is_valid_vm_name(name) {
+        return Err(PolicyStoreError::LayerName(name.to_owned()));
+    }
+    let parts = with_changes(layout, None, Some((name, None)));
+    let file = layer_file(layout, name);
+    match fs::remove_file(&file) {
+        Ok(()) => {
+            let _ = fs::File::open(layout.policy_layers_dir()).and_then(|d| d.sync_all());
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => {
+            return Err(PolicyStoreError::Write {
+                path: file.display().to_string(),
+                source,
+            })
+        }
+    }
+    let policy = parse_parts(&parts).map_err(PolicyStoreError::Invalid)?;
+    Ok((policy, parts))
+}
+
+/// The active policy's sources as monitors read them.
+pub fn active_parts(layout: &Layout) -> Vec<PolicyText> {
+    active_policy_parts(layout)
 }
 
 /// The file the active policy was loaded from, if any.
@@ -77,5 +205,46 @@ mod tests {
         assert!(err.to_string().contains("bad.toml:2:"), "{err}");
         assert_eq!(fs::read_to_string(layout.active_policy()).unwrap(), GOOD);
         assert_eq!(active_source(&layout).as_deref(), Some("good.toml"));
+    }
+
+    fn text(source: &str, text: &str) -> PolicyText {
+        PolicyText {
+            source: source.into(),
+            text: text.into(),
+        }
+    }
+
+    #[test]
+    fn layers_follow_the_loaded_policy_and_go_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::under(tmp.path());
+        activate(&layout, "base.toml", GOOD).unwrap();
+        let sys = GOOD.replace("from = \"a\"", "from = \"c\"");
+        let (p, parts) = set_layer(&layout, "shop", &[text("shop.toml", &sys)]).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(parts, active_parts(&layout));
+        assert_eq!(p.rules()[1].source(), "shop.toml");
+        // Loading another policy keeps the layer; a layer the loaded policy shadows is refused.
+        let (p, _) = activate(&layout, "other.toml", &GOOD.replace("sleep", "true")).unwrap();
+        assert_eq!(p.len(), 2);
+        let err = set_layer(
+            &layout,
+            "dup",
+            &[text("dup.toml", GOOD.replace("sleep", "true").as_str())],
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("dup.toml:1:1: error: rule #1 can never match"),
+            "{err}"
+        );
+        assert!(!layout.policy_layers_dir().join("dup.json").exists());
+        // And a loaded policy that would shadow a layer's rule is refused too.
+        let err = activate(&layout, "b.toml", &sys).unwrap_err();
+        assert!(err.to_string().contains("shop.toml:1:1"), "{err}");
+        let (p, parts) = remove_layer(&layout, "shop").unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(parts[0].source, "other.toml");
+        assert!(set_layer(&layout, "../x", &[]).is_err());
     }
 }

@@ -42,11 +42,11 @@ pub struct RuleSummary {
 }
 
 impl RuleSummary {
-    fn new(policy: &Policy, rule: &Rule) -> Self {
+    fn new(rule: &Rule) -> Self {
         RuleSummary {
             number: rule.number(),
             name: rule.name().map(str::to_string),
-            file: policy.source_name().to_string(),
+            file: rule.source().to_string(),
             line: rule.location().line,
             column: rule.location().column,
         }
@@ -98,13 +98,13 @@ impl Policy {
     /// Explains how `req` is decided (see [`Policy::decide`]).
     pub fn explain(&self, req: &Request<'_>) -> Explanation {
         let decision = self.decide(req);
-        let upto = decision.rule.map_or(self.rules().len(), |r| r.number() - 1);
+        let upto = decision.rule.map_or(self.rules().len(), Rule::position);
         let considered = self
             .rules()
             .iter()
-            .filter(|r| r.number() <= upto)
+            .filter(|r| r.position() < upto)
             .map(|r| Considered {
-                rule: RuleSummary::new(self, r),
+                rule: RuleSummary::new(r),
                 reasons: r.mismatches(req),
             })
             .collect();
@@ -118,7 +118,7 @@ impl Policy {
             },
             action: decision.action,
             default: decision.is_default(),
-            decided_by: decision.rule.map(|r| RuleSummary::new(self, r)),
+            decided_by: decision.rule.map(RuleSummary::new),
             target: decision.target().map(ToString::to_string),
             considered,
         }

@@ -39,10 +39,12 @@ mod policy;
 mod rule;
 mod selector;
 
-pub use error::{ErrorKind, Location, PolicyError, PolicyErrors};
+pub use error::{
+    Diagnostic, Diagnostics, ErrorKind, LineIndex, Location, PolicyError, PolicyErrors,
+};
 pub use explain::{Considered, Explanation, RequestSummary, RuleSummary};
 pub use glob::{Glob, GlobError};
-pub use object::{ObjectError, ObjectKind, ObjectPattern, Op};
+pub use object::{check_abs_path, ObjectError, ObjectKind, ObjectPattern, Op};
 pub use params::{
     FileAccess, InvokeParams, OpParams, Params, ShareMode, Signal, SignalSet, DEFAULT_ASK_TIMEOUT,
     DEFAULT_INVOKE_ENV,

@@ -203,7 +203,7 @@ const PREFIXES: [(&str, ObjectKind); 8] = [
 
 /// Checks that `path` is absolute and normalized: no empty, `.` or `..` components and no
 /// trailing slash. Returns a reason on failure.
-pub(crate) fn check_abs_path(path: &str) -> Result<(), &'static str> {
+pub fn check_abs_path(path: &str) -> Result<(), &'static str> {
     if !path.starts_with('/') {
         return Err("is not absolute");
     }

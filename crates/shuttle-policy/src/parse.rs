@@ -524,6 +524,8 @@ fn parse_rule(
     }
     Some(Rule {
         number,
+        position: 0,
+        source: cx.file.into(),
         name: name.map(Into::into),
         location: cx.loc(header_at),
         op: op?,

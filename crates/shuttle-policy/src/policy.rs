@@ -133,23 +133,42 @@ impl Policy {
     /// Parses and validates a policy. `source_name` is used in error messages (usually the
     /// file path). Returns every error found, in source order.
     pub fn parse(source_name: &str, text: &str) -> Result<Policy, PolicyErrors> {
-        let (rules, mut errors) = parse_rules(source_name, text);
-        let mut policy = Policy::empty(source_name);
-        for rule in rules {
-            if let Some(e) = policy.shadowed_by(&rule) {
-                errors.push(e);
+        Policy::parse_layered(&[(source_name, text)])
+    }
+
+    /// Parses a policy made of several sources, `(source name, text)`, in order: the rules
+    /// of the first come first (first match wins across all of them). Each source is
+    /// validated as a file of its own (errors name it, rule names are unique within it), and
+    /// a rule that an earlier one, in the same source or an earlier one, makes unreachable is
+    /// an error at the later rule. Errors come grouped by source, in source order.
+    pub fn parse_layered(sources: &[(&str, &str)]) -> Result<Policy, PolicyErrors> {
+        let name = match sources {
+            [] => "(no policy)".to_owned(),
+            [(one, _)] => (*one).to_owned(),
+            many => many.iter().map(|(n, _)| *n).collect::<Vec<_>>().join(" + "),
+        };
+        let mut policy = Policy::empty(&name);
+        let mut all = Vec::new();
+        for (source, text) in sources {
+            let (rules, mut errors) = parse_rules(source, text);
+            for rule in rules {
+                if let Some(e) = policy.shadowed_by(&rule) {
+                    errors.push(e);
+                }
+                policy.push(rule);
             }
-            policy.push(rule);
+            errors.sort_by_key(|e| e.location);
+            all.extend(errors);
         }
-        if errors.is_empty() {
+        if all.is_empty() {
             Ok(policy)
         } else {
-            errors.sort_by_key(|e| e.location);
-            Err(PolicyErrors(errors))
+            Err(crate::Diagnostics(all))
         }
     }
 
-    fn push(&mut self, rule: Rule) {
+    fn push(&mut self, mut rule: Rule) {
+        rule.position = self.rules.len();
         let index = u32::try_from(self.rules.len()).expect("fewer than 2^32 rules");
         self.index[rule.op.index()].insert(index, &rule);
         self.rules.push(rule);
@@ -185,7 +204,7 @@ impl Policy {
                      it would",
                     rule.label(),
                     earlier.label(),
-                    self.source_name,
+                    earlier.source,
                     earlier.location
                 ),
                 format!(
@@ -200,7 +219,7 @@ impl Policy {
                      request it would to `{}`",
                     rule.label(),
                     earlier.label(),
-                    self.source_name,
+                    earlier.source,
                     earlier.location,
                     rule.op,
                     earlier.to
@@ -212,14 +231,15 @@ impl Policy {
         };
         Some(PolicyError {
             kind: ErrorKind::Shadowed,
-            file: self.source_name.clone(),
+            file: rule.source.to_string(),
             location: rule.location,
             message,
             hint,
         })
     }
 
-    /// The source name given to [`Policy::parse`].
+    /// The source name given to [`Policy::parse`] (the sources joined with ` + ` for
+    /// [`Policy::parse_layered`]); each rule knows its own ([`Rule::source`]).
     pub fn source_name(&self) -> &str {
         &self.source_name
     }
@@ -289,5 +309,50 @@ impl Policy {
             },
             None => Decision::DEFAULT,
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::VmIdentity;
+
+    const BASE: &str = "[[rule]]\nop = \"connect\"\nfrom = \"a\"\nto = \"b\"\nobject = \"tcp:80\"\naction = \"allow\"\n";
+    const SYSTEM: &str = "\n[[rule]]\nname = \"c-b\"\nop = \"connect\"\nfrom = \"c\"\nto = \"b\"\nobject = \"tcp:80\"\naction = \"allow\"\n";
+
+    #[test]
+    fn layers_keep_their_own_sources_and_order() {
+        let p = Policy::parse_layered(&[("base.toml", BASE), ("system.toml", SYSTEM)]).unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p.source_name(), "base.toml + system.toml");
+        let r = &p.rules()[1];
+        assert_eq!(
+            (r.source(), r.number(), r.position()),
+            ("system.toml", 1, 1)
+        );
+        assert_eq!(r.location(), crate::Location { line: 2, column: 1 });
+        let c = VmIdentity::vm("c", &[]);
+        let d = p.decide(&Request::new(Op::Connect, c, "tcp:80"));
+        assert_eq!(d.rule.map(Rule::source), Some("system.toml"));
+        let e = p.explain(&Request::new(Op::Connect, c, "tcp:80"));
+        assert_eq!(e.considered.len(), 1, "{e:#?}");
+        assert_eq!(e.decided_by.unwrap().file, "system.toml");
+    }
+
+    #[test]
+    fn a_rule_an_earlier_layer_makes_unreachable_is_an_error_at_it() {
+        let e = Policy::parse_layered(&[("base.toml", BASE), ("system.toml", BASE)]).unwrap_err();
+        assert_eq!(e.len(), 1, "{e}");
+        let text = e.to_string();
+        assert!(
+            text.starts_with(
+                "system.toml:1:1: error: rule #1 can never match: rule #1 at base.toml:1:1"
+            ),
+            "{text}"
+        );
+        // Names are a file's own: the same name in two layers is fine.
+        let named = SYSTEM.replace("from = \"c\"", "from = \"d\"");
+        assert!(Policy::parse_layered(&[("one.toml", SYSTEM), ("two.toml", &named)]).is_ok());
     }
 }

@@ -95,7 +95,14 @@ impl<'a> Request<'a> {
 /// A validated rule.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Rule {
+    /// 1-based position among its own file's rules (what `rule #N` says).
     pub(crate) number: usize,
+    /// 0-based position in the whole policy (all its sources), set when it is added.
+    #[serde(skip)]
+    pub(crate) position: usize,
+    /// The source (file) the rule was written in: a policy may be made of several.
+    #[serde(skip)]
+    pub(crate) source: Box<str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) name: Option<Box<str>>,
     pub(crate) location: Location,
@@ -168,6 +175,16 @@ impl Rule {
     /// 1-based position among the file's rules, as shown to humans (`rule #3`).
     pub fn number(&self) -> usize {
         self.number
+    }
+
+    /// The source name (usually the file) the rule was written in.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    /// 0-based position in the whole policy: first match wins in this order.
+    pub fn position(&self) -> usize {
+        self.position
     }
 
     /// The rule's `name`, if it has one.

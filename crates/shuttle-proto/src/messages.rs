@@ -87,11 +87,20 @@ pub enum MonitorRequest {
         grace_ms: u64,
     },
     Status,
-    /// Replace the policy the monitor enforces (sent by the broker on `policy load`).
+    /// Replace the policy the monitor enforces (sent by the broker whenever the active policy
+    /// changes): its sources in order, the policy loaded with `policy load` first, then the
+    /// layers of the systems that are up.
     SetPolicy {
-        source: String,
-        text: String,
+        parts: Vec<PolicyText>,
     },
+}
+
+/// One source of a policy: its name (a file path, for messages and audit records) and text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyText {
+    pub source: String,
+    pub text: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -269,10 +278,27 @@ pub enum VmReply {
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum BrokerRequest {
     Hello(Hello),
-    /// Replace the active policy atomically: parse, persist, hand to every monitor.
+    /// Replace the active policy atomically: parse, persist, hand to every monitor. The
+    /// layers of running systems stay (see `SetPolicyLayer`).
     LoadPolicy {
         source: String,
         text: String,
+    },
+    /// Add or replace a named layer of the active policy (a system's rules, by `shuttle up`):
+    /// its rules come after the loaded policy's and other layers', and the whole must be
+    /// valid, or nothing changes. Answered like `LoadPolicy`.
+    SetPolicyLayer {
+        layer: String,
+        parts: Vec<PolicyText>,
+    },
+    /// Remove a named layer (`shuttle down`), leaving every other rule in place.
+    RemovePolicyLayer {
+        layer: String,
+    },
+    /// Hand the active policy again to these VMs' monitors, which settles what it wants
+    /// there anew (a share refused earlier is tried again). Answered like `LoadPolicy`.
+    ReapplyPolicy {
+        vms: Vec<String>,
     },
     /// Collect every VM's audit journal into the store now.
     CollectAudit,

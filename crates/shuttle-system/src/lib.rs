@@ -34,5 +34,6 @@ mod parse;
 
 pub use error::{Location, ManifestError, ManifestErrors};
 pub use manifest::{
-    AppSpec, DependencyRestart, FileCopy, Manifest, PolicySource, Probe, Restart, SetupStep, VmSpec,
+    AppSpec, Component, DependencyRestart, FileCopy, Manifest, PolicySource, Probe, Restart,
+    SetupStep, VmSpec,
 };

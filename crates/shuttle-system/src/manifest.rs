@@ -20,6 +20,9 @@ pub struct Manifest {
     pub apps: Vec<AppSpec>,
     /// The system's policy, if it has one.
     pub policy: Option<PolicySource>,
+    /// The `share` rules the VMs' `components` become (read-only, provider to consumer), as
+    /// policy text: one rule per component, each under a comment naming its manifest entry.
+    pub components_policy: Option<String>,
 }
 
 /// Where the system's policy comes from.
@@ -47,6 +50,25 @@ pub struct VmSpec {
     pub tags: Vec<String>,
     /// Host files copied into the VM by `up`, before any application starts.
     pub files: Vec<FileCopy>,
+    /// Directories of other VMs this VM uses, read-only (`components = [...]`).
+    pub components: Vec<Component>,
+    pub location: Location,
+}
+
+/// A component dependency: a directory of another VM (the provider) shown read-only in this
+/// one. It becomes a `share` rule of the system's policy, and this VM's applications start
+/// only once it is mounted (and, when `from` names an application, once that one is ready).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Component {
+    /// The providing VM.
+    pub vm: String,
+    /// The providing application (`VM.APP`), when `from` names one.
+    pub app: Option<String>,
+    /// The directory in the provider.
+    pub path: String,
+    /// Where it appears in this VM (`at`, default the same path).
+    pub at: String,
+    /// Where the entry starts in the manifest.
     pub location: Location,
 }
 
@@ -171,7 +193,7 @@ impl Manifest {
         let file = path.display().to_string();
         match std::fs::read_to_string(path) {
             Ok(text) => Manifest::parse(&file, &text),
-            Err(e) => Err(ManifestErrors(vec![crate::ManifestError {
+            Err(e) => Err(shuttle_policy::Diagnostics(vec![crate::ManifestError {
                 file,
                 location: Location { line: 1, column: 1 },
                 message: format!("cannot read the manifest: {e}"),
@@ -191,6 +213,11 @@ impl Manifest {
 
     pub fn vm(&self, name: &str) -> Option<&VmSpec> {
         self.vms.iter().find(|v| v.name == name)
+    }
+
+    /// The components VM `vm` uses.
+    pub fn components_of(&self, vm: &str) -> &[Component] {
+        self.vm(vm).map_or(&[], |v| v.components.as_slice())
     }
 
     /// The applications that require `id` directly.

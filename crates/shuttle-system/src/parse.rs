@@ -8,13 +8,26 @@ use toml_edit::{Document, Item, TableLike, Value};
 
 use crate::error::{LineIndex, ManifestError, ManifestErrors};
 use crate::manifest::{
-    AppSpec, DependencyRestart, FileCopy, Manifest, PolicySource, Probe, Restart, SetupStep, VmSpec,
+    AppSpec, Component, DependencyRestart, FileCopy, Manifest, PolicySource, Probe, Restart,
+    SetupStep, VmSpec,
 };
 
 const TOP_KEYS: &[&str] = &["name", "policy", "rule", "vm"];
 const VM_KEYS: &[&str] = &[
-    "base", "net", "memory", "pids", "hide", "tags", "files", "app",
+    "base",
+    "net",
+    "memory",
+    "pids",
+    "hide",
+    "tags",
+    "files",
+    "components",
+    "app",
 ];
+const COMPONENT_KEYS: &[&str] = &["from", "path", "at"];
+const COMPONENT_HINT: &str = "write components = [{ from = \"db\", path = \"/usr/share/doc\", \
+                              at = \"/opt/doc\" }] (from: a VM, or VM.APP to wait for that \
+                              application; at: where it appears here, default the same path)";
 const APP_KEYS: &[&str] = &[
     "command",
     "user",
@@ -31,6 +44,16 @@ const APP_KEYS: &[&str] = &[
 const SETUP_KEYS: &[&str] = &["command", "user", "creates"];
 /// An application and its `requires` entries with their positions (checked later).
 type ParsedApp = (AppSpec, Vec<(String, usize)>);
+
+/// A `components` entry as written, checked once every VM and application is known.
+struct RawComponent {
+    /// The consumer VM.
+    vm: String,
+    from: Option<(String, usize)>,
+    path: Option<(String, usize)>,
+    at: Option<(String, usize)>,
+    entry_at: usize,
+}
 
 const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(30);
 const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -287,6 +310,7 @@ fn parse_vm(
     t: &dyn TableLike,
     at: usize,
     apps: &mut Vec<ParsedApp>,
+    components: &mut Vec<RawComponent>,
 ) -> Option<VmSpec> {
     let name_ok = check_name(cx, name, at, "VM");
     let table = Table::read(cx, t, at, VM_KEYS, &format!("VM `{name}`"));
@@ -368,6 +392,32 @@ fn parse_vm(
             ),
         }
     }
+    if let Some(f) = table.get("components") {
+        for (t, entry_at) in tables_of(cx, f, "components", COMPONENT_HINT) {
+            let table = Table::read(cx, t, entry_at, COMPONENT_KEYS, "a component");
+            let mut get =
+                |key: &str, ex: &str| table.str(cx, key, ex).map(|(s, at)| (s.to_owned(), at));
+            let from = get("from", "\"db\"");
+            let path = get("path", "\"/usr/share/doc\"");
+            let at_ = get("at", "\"/opt/doc\"");
+            for (key, v) in [("from", &from), ("path", &path)] {
+                if v.is_none() && table.get(key).is_none() {
+                    cx.err(
+                        entry_at,
+                        format!("a component needs `{key}`"),
+                        COMPONENT_HINT,
+                    );
+                }
+            }
+            components.push(RawComponent {
+                vm: name.to_owned(),
+                from,
+                path,
+                at: at_,
+                entry_at,
+            });
+        }
+    }
     let spec = VmSpec {
         name: name.to_owned(),
         base,
@@ -377,6 +427,7 @@ fn parse_vm(
         hide,
         tags,
         files,
+        components: Vec::new(),
         location: cx.lines.location(at),
     };
     if name_ok {
@@ -447,8 +498,14 @@ fn parse_probe(cx: &mut Ctx<'_>, f: Field<'_>) -> Option<Probe> {
     }
 }
 
-fn parse_setup(cx: &mut Ctx<'_>, f: Field<'_>) -> Vec<SetupStep> {
-    const HINT: &str = "write setup = [{ command = [\"initdb\", \"-D\", \"/srv/data\"], user = \"postgres\", creates = \"/srv/data/PG_VERSION\" }]";
+/// The tables of an array of tables (`[[a.key]]` or `key = [{...}, ...]`), each with its
+/// position; anything else is an error.
+fn tables_of<'a>(
+    cx: &mut Ctx<'_>,
+    f: Field<'a>,
+    key: &str,
+    hint: &str,
+) -> Vec<(&'a dyn TableLike, usize)> {
     let mut tables: Vec<(&dyn TableLike, usize)> = Vec::new();
     match f.item {
         Item::ArrayOfTables(aot) => {
@@ -461,12 +518,18 @@ fn parse_setup(cx: &mut Ctx<'_>, f: Field<'_>) -> Vec<SetupStep> {
                 let at = v.span().map_or(f.at, |s| s.start);
                 match v.as_inline_table() {
                     Some(t) => tables.push((t, at)),
-                    None => cx.err(at, "each setup step must be a table", HINT),
+                    None => cx.err(at, format!("each element of `{key}` must be a table"), hint),
                 }
             }
         }
-        _ => cx.err(f.at, "`setup` must be an array of tables", HINT),
+        _ => cx.err(f.at, format!("`{key}` must be an array of tables"), hint),
     }
+    tables
+}
+
+fn parse_setup(cx: &mut Ctx<'_>, f: Field<'_>) -> Vec<SetupStep> {
+    const HINT: &str = "write setup = [{ command = [\"initdb\", \"-D\", \"/srv/data\"], user = \"postgres\", creates = \"/srv/data/PG_VERSION\" }]";
+    let tables = tables_of(cx, f, "setup", HINT);
     let mut out = Vec::new();
     for (t, at) in tables {
         let table = Table::read(cx, t, at, SETUP_KEYS, "a setup step");
@@ -630,17 +693,8 @@ fn inline_policy(cx: &mut Ctx<'_>, text: &str, dir: &Path, f: Field<'_>) -> Opti
         .collect();
     let file = cx.file.to_owned();
     if let Err(errors) = shuttle_policy::Policy::parse(&file, &masked) {
-        for e in errors {
-            cx.errors.push(ManifestError {
-                file: e.file,
-                location: crate::Location {
-                    line: e.location.line,
-                    column: e.location.column,
-                },
-                message: e.message,
-                hint: e.hint,
-            });
-        }
+        cx.errors
+            .extend(errors.into_iter().map(ManifestError::from));
         return None;
     }
     let name = Path::new(&file)
@@ -676,7 +730,7 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
                 format!("invalid TOML: {msg}"),
                 "check the quoting, brackets and `key = value` syntax at this position",
             );
-            return Err(ManifestErrors(cx.errors));
+            return Err(shuttle_policy::Diagnostics(cx.errors));
         }
     };
     let dir = Path::new(file)
@@ -752,10 +806,13 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
     };
     let mut vms = Vec::new();
     let mut apps: Vec<ParsedApp> = Vec::new();
+    let mut raw_components = Vec::new();
     match root.get("vm") {
         Some(f) => {
             for (vm, t, at) in sub_tables(&mut cx, f.item, f.at, "vm") {
-                if let Some(spec) = parse_vm(&mut cx, &dir, vm, t, at, &mut apps) {
+                if let Some(spec) =
+                    parse_vm(&mut cx, &dir, vm, t, at, &mut apps, &mut raw_components)
+                {
                     vms.push(spec);
                 }
             }
@@ -774,6 +831,20 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
         );
     }
 
+    // Components: checked against the declared VMs and applications; an application of a
+    // consumer VM starts after the providing application it names (an ordering edge like a
+    // `requires`, at the component's `from`).
+    let components = check_components(&mut cx, &mut vms, &apps, raw_components);
+    let mut component_edges: Vec<Vec<(String, usize)>> = vec![Vec::new(); apps.len()];
+    for (i, (app, _)) in apps.iter().enumerate() {
+        for (c, from_at) in components.iter().filter(|(c, _)| c.0 == app.vm) {
+            if let Some(provider) = &c.1.app {
+                component_edges[i].push((provider.clone(), *from_at));
+            }
+        }
+    }
+    let components_policy = components_policy(&cx, &vms);
+
     // Dependencies: each must name a declared application; then the order, or the cycle.
     let index: HashMap<String, usize> = apps
         .iter()
@@ -781,6 +852,15 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
         .map(|(i, (a, _))| (a.id(), i))
         .collect();
     let mut deps: Vec<Vec<usize>> = vec![Vec::new(); apps.len()];
+    for (i, edges) in component_edges.iter().enumerate() {
+        for (provider, _) in edges {
+            if let Some(&j) = index.get(provider) {
+                if !deps[i].contains(&j) {
+                    deps[i].push(j);
+                }
+            }
+        }
+    }
     for (i, (app, requires)) in apps.iter().enumerate() {
         for (r, at) in requires {
             match index.get(r) {
@@ -829,19 +909,26 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
             let at = apps[last]
                 .1
                 .iter()
+                .chain(&component_edges[last])
                 .find(|(r, _)| *r == first_id)
                 .map_or(0, |(_, at)| *at);
             cx.err(
                 at,
                 format!("dependency cycle: {}", path.join(" -> ")),
-                "applications cannot start before each other: remove one of these requirements",
+                "applications cannot start before each other: remove one of these requirements \
+                 (or components)",
             );
             Vec::new()
         }
     };
+    if cx.errors.is_empty() {
+        if let Some(text) = &components_policy {
+            check_components_with_policy(&mut cx, policy.as_ref(), text, &components);
+        }
+    }
     if !cx.errors.is_empty() {
         cx.errors.sort_by_key(|e| e.location);
-        return Err(ManifestErrors(cx.errors));
+        return Err(shuttle_policy::Diagnostics(cx.errors));
     }
     let mut ordered: Vec<Option<ParsedApp>> = apps.into_iter().map(Some).collect();
     let apps = order
@@ -859,7 +946,249 @@ pub(crate) fn parse(file: &str, text: &str) -> Result<Manifest, ManifestErrors> 
         vms,
         apps,
         policy,
+        components_policy,
     })
+}
+
+/// Checks the `components` entries against the declared VMs and applications, and fills in
+/// each VM's components. Returns every valid one as (consumer VM, component) with the
+/// position of its `from`.
+fn check_components(
+    cx: &mut Ctx<'_>,
+    vms: &mut [VmSpec],
+    apps: &[ParsedApp],
+    raw: Vec<RawComponent>,
+) -> Vec<((String, Component), usize)> {
+    let vm_names: Vec<String> = vms.iter().map(|v| v.name.clone()).collect();
+    let app_ids: Vec<String> = apps.iter().map(|(a, _)| a.id()).collect();
+    let mut out: Vec<((String, Component), usize)> = Vec::new();
+    for r in raw {
+        let (Some((from, from_at)), Some((path, path_at))) = (r.from, r.path) else {
+            continue;
+        };
+        let mut ok = true;
+        let (vm, app) = match from.split_once('.') {
+            Some((vm, _)) => (vm.to_owned(), Some(from.clone())),
+            None => (from.clone(), None),
+        };
+        if vm == r.vm {
+            cx.err(
+                from_at,
+                format!("VM `{}` takes a component from itself", r.vm),
+                "a component comes from another VM of the system: name that VM (or VM.APP)",
+            );
+            ok = false;
+        } else if !vm_names.contains(&vm) {
+            let names: Vec<&str> = vm_names.iter().map(String::as_str).collect();
+            let hint = match closest(&vm, &names) {
+                Some(c) => format!("did you mean `{c}`?"),
+                None => format!("declared VMs: {}", names.join(", ")),
+            };
+            cx.err(
+                from_at,
+                format!("component from VM `{vm}`, which the manifest does not declare"),
+                hint,
+            );
+            ok = false;
+        } else if let Some(app) = &app {
+            if !app_ids.contains(app) {
+                let ids: Vec<&str> = app_ids.iter().map(String::as_str).collect();
+                let hint = match closest(app, &ids) {
+                    Some(c) => format!("did you mean `{c}`?"),
+                    None => format!(
+                        "name a declared application as VM.APP, or just the VM `{vm}` (then \
+                         nothing waits for an application)"
+                    ),
+                };
+                cx.err(
+                    from_at,
+                    format!(
+                        "component from application `{app}`, which the manifest does not declare"
+                    ),
+                    hint,
+                );
+                ok = false;
+            }
+        }
+        let check_path = |cx: &mut Ctx<'_>, p: &str, at: usize, what: &str| {
+            if let Err(why) = shuttle_policy::check_abs_path(p) {
+                cx.err(
+                    at,
+                    format!("component {what} `{p}` {why}"),
+                    "write an absolute, normalized path such as \"/usr/share/doc\"",
+                );
+                false
+            } else if !shuttle_vm::share::usable(p) {
+                cx.err(
+                    at,
+                    format!("component {what} `{p}` cannot be shared"),
+                    "/, /proc, /sys, /run/shuttle and /shuttle (and what is beneath or above \
+                     them) are never shared: name a directory of its own",
+                );
+                false
+            } else {
+                true
+            }
+        };
+        ok &= check_path(cx, &path, path_at, "path");
+        let (at, at_at) = r.at.unwrap_or_else(|| (path.clone(), path_at));
+        ok &= at == path || check_path(cx, &at, at_at, "mount point `at`");
+        if !ok {
+            continue;
+        }
+        // One mount per mount point, none inside another (it would be made in a read-only
+        // directory of the provider), and a path comes into a VM once (share rules route a
+        // path to one provider per VM: a second rule for it could never apply).
+        let inside = |a: &str, b: &str| {
+            a.strip_prefix(b)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+        };
+        let clash = out.iter().find_map(|((consumer, c), _)| {
+            if *consumer != r.vm {
+                None
+            } else if c.at == at {
+                Some((
+                    at_at,
+                    format!(
+                        "`{at}` in VM `{}` already holds a component (at {})",
+                        r.vm, c.location
+                    ),
+                    "give each component its own `at`",
+                ))
+            } else if inside(&at, &c.at) || inside(&c.at, &at) {
+                Some((
+                    at_at,
+                    format!(
+                        "`{at}` and `{}` (at {}) are inside one another in VM `{}`",
+                        c.at, c.location, r.vm
+                    ),
+                    "mount components side by side, such as /opt/a and /opt/b",
+                ))
+            } else if c.path == path {
+                Some((
+                    path_at,
+                    format!(
+                        "VM `{}` already takes `{path}` from VM `{}` (at {})",
+                        r.vm, c.vm, c.location
+                    ),
+                    "a path comes into a VM once: take its parent directory, or drop one entry",
+                ))
+            } else {
+                None
+            }
+        });
+        if let Some((pos, message, hint)) = clash {
+            cx.err(pos, message, hint);
+            continue;
+        }
+        let component = Component {
+            vm,
+            app,
+            path,
+            at,
+            location: cx.lines.location(r.entry_at),
+        };
+        if let Some(v) = vms.iter_mut().find(|v| v.name == r.vm) {
+            v.components.push(component.clone());
+        }
+        out.push(((r.vm, component), from_at));
+    }
+    out
+}
+
+/// `s` as a TOML basic string.
+fn toml_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// The `share` rules the components become, one per component, read-only, each under a
+/// comment naming its entry in the manifest.
+fn components_policy(cx: &Ctx<'_>, vms: &[VmSpec]) -> Option<String> {
+    let q = toml_string;
+    let mut text = String::new();
+    for v in vms {
+        for c in &v.components {
+            let after = c
+                .app
+                .as_ref()
+                .map(|a| format!(", after {a} is ready"))
+                .unwrap_or_default();
+            text.push_str(&format!(
+                "# VM {} takes {}:{} at {} ({}:{}{after})\n[[rule]]\nop = \"share\"\nfrom = {}\nto = {}\nobject = {}\n",
+                v.name,
+                c.vm,
+                c.path,
+                c.at,
+                cx.file,
+                c.location,
+                q(&v.name),
+                q(&c.vm),
+                q(&c.path),
+            ));
+            if c.at != c.path {
+                text.push_str(&format!("at = {}\n", q(&c.at)));
+            }
+            text.push_str("mode = \"ro\"\naction = \"allow\"\n\n");
+        }
+    }
+    (!text.is_empty()).then_some(text)
+}
+
+/// The name `up` gives the components' rules (a file it writes beside the system's state).
+const COMPONENTS_SOURCE: &str = "components.toml";
+
+/// Checks the components' rules after the system's own (as the active policy will hold
+/// them): a rule of the system's that already decides a component's share makes it useless.
+/// Errors are reported at the component's entry.
+fn check_components_with_policy(
+    cx: &mut Ctx<'_>,
+    policy: Option<&PolicySource>,
+    text: &str,
+    components: &[((String, Component), usize)],
+) {
+    let mut parts: Vec<(String, &str)> = Vec::new();
+    if let Some(p) = policy {
+        parts.push((p.path.display().to_string(), p.text.as_str()));
+    }
+    parts.push((COMPONENTS_SOURCE.to_owned(), text));
+    let pairs: Vec<(&str, &str)> = parts.iter().map(|(n, t)| (n.as_str(), *t)).collect();
+    let Err(errors) = shuttle_policy::Policy::parse_layered(&pairs) else {
+        return;
+    };
+    for e in errors {
+        if e.file != COMPONENTS_SOURCE {
+            continue;
+        }
+        // The k-th rule of the generated text is the k-th component (in VM order, as
+        // `components_policy` wrote them).
+        let k = text[..]
+            .lines()
+            .take(e.location.line as usize)
+            .filter(|l| *l == "[[rule]]")
+            .count();
+        let Some(((_, c), _)) = components.get(k.saturating_sub(1)) else {
+            continue;
+        };
+        let message = e.message.replace("rule #", "the share rule #");
+        cx.errors.push(ManifestError {
+            file: cx.file.to_owned(),
+            location: c.location,
+            message: format!("component {}:{} at {}: {message}", c.vm, c.path, c.at),
+            hint: "the system's own rules already decide this share: remove that rule, \
+                   or this component"
+                .to_owned(),
+        });
+    }
 }
 
 #[cfg(test)]
@@ -1105,6 +1434,129 @@ command = ["x"]
         assert!(errors(&both)
             .iter()
             .any(|e| e.contains("both `policy = FILE` and `[[rule]]`")));
+    }
+
+    const COMPONENTS: &str = r#"
+[vm.build.app.make]
+command = ["make"]
+
+[vm.web]
+components = [
+  { from = "build.make", path = "/srv/site", at = "/var/www" },
+  { from = "build", path = "/usr/share/doc" },
+]
+
+[vm.web.app.server]
+command = ["python3", "-m", "http.server"]
+
+[vm.db.app.pg]
+command = ["pg"]
+"#;
+
+    #[test]
+    fn components_become_read_only_share_rules_and_order_the_consumers() {
+        let m = parse("sys/system.toml", COMPONENTS).unwrap();
+        let web = m.vm("web").unwrap();
+        assert_eq!(web.components.len(), 2);
+        let c = &web.components[0];
+        assert_eq!(
+            (
+                c.vm.as_str(),
+                c.app.as_deref(),
+                c.path.as_str(),
+                c.at.as_str()
+            ),
+            ("build", Some("build.make"), "/srv/site", "/var/www")
+        );
+        assert_eq!(c.location, crate::Location { line: 7, column: 3 });
+        assert_eq!(web.components[1].at, "/usr/share/doc");
+        // web.server starts after build.make, which it names; declaration order otherwise.
+        let order: Vec<String> = m.start_order().iter().map(AppSpec::id).collect();
+        assert_eq!(order, ["build.make", "web.server", "db.pg"]);
+        assert!(m.app("web.server").unwrap().requires.is_empty());
+        let text = m.components_policy.unwrap();
+        assert!(text.contains("# VM web takes build:/srv/site at /var/www (sys/system.toml:7:3, after build.make is ready)"), "{text}");
+        let p = shuttle_policy::Policy::parse("c.toml", &text).unwrap();
+        assert_eq!(p.len(), 2);
+        let web = shuttle_policy::VmIdentity::vm("web", &[]);
+        let req = shuttle_policy::Request::new(shuttle_policy::Op::Share, web, "/srv/site");
+        let (d, target) = p.route(&req).unwrap();
+        assert!(d.is_allowed());
+        assert_eq!(target.map(ToString::to_string).as_deref(), Some("build"));
+        match &d.rule.unwrap().params().op {
+            shuttle_policy::OpParams::Share { mode, at } => {
+                assert_eq!(*mode, shuttle_policy::ShareMode::Ro);
+                assert_eq!(at.as_deref(), Some("/var/www"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn bad_components_are_errors_at_their_keys() {
+        let bad = COMPONENTS
+            .replace("from = \"build\", path", "from = \"biuld\", path")
+            .replace("at = \"/var/www\"", "at = \"var/www\"");
+        let e = errors(&bad);
+        assert_eq!(e.len(), 2, "{e:#?}");
+        assert!(
+            e[0].starts_with(
+                "sys/system.toml:7:51: error: component mount point `at` `var/www` is not absolute"
+            ),
+            "{e:?}"
+        );
+        assert!(e[1].starts_with("sys/system.toml:8:12: error: component from VM `biuld`, which the manifest does not declare"), "{e:?}");
+        assert!(e[1].contains("did you mean `build`?"), "{e:?}");
+        let dup = COMPONENTS.replace(
+            "{ from = \"build\", path = \"/usr/share/doc\" }",
+            "{ from = \"build\", path = \"/usr/share/doc\", at = \"/var/www\" }",
+        );
+        let e = errors(&dup);
+        assert!(e[0].starts_with("sys/system.toml:8:51: error: `/var/www` in VM `web` already holds a component (at 7:3)"), "{e:?}");
+        let nested = COMPONENTS.replace(
+            "path = \"/usr/share/doc\" }",
+            "path = \"/usr/share/doc\", at = \"/var/www/doc\" }",
+        );
+        assert!(errors(&nested)[0].contains("are inside one another"));
+        let own = COMPONENTS.replace("from = \"build\", path", "from = \"web\", path");
+        assert!(errors(&own)[0].contains("takes a component from itself"));
+        let app = COMPONENTS.replace("build.make", "build.mak");
+        assert!(errors(&app)[0]
+            .contains("application `build.mak`, which the manifest does not declare"));
+        let reserved = COMPONENTS.replace("/usr/share/doc", "/proc/sys");
+        assert!(errors(&reserved)[0].contains("cannot be shared"));
+        let missing = COMPONENTS.replace(
+            "{ from = \"build\", path = \"/usr/share/doc\" }",
+            "{ from = \"build\", at = \"/x\", mode = \"rw\" }",
+        );
+        let e = errors(&missing);
+        assert!(
+            e.iter()
+                .any(|e| e.contains("unknown key `mode` in a component")),
+            "{e:?}"
+        );
+        assert!(
+            e.iter().any(|e| e.contains("a component needs `path`")),
+            "{e:?}"
+        );
+        // A cycle through a component: build.make requires web.server, which waits for it.
+        let cycle = COMPONENTS.replace(
+            "command = [\"make\"]",
+            "command = [\"make\"]\nrequires = [\"web.server\"]",
+        );
+        let e = errors(&cycle);
+        assert!(
+            e[0].contains("dependency cycle: build.make -> web.server -> build.make"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_component_the_systems_own_rules_already_decide_is_an_error() {
+        let text = format!("{COMPONENTS}\n[[rule]]\nop = \"share\"\nfrom = \"web\"\nto = \"db\"\nobject = \"/srv/site\"\naction = \"allow\"\n");
+        let e = errors(&text);
+        assert_eq!(e.len(), 1, "{e:#?}");
+        assert!(e[0].starts_with("sys/system.toml:7:3: error: component build:/srv/site at /var/www: the share rule #1 can never match"), "{e:?}");
     }
 
     #[test]

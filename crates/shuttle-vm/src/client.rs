@@ -217,13 +217,11 @@ pub fn run(
 pub fn set_policy(
     layout: &Layout,
     name: &str,
-    source: &str,
-    text: &str,
+    parts: &[shuttle_proto::PolicyText],
 ) -> Result<(), ClientError> {
     let chan = connect(layout, name)?;
     chan.send(&MonitorRequest::SetPolicy {
-        source: source.into(),
-        text: text.into(),
+        parts: parts.to_vec(),
     })
     .map_err(chan_err(name))?;
     match chan.recv::<MonitorReply>().map_err(chan_err(name))? {

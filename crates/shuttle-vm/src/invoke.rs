@@ -347,7 +347,7 @@ fn decide(
     let rule_at = format!(
         "{} at {}:{}:{}",
         rule.label(),
-        policy.source_name(),
+        rule.source(),
         loc.line,
         loc.column
     );

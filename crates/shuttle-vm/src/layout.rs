@@ -167,6 +167,12 @@ impl Layout {
         self.state.join("policy").join("source")
     }
 
+    /// Named layers of the active policy (a system's rules while it is up), one JSON file
+    /// each (`NAME.json`: its sources in order); they follow the loaded policy, by name.
+    pub fn policy_layers_dir(&self) -> PathBuf {
+        self.state.join("policy").join("layers")
+    }
+
     pub fn broker_socket(&self) -> PathBuf {
         self.runtime.join("broker.sock")
     }

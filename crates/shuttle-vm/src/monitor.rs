@@ -751,10 +751,11 @@ fn serve_client(shared: &Arc<Shared>, chan: Channel) -> Result<(), ChannelError>
             shared.stop_waiters.fetch_sub(1, Ordering::SeqCst);
             r
         }
-        MonitorRequest::SetPolicy { source, text } => {
-            match shuttle_policy::Policy::parse(&source, &text) {
+        MonitorRequest::SetPolicy { parts } => {
+            match crate::vm_api::parse_parts(&parts) {
                 Ok(p) => {
                     let rules = p.len();
+                    let source = p.source_name().to_owned();
                     let p = Arc::new(p);
                     *shared.policy.write().unwrap_or_else(|e| e.into_inner()) = Arc::clone(&p);
                     tracing::info!(vm = %shared.name, %source, rules, "policy replaced");

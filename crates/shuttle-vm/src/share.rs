@@ -116,7 +116,7 @@ pub fn wanted(
 
 /// Whether `path` (absolute, normalized) may be shared from or mounted onto: not the root, not
 /// a reserved path, beneath one, or above one.
-fn usable(path: &str) -> bool {
+pub fn usable(path: &str) -> bool {
     path.starts_with('/')
         && path != "/"
         && !RESERVED.iter().any(|r| {

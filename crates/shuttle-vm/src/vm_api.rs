@@ -17,8 +17,8 @@ use nix::sys::socket::{accept4, getsockopt, sockopt, SockFlag};
 use shuttle_audit::{AuditRecord, Caller, Outcome, RuleRef};
 use shuttle_policy::{Action, Op, Policy, Request, Signal, VmIdentity};
 use shuttle_proto::{
-    BrokerReply, BrokerRequest, Channel, ChannelError, Hello, Question, VmReply, VmRequest,
-    PROTOCOL_VERSION,
+    BrokerReply, BrokerRequest, Channel, ChannelError, Hello, PolicyText, Question, VmReply,
+    VmRequest, PROTOCOL_VERSION,
 };
 
 use crate::audit_log::VmJournal;
@@ -29,22 +29,62 @@ use crate::store;
 /// The policy a monitor enforces: swapped whole on every load, read without blocking loads.
 pub type SharedPolicy = Arc<RwLock<Arc<Policy>>>;
 
-/// Reads the active policy. A missing file means no rules (everything cross-VM denied); a
+/// The sources of the active policy, in order: the policy last loaded with `policy load`
+/// (if any), then each layer of `state/policy/layers/` by name. A layer that cannot be read
+/// is logged and left out (its rules only ever allow more).
+pub fn active_policy_parts(layout: &Layout) -> Vec<PolicyText> {
+    let mut parts = Vec::new();
+    let path = layout.active_policy();
+    if let Ok(text) = std::fs::read_to_string(&path) {
+        let source = std::fs::read_to_string(layout.active_policy_source())
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|_| path.display().to_string());
+        parts.push(PolicyText { source, text });
+    }
+    let mut layers: Vec<std::path::PathBuf> = std::fs::read_dir(layout.policy_layers_dir())
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    layers.sort();
+    for layer in layers {
+        let read = std::fs::read(&layer)
+            .map_err(|e| e.to_string())
+            .and_then(|b| serde_json::from_slice::<Vec<PolicyText>>(&b).map_err(|e| e.to_string()));
+        match read {
+            Ok(p) => parts.extend(p),
+            Err(e) => {
+                tracing::error!(layer = %layer.display(), error = %e, "cannot read a policy layer; left out");
+            }
+        }
+    }
+    parts
+}
+
+/// Parses policy sources in order (see [`Policy::parse_layered`]).
+pub fn parse_parts(parts: &[PolicyText]) -> Result<Policy, shuttle_policy::PolicyErrors> {
+    let pairs: Vec<(&str, &str)> = parts
+        .iter()
+        .map(|p| (p.source.as_str(), p.text.as_str()))
+        .collect();
+    Policy::parse_layered(&pairs)
+}
+
+/// Reads the active policy. Nothing loaded means no rules (everything cross-VM denied); a
 /// damaged one is logged and also means no rules: fail closed.
 pub fn load_active_policy(layout: &Layout) -> Arc<Policy> {
-    let path = layout.active_policy();
-    let source = std::fs::read_to_string(layout.active_policy_source())
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| path.display().to_string());
-    match std::fs::read_to_string(&path) {
-        Ok(text) => match Policy::parse(&source, &text) {
-            Ok(p) => Arc::new(p),
-            Err(e) => {
-                tracing::error!(policy = %path.display(), errors = %e, "active policy is invalid; denying everything");
-                Arc::new(Policy::empty(&source))
-            }
-        },
-        Err(_) => Arc::new(Policy::empty("(no policy loaded)")),
+    let parts = active_policy_parts(layout);
+    if parts.is_empty() {
+        return Arc::new(Policy::empty("(no policy loaded)"));
+    }
+    match parse_parts(&parts) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            tracing::error!(errors = %e, "active policy is invalid; denying everything");
+            Arc::new(Policy::empty(&layout.active_policy().display().to_string()))
+        }
     }
 }
 
@@ -153,12 +193,22 @@ fn handle(ctx: &ApiContext, chan: &Channel) -> Result<(), ChannelError> {
     }
 }
 
+/// Whether `rule` is one of `policy`'s own (a rule names its source file itself; a policy
+/// may be made of several).
+fn from_policy(policy: &Policy, rule: &shuttle_policy::Rule) -> bool {
+    policy
+        .rules()
+        .get(rule.position())
+        .is_some_and(|r| std::ptr::eq(r, rule))
+}
+
 pub(crate) fn rule_ref(policy: &Policy, rule: &shuttle_policy::Rule) -> RuleRef {
+    debug_assert!(from_policy(policy, rule), "a rule of another policy");
     let loc = rule.location();
     RuleRef {
         index: rule.number().saturating_sub(1),
         name: rule.name().map(str::to_owned),
-        file: policy.source_name().to_owned(),
+        file: rule.source().to_owned(),
         line: loc.line,
         column: loc.column,
     }
@@ -377,6 +427,7 @@ pub(crate) fn ask(
     rule: &shuttle_policy::Rule,
     record: &AuditRecord,
 ) -> (bool, String) {
+    debug_assert!(from_policy(policy, rule), "a rule of another policy");
     let loc = rule.location();
     let question = Question {
         vm: ctx.vm.clone(),
@@ -386,7 +437,7 @@ pub(crate) fn ask(
         rule: format!(
             "{} at {}:{}:{}",
             rule.label(),
-            policy.source_name(),
+            rule.source(),
             loc.line,
             loc.column
         ),

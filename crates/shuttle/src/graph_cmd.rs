@@ -1,7 +1,9 @@
 //! `shuttle graph FILE`: a system as a picture. VMs are boxes (Graphviz clusters) with their
 //! applications inside; dependencies are edges between applications; the policy's rules that
 //! allow something between the system's VMs are edges between the VMs, labelled with the
-//! audit's counts; requests the audit saw that no allowing rule explains are red dashed edges.
+//! audit's counts; components (a directory of one VM read-only in another) are edges from
+//! the VM that uses them to the one that provides them, counted by the audit's `share`
+//! records; requests the audit saw that no allowing rule explains are red dashed edges.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -41,8 +43,9 @@ pub struct GraphVm {
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
 pub struct GraphEdge {
-    /// `requires` (application to application), `rule` (an allowing rule, VM to VM) or
-    /// `denied` (refused requests no allowing rule explains).
+    /// `requires` (application to application), `rule` (an allowing rule, VM to VM),
+    /// `component` (a component dependency, consumer VM to provider VM) or `denied`
+    /// (refused requests no allowing rule explains).
     pub kind: &'static str,
     pub from: String,
     pub to: String,
@@ -80,8 +83,41 @@ pub fn build(manifest: &Manifest, policy: Option<&Policy>, counts: &[EdgeCount])
             });
         }
     }
-    // Which audit rows a rule edge accounts for.
+    // Which audit rows a rule or component edge accounts for.
     let mut explained = vec![false; counts.len()];
+    for v in &manifest.vms {
+        for c in &v.components {
+            let (mut allowed, mut denied) = (0, 0);
+            for (i, e) in counts.iter().enumerate() {
+                if e.op == "share" && e.from == v.name && e.to.as_deref() == Some(c.vm.as_str()) {
+                    allowed += e.allowed;
+                    denied += e.denied;
+                    explained[i] = true;
+                }
+            }
+            let after = c
+                .app
+                .as_ref()
+                .map(|a| format!(", after {a}"))
+                .unwrap_or_default();
+            let at = if c.at == c.path {
+                String::new()
+            } else {
+                format!(" at {}", c.at)
+            };
+            edges.push(GraphEdge {
+                kind: "component",
+                from: v.name.clone(),
+                to: c.vm.clone(),
+                label: format!(
+                    "component {}{at} (read-only{after})\nallowed {allowed}, denied {denied}",
+                    c.path
+                ),
+                allowed,
+                denied,
+            });
+        }
+    }
     if let Some(policy) = policy {
         for rule in policy.rules() {
             if !matches!(rule.action(), Action::Allow | Action::Ask) {
@@ -265,10 +301,10 @@ pub fn to_dot(g: &Graph) -> String {
                 );
             }
             kind => {
-                let (color, style) = if kind == "rule" {
-                    ("#1a7f37", "solid")
-                } else {
-                    ("#cf222e", "dashed")
+                let (color, style) = match kind {
+                    "rule" => ("#1a7f37", "solid"),
+                    "component" => ("#0969da", "bold"),
+                    _ => ("#cf222e", "dashed"),
                 };
                 let lhead = if e.to == UNROUTED {
                     String::new()
@@ -319,9 +355,9 @@ pub fn graph(layout: &Layout, args: &GraphArgs) -> Result<i32> {
         Some(p) => Some(
             Policy::parse(&p.path.display().to_string(), &p.text).map_err(|e| anyhow!("{e}"))?,
         ),
-        None => std::fs::read_to_string(layout.active_policy())
-            .ok()
-            .and_then(|t| Policy::parse("active policy", &t).ok()),
+        None => {
+            shuttle_vm::vm_api::parse_parts(&shuttle_vm::vm_api::active_policy_parts(layout)).ok()
+        }
     };
     let counts = audit_counts(layout)?;
     let mut g = build(&manifest, policy.as_ref(), &counts);
@@ -434,5 +470,33 @@ mod tests {
             "{dot}"
         );
         assert!(dot.contains("\"vm:shop\" -> \"vm:db\" [ltail=\"cluster_shop\", lhead=\"cluster_db\", label=\"connect unix:/run/db.sock (cat)\\nallowed 3, denied 0\""), "{dot}");
+    }
+
+    #[test]
+    fn components_are_edges_that_explain_the_audits_share_records() {
+        let m = Manifest::parse(
+            "s.toml",
+            "[vm.db.app.pg]\ncommand=[\"pg\"]\n[vm.web]\ncomponents=[{from=\"db.pg\", path=\"/usr/share/pg\", at=\"/opt/pg\"}]\n[vm.web.app.w]\ncommand=[\"w\"]\n",
+        )
+        .unwrap();
+        let counts = vec![EdgeCount {
+            op: "share".into(),
+            from: "web".into(),
+            to: Some("db".into()),
+            allowed: 1,
+            denied: 0,
+        }];
+        let g = build(&m, None, &counts);
+        assert_eq!(g.edges.len(), 1, "{:#?}", g.edges);
+        let e = &g.edges[0];
+        assert_eq!(
+            (e.kind, e.from.as_str(), e.to.as_str(), e.allowed),
+            ("component", "web", "db", 1)
+        );
+        assert_eq!(
+            e.label,
+            "component /usr/share/pg at /opt/pg (read-only, after db.pg)\nallowed 1, denied 0"
+        );
+        assert!(to_dot(&g).contains("color=\"#0969da\""));
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use shuttle_policy::{ObjectPattern, Op, Policy, Request, Signal, VmIdentity};
 use shuttle_vm::{store, Layout};
 
-use shuttle_proto::{BrokerReply, BrokerRequest};
+use shuttle_proto::{BrokerReply, BrokerRequest, PolicyText};
 
 use crate::cli::{PolicyCommand, DEFAULT_POLICY};
 
@@ -24,14 +24,14 @@ pub fn run(layout: &Layout, cmd: PolicyCommand) -> Result<i32> {
             policy,
             json,
         } => {
-            let policy = policy.unwrap_or_else(|| {
-                let active = layout.active_policy();
-                if active.exists() {
-                    active
-                } else {
-                    DEFAULT_POLICY.into()
-                }
-            });
+            // Without --policy: the active policy, with the layers of running systems.
+            let parts = shuttle_vm::vm_api::active_policy_parts(layout);
+            let policy = match policy {
+                Some(file) => read_policy(&file)?,
+                None if !parts.is_empty() => shuttle_vm::vm_api::parse_parts(&parts)
+                    .map_err(|e| anyhow::anyhow!("{e}\nthe active policy is invalid"))?,
+                None => read_policy(Path::new(DEFAULT_POLICY))?,
+            };
             explain(
                 layout,
                 &op,
@@ -49,6 +49,16 @@ pub fn run(layout: &Layout, cmd: PolicyCommand) -> Result<i32> {
 fn read(file: &Path) -> Result<String> {
     std::fs::read_to_string(file)
         .with_context(|| format!("cannot read policy file {}", file.display()))
+}
+
+fn read_policy(policy_file: &Path) -> Result<Policy> {
+    let text = read(policy_file)?;
+    Policy::parse(&policy_file.display().to_string(), &text).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nfix the policy first (shuttle policy check {})",
+            policy_file.display()
+        )
+    })
 }
 
 fn check(file: &Path, json: bool) -> Result<i32> {
@@ -106,7 +116,7 @@ fn explain(
     to: Option<&str>,
     object: &str,
     signal: Option<&str>,
-    policy_file: &Path,
+    policy: &Policy,
     json: bool,
 ) -> Result<i32> {
     let op = Op::from_name(op).with_context(|| {
@@ -114,13 +124,6 @@ fn explain(
     })?;
     ObjectPattern::parse(op, object)
         .map_err(|e| anyhow::anyhow!("invalid --object {object:?}: {} ({})", e.message, e.hint))?;
-    let text = read(policy_file)?;
-    let policy = Policy::parse(&policy_file.display().to_string(), &text).map_err(|e| {
-        anyhow::anyhow!(
-            "{e}\nfix the policy first (shuttle policy check {})",
-            policy_file.display()
-        )
-    })?;
     let from_tags = tags_of(layout, from);
     let to_tags = to.map(|t| tags_of(layout, t)).unwrap_or_default();
     let mut req = Request::new(op, identity(from, &from_tags)?, object);
@@ -192,6 +195,80 @@ pub(crate) fn load(layout: &Layout, file: &Path) -> Result<i32> {
             Ok(1)
         }
         BrokerReply::Failed { message } => bail!("the broker could not load the policy: {message}"),
+        other => bail!("the broker answered unexpectedly: {other:?}"),
+    }
+}
+
+/// Sends a change of the active policy to the broker (started if needed) and reports it.
+fn change(layout: &Layout, request: &BrokerRequest, what: &str) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("changing the policy needs root: run shuttle as root, for example with sudo");
+    }
+    let exe =
+        std::env::current_exe().context("cannot find the shuttle binary to start the broker")?;
+    let chan = shuttle_broker::client::connect_or_start(layout, &exe, "change the policy")?;
+    match shuttle_broker::client::request(&chan, request)? {
+        BrokerReply::PolicyLoaded {
+            rules,
+            monitors,
+            unreached,
+        } => {
+            eprintln!("{what}: the active policy has {rules} rules, enforced now by {monitors} running VM(s)");
+            if !unreached.is_empty() {
+                eprintln!(
+                    "warning: VM(s) {} did not answer; they use the new policy when restarted",
+                    unreached.join(", ")
+                );
+            }
+            Ok(())
+        }
+        BrokerReply::PolicyRejected { errors } => {
+            bail!("{errors}\nthe active policy is unchanged")
+        }
+        BrokerReply::Failed { message } => {
+            bail!("the broker could not change the policy: {message}")
+        }
+        other => bail!("the broker answered unexpectedly: {other:?}"),
+    }
+}
+
+/// Adds (or replaces) the named layer of the active policy: a system's rules, after the
+/// loaded policy's.
+pub(crate) fn set_layer(layout: &Layout, name: &str, parts: Vec<PolicyText>) -> Result<()> {
+    let what = format!("system {name}'s rules added");
+    change(
+        layout,
+        &BrokerRequest::SetPolicyLayer {
+            layer: name.to_owned(),
+            parts,
+        },
+        &what,
+    )
+}
+
+/// Removes the named layer; every other rule stays.
+pub(crate) fn remove_layer(layout: &Layout, name: &str) -> Result<()> {
+    let what = format!("system {name}'s rules removed");
+    change(
+        layout,
+        &BrokerRequest::RemovePolicyLayer {
+            layer: name.to_owned(),
+        },
+        &what,
+    )
+}
+
+/// Hands the active policy again to these VMs' monitors, quietly (shares refused earlier are
+/// tried again).
+pub(crate) fn reapply(layout: &Layout, vms: &[String]) -> Result<()> {
+    let chan = shuttle_broker::client::connect(layout, "reapply the policy")?;
+    match shuttle_broker::client::request(
+        &chan,
+        &BrokerRequest::ReapplyPolicy { vms: vms.to_vec() },
+    )? {
+        BrokerReply::PolicyLoaded { .. } => Ok(()),
+        BrokerReply::PolicyRejected { errors } => bail!("{errors}"),
+        BrokerReply::Failed { message } => bail!("{message}"),
         other => bail!("the broker answered unexpectedly: {other:?}"),
     }
 }

@@ -34,6 +34,13 @@ const BACKOFF_FIRST: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// An application that ran this long before it failed starts again from the first backoff.
 const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(10);
+/// An application's log is rotated when it would grow past this (one previous file kept, so
+/// at most twice this on disk); `SHUTTLE_APP_LOG_MAX` (bytes) changes it.
+const DEFAULT_LOG_MAX: u64 = 8 << 20;
+/// While an application waits for a component that is not mounted yet, how often its VM's
+/// monitor is asked to settle its shares again (a share refused because the provider's
+/// directory did not exist yet is only tried again then).
+const COMPONENT_RETRY: Duration = Duration::from_secs(1);
 
 /// Where a system's supervisor keeps its runtime files.
 pub fn runtime_dir(layout: &Layout, system: &str) -> PathBuf {
@@ -54,6 +61,130 @@ pub fn log_dir(layout: &Layout, system: &str) -> PathBuf {
 
 pub fn app_log(layout: &Layout, system: &str, app: &str) -> PathBuf {
     log_dir(layout, system).join(format!("{app}.log"))
+}
+
+/// The previous log of an application, kept by one rotation.
+pub fn previous_log(log: &Path) -> PathBuf {
+    let mut name = log.as_os_str().to_owned();
+    name.push(".1");
+    PathBuf::from(name)
+}
+
+fn log_max() -> u64 {
+    std::env::var("SHUTTLE_APP_LOG_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n > 0)
+        .unwrap_or(DEFAULT_LOG_MAX)
+}
+
+/// An application's log file, written only by the supervisor (its notes, and the output of
+/// the application and its setup steps, relayed from pipes), so that it can be rotated: at
+/// `max` bytes it becomes `VM.APP.log.1` (replacing the one before) and a new file starts.
+/// Handing the application the file itself would leave it writing to the renamed file.
+#[derive(Debug)]
+pub struct AppLog {
+    path: PathBuf,
+    file: Option<fs::File>,
+    len: u64,
+    max: u64,
+}
+
+impl AppLog {
+    pub fn new(path: PathBuf, max: u64) -> AppLog {
+        AppLog {
+            path,
+            file: None,
+            len: 0,
+            max,
+        }
+    }
+
+    pub fn write(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        if self.file.is_none() {
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
+            self.len = f.metadata()?.len();
+            self.file = Some(f);
+        }
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let room = usize::try_from(self.max.saturating_sub(self.len)).unwrap_or(usize::MAX);
+            if rest.len() > room && self.len > 0 {
+                self.rotate()?;
+                continue;
+            }
+            // What fits; split a chunk larger than the whole bound after its last complete
+            // line in the piece, so that lines stay whole wherever they can.
+            let piece = if rest.len() <= room {
+                rest.len()
+            } else {
+                rest[..room]
+                    .iter()
+                    .rposition(|&b| b == b'\n')
+                    .map_or(room, |i| i + 1)
+            };
+            if let Some(f) = self.file.as_mut() {
+                f.write_all(&rest[..piece])?;
+                self.len += piece as u64;
+            }
+            rest = &rest[piece..];
+        }
+        Ok(())
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        fs::rename(&self.path, previous_log(&self.path))?;
+        self.file = Some(
+            fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?,
+        );
+        self.len = 0;
+        Ok(())
+    }
+}
+
+type SharedLog = Arc<std::sync::Mutex<AppLog>>;
+
+/// Log relays still copying (see [`log_pipe`]); the supervisor lets them finish before it
+/// exits, so that what applications wrote while stopping is kept.
+static RELAYS: AtomicU64 = AtomicU64::new(0);
+
+/// A pipe whose read end a thread copies into `log` until every writer has closed it;
+/// returns the write end (to hand to a command as its stdout and stderr).
+fn log_pipe(log: &SharedLog) -> Result<OwnedFd> {
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let log = Arc::clone(log);
+    RELAYS.fetch_add(1, Ordering::SeqCst);
+    std::thread::spawn(move || {
+        struct Done;
+        impl Drop for Done {
+            fn drop(&mut self) {
+                RELAYS.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        let _done = Done;
+        let mut read = fs::File::from(read);
+        let mut buf = vec![0u8; 64 << 10];
+        loop {
+            match std::io::Read::read(&mut read, &mut buf) {
+                Ok(0) => return,
+                Ok(n) => {
+                    let mut l = log.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Err(e) = l.write(&buf[..n]) {
+                        eprintln!("shuttle-supervise: writing {}: {e}", l.path.display());
+                    }
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return,
+            }
+        }
+    });
+    Ok(write)
 }
 
 /// Whether a supervisor holds the system's lock.
@@ -118,6 +249,11 @@ impl St {
 
 struct App {
     spec: AppSpec,
+    log: SharedLog,
+    /// While it waits for components of other VMs: when it must have them at the latest.
+    component_deadline: Option<Instant>,
+    /// When its VM's monitor was last asked to settle its shares again.
+    component_retry_at: Option<Instant>,
     st: St,
     /// Bumped at every start; events of older runs are ignored.
     generation: Arc<AtomicU64>,
@@ -208,11 +344,18 @@ fn run(layout: &Layout, manifest_path: &Path, progress: &mut Option<fs::File>) -
             let _ = term_tx.send(Event::Term);
         }
     });
+    let log_max = log_max();
     let apps = manifest
         .apps
         .iter()
         .map(|spec| App {
             spec: spec.clone(),
+            log: Arc::new(std::sync::Mutex::new(AppLog::new(
+                app_log(layout, &manifest.name, &spec.id()),
+                log_max,
+            ))),
+            component_deadline: None,
+            component_retry_at: None,
             st: St::Waiting,
             generation: Arc::new(AtomicU64::new(0)),
             signaller: None,
@@ -240,6 +383,12 @@ fn run(layout: &Layout, manifest_path: &Path, progress: &mut Option<fs::File>) -
         last_state: None,
     };
     let result = sup.serve();
+    // The last output of stopped applications (a process they left behind may hold a pipe
+    // open: not for long).
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while RELAYS.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let _ = fs::remove_file(state_file(layout, &sup.manifest.name));
     *progress = sup.progress.take();
     result
@@ -254,10 +403,8 @@ impl Supervisor {
     }
 
     fn note(&self, i: usize, line: &str) {
-        let path = app_log(&self.layout, &self.manifest.name, &self.apps[i].spec.id());
-        if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
-            let _ = writeln!(f, "[shuttle] {line}");
-        }
+        let mut log = self.apps[i].log.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = log.write(format!("[shuttle] {line}\n").as_bytes());
     }
 
     fn serve(&mut self) -> Result<()> {
@@ -412,7 +559,20 @@ impl Supervisor {
             &chan,
             &shuttle_proto::BrokerRequest::VmStart { name: vm.into() },
         )? {
-            shuttle_proto::BrokerReply::Done => Ok(()),
+            shuttle_proto::BrokerReply::Done => {
+                // Started by the system: `down` stops it.
+                let name = &self.manifest.name;
+                let mut record =
+                    crate::system_cmd::read_up_record(&self.layout, name).unwrap_or_default();
+                if !record.started.iter().any(|v| v == vm) {
+                    record.started.push(vm.to_owned());
+                    if let Err(e) = crate::system_cmd::write_up_record(&self.layout, name, &record)
+                    {
+                        eprintln!("shuttle-supervise: recording that VM {vm} was started: {e:#}");
+                    }
+                }
+                Ok(())
+            }
             // Someone else started it meanwhile: wait until it is ready.
             shuttle_proto::BrokerReply::Failed { .. } if store::is_running(&self.layout, vm) => Ok(
                 client::wait_until_ready(&self.layout, vm, Duration::from_secs(30))?,
@@ -422,13 +582,8 @@ impl Supervisor {
         }
     }
 
-    fn log_fd(&self, i: usize) -> Result<fs::File> {
-        let path = app_log(&self.layout, &self.manifest.name, &self.apps[i].spec.id());
-        fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .with_context(|| format!("opening {}", path.display()))
+    fn log_fd(&self, i: usize) -> Result<OwnedFd> {
+        log_pipe(&self.apps[i].log).context("making the pipe of an application's log")
     }
 
     /// Runs `argv` in VM `vm` to completion, output to the application's log.
@@ -480,12 +635,85 @@ impl Supervisor {
         Ok(())
     }
 
+    /// Whether the components of application `i`'s VM are in place: each one mounted in the
+    /// VM, and the providing application, if the component names one, ready. Errors once
+    /// the application's `ready_timeout` has passed waiting for them.
+    fn components_ready(&mut self, i: usize) -> Result<bool> {
+        let vm = self.apps[i].spec.vm.clone();
+        let components = self.manifest.components_of(&vm).to_vec();
+        if components.is_empty() {
+            return Ok(true);
+        }
+        let ready = |id: &str| {
+            self.apps.iter().any(|a| {
+                a.spec.id() == id
+                    && (a.st == St::Ready || (a.st == St::Exited && a.last_exit == Some(0)))
+            })
+        };
+        let init = client::status(&self.layout, &vm).map(|s| s.init_pid).ok();
+        let mountinfo = init
+            .and_then(|pid| fs::read_to_string(format!("/proc/{pid}/mountinfo")).ok())
+            .unwrap_or_default();
+        let mut missing = Vec::new();
+        let mut unmounted = false;
+        for c in &components {
+            if let Some(app) = c.app.as_deref().filter(|a| !ready(a)) {
+                missing.push(format!("{app} to be ready"));
+            } else if !mounted(&mountinfo, &c.at) {
+                missing.push(format!("{}:{} at {}", c.vm, c.path, c.at));
+                unmounted = true;
+            }
+        }
+        let now = Instant::now();
+        let a = &mut self.apps[i];
+        if missing.is_empty() {
+            a.component_deadline = None;
+            a.component_retry_at = None;
+            return Ok(true);
+        }
+        let first = a.component_deadline.is_none();
+        let deadline = *a
+            .component_deadline
+            .get_or_insert(now + a.spec.ready_timeout);
+        let id = a.spec.id();
+        let timeout = a.spec.ready_timeout;
+        if now > deadline {
+            a.component_deadline = None;
+            bail!(
+                "{id} waited {timeout:?} for its components and still misses {}: is the \
+                 directory there in the providing VM? `shuttle audit --vm {vm}` shows why a \
+                 share was refused",
+                missing.join(", ")
+            );
+        }
+        if unmounted && a.component_retry_at.is_none_or(|t| now >= t) {
+            // A share refused because the directory was not there yet (the provider's
+            // application or `files` make it) is only tried again when asked.
+            if let Err(e) = crate::policy_cmd::reapply(&self.layout, std::slice::from_ref(&vm)) {
+                eprintln!("shuttle-supervise: settling the shares of VM {vm} again: {e:#}");
+            }
+            a.component_retry_at = Some(now + COMPONENT_RETRY);
+        }
+        if first {
+            let line = format!("waiting for {}", missing.join(", "));
+            self.note(i, &line);
+            if self.booting {
+                self.say(format!("  {id:<24} {line}"));
+            }
+        }
+        Ok(false)
+    }
+
     fn start(&mut self, i: usize) -> Result<()> {
         let vm = self.apps[i].spec.vm.clone();
+        self.ensure_vm(&vm)?;
+        if !self.components_ready(i)? {
+            // Stays waiting: the next tick looks again (the wait has its own deadline).
+            return Ok(());
+        }
         if self.apps[i].boot_deadline.is_none() {
             self.apps[i].boot_deadline = Some(Instant::now() + self.apps[i].spec.ready_timeout);
         }
-        self.ensure_vm(&vm)?;
         if !self.apps[i].setup_done {
             self.setup(i)?;
         }
@@ -870,6 +1098,20 @@ fn vm_listens(layout: &Layout, vm: &str, check: impl Fn(&Path) -> bool) -> bool 
     }
 }
 
+/// Whether something is mounted at `path` according to a `/proc/PID/mountinfo` (the fifth
+/// field, with spaces, tabs, newlines and backslashes octal-escaped as the kernel writes
+/// them; read for the VM's init, so paths are the VM's own).
+pub fn mounted(mountinfo: &str, path: &str) -> bool {
+    let escaped = path
+        .replace('\\', "\\134")
+        .replace(' ', "\\040")
+        .replace('\t', "\\011")
+        .replace('\n', "\\012");
+    mountinfo
+        .lines()
+        .any(|l| l.split(' ').nth(4) == Some(escaped.as_str()))
+}
+
 /// Whether a listening unix socket is bound at `path` (`/proc/net/unix`: flags 00010000 is
 /// `__SO_ACCEPTCON`, a listening socket; the path is the last field).
 pub fn unix_listening(net: &Path, path: &str) -> bool {
@@ -929,6 +1171,44 @@ mod tests {
             ms,
             [500, 1000, 2000, 4000, 8000, 16000, 30000, 30000, 30000]
         );
+    }
+
+    #[test]
+    fn mount_points_are_found_in_mountinfo() {
+        let info = "36 35 0:31 / / rw,relatime - overlay overlay rw\n\
+                    40 36 0:31 /srv/site /var/www ro,nosuid,nodev - overlay overlay rw\n\
+                    41 36 0:31 /x /opt/my\\040docs ro - overlay overlay rw\n";
+        assert!(mounted(info, "/var/www"));
+        assert!(mounted(info, "/opt/my docs"));
+        assert!(!mounted(info, "/var"));
+        assert!(!mounted(info, "/srv/site"));
+    }
+
+    #[test]
+    fn logs_rotate_at_their_bound_keeping_one_previous_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.b.log");
+        let read = |p: &Path| fs::read_to_string(p).unwrap();
+        let mut log = AppLog::new(path.clone(), 12);
+        log.write(b"12345\n").unwrap();
+        log.write(b"6789\n").unwrap();
+        assert_eq!(read(&path), "12345\n6789\n");
+        log.write(b"abc\n").unwrap();
+        assert_eq!(read(&previous_log(&path)), "12345\n6789\n");
+        assert_eq!(read(&path), "abc\n");
+        // A chunk larger than the bound is split after its last whole line that fits.
+        log.write(b"12345\n12345\n12345\n").unwrap();
+        assert_eq!(read(&previous_log(&path)), "12345\n12345\n");
+        assert_eq!(read(&path), "12345\n");
+        // A line longer than the bound is cut at the bound.
+        log.write(b"abcdefghijklmnopqrstuvwxyz").unwrap();
+        assert_eq!(read(&previous_log(&path)), "mnopqrstuvwx");
+        assert_eq!(read(&path), "yz");
+        // A new supervisor carries on with the size on disk.
+        let mut again = AppLog::new(path.clone(), 12);
+        again.write(b"0123456789\n").unwrap();
+        assert_eq!(read(&previous_log(&path)), "yz");
+        assert_eq!(read(&path), "0123456789\n");
     }
 
     #[test]

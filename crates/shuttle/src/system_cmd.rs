@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
-use shuttle_proto::{BrokerRequest, VmCreateSpec};
+use shuttle_proto::{BrokerRequest, PolicyText, VmCreateSpec};
 use shuttle_system::Manifest;
 use shuttle_vm::{client, store, Layout};
 
@@ -27,6 +27,126 @@ fn load_manifest(file: &Path) -> Result<Manifest> {
     })
 }
 
+/// What one `up` of a system did to VMs, so that `down` undoes exactly that
+/// (`run/systems/NAME/up.json`). The supervisor adds the VMs it starts again later.
+#[derive(Debug, Default, Serialize, serde::Deserialize)]
+pub struct UpRecord {
+    /// VMs `up` created.
+    pub created: Vec<String>,
+    /// VMs `up` (or the supervisor) started; those running before stay running at `down`.
+    pub started: Vec<String>,
+}
+
+/// Where the broker keeps system `system`'s layer of the active policy.
+fn layer_file(layout: &Layout, system: &str) -> PathBuf {
+    layout.policy_layers_dir().join(format!("{system}.json"))
+}
+
+pub fn up_record_file(layout: &Layout, system: &str) -> PathBuf {
+    supervise::runtime_dir(layout, system).join("up.json")
+}
+
+pub fn read_up_record(layout: &Layout, system: &str) -> Option<UpRecord> {
+    fs::read(up_record_file(layout, system))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+pub fn write_up_record(layout: &Layout, system: &str, record: &UpRecord) -> Result<()> {
+    let path = up_record_file(layout, system);
+    shuttle_vm::layout::ensure_private_dir(&layout.runtime)?;
+    fs::create_dir_all(supervise::runtime_dir(layout, system))?;
+    let tmp = path.with_extension("json.tmp");
+    fs::write(&tmp, serde_json::to_vec_pretty(record)?)?;
+    fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
+/// How an existing VM differs from what the manifest declares (the options only apply when
+/// a VM is created).
+fn option_drift(existing: &shuttle_vm::VmConfig, wanted: &shuttle_vm::VmConfig) -> Vec<String> {
+    let mut out = Vec::new();
+    let base = |b: &shuttle_vm::Base| match b {
+        shuttle_vm::Base::Host => "host".to_owned(),
+        shuttle_vm::Base::Dir(d) => d.display().to_string(),
+    };
+    let opt = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |n| n.to_string());
+    if existing.base != wanted.base {
+        out.push(format!(
+            "base {} (manifest: {})",
+            base(&existing.base),
+            base(&wanted.base)
+        ));
+    }
+    if existing.net != wanted.net {
+        out.push(format!("net {:?} (manifest: {:?})", existing.net, wanted.net).to_lowercase());
+    }
+    if existing.memory_bytes != wanted.memory_bytes {
+        let size = |v: Option<u64>| match v {
+            Some(n) if n % (1 << 20) == 0 => format!("{}M", n >> 20),
+            other => opt(other),
+        };
+        out.push(format!(
+            "memory {} (manifest: {})",
+            size(existing.memory_bytes),
+            size(wanted.memory_bytes)
+        ));
+    }
+    if existing.pids != wanted.pids {
+        out.push(format!(
+            "pids {} (manifest: {})",
+            opt(existing.pids),
+            opt(wanted.pids)
+        ));
+    }
+    if existing.hide != wanted.hide {
+        out.push(format!(
+            "hide {:?} (manifest: {:?})",
+            existing.hide, wanted.hide
+        ));
+    }
+    if existing.tags != wanted.tags {
+        out.push(format!(
+            "tags {:?} (manifest: {:?})",
+            existing.tags, wanted.tags
+        ));
+    }
+    out
+}
+
+/// The system's layer of the active policy: its own rules (the policy file, or the
+/// manifest's `[[rule]]` tables at the manifest's lines), then the share rules of its
+/// components, written to `state/systems/NAME/components.toml` so that audit records and
+/// `policy explain` name a file one can read.
+fn policy_layer(layout: &Layout, manifest: &Manifest) -> Result<Vec<PolicyText>> {
+    let mut parts = Vec::new();
+    if let Some(policy) = &manifest.policy {
+        let source = if policy.inline {
+            fs::canonicalize(&manifest.file).unwrap_or_else(|_| policy.path.clone())
+        } else {
+            fs::canonicalize(&policy.path).unwrap_or_else(|_| policy.path.clone())
+        };
+        parts.push(PolicyText {
+            source: source.display().to_string(),
+            text: policy.text.clone(),
+        });
+    }
+    if let Some(text) = &manifest.components_policy {
+        let dir = layout.state.join("systems").join(&manifest.name);
+        fs::create_dir_all(&dir)?;
+        let path = dir.join("components.toml");
+        let text = format!(
+            "# The components of system {} ({}) as share rules, written by `shuttle up`.\n{text}",
+            manifest.name, manifest.file
+        );
+        fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+        parts.push(PolicyText {
+            source: path.display().to_string(),
+            text,
+        });
+    }
+    Ok(parts)
+}
+
 /// `shuttle up FILE`.
 pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
     require_root()?;
@@ -39,46 +159,71 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
             file.display()
         );
     }
+    // A VM that exists keeps the options it was created with: say so rather than run it
+    // with options the manifest no longer declares. Checked before anything changes.
+    let mut drift = Vec::new();
+    for vm in &manifest.vms {
+        if let (Ok(existing), Ok(wanted)) =
+            (store::load(layout, &vm.name), vm.options().validate(0))
+        {
+            let d = option_drift(&existing, &wanted);
+            if !d.is_empty() {
+                drift.push(format!("  VM {}: {}", vm.name, d.join("; ")));
+            }
+        }
+    }
+    if !drift.is_empty() {
+        bail!(
+            "existing VMs differ from the manifest (a VM's options are set when it is created):\n{}\n\
+             nothing was started: recreate them with `shuttle vm rm --force NAME` (their files \
+             are lost) and run `shuttle up {}` again, or change the manifest to match",
+            drift.join("\n"),
+            file.display()
+        );
+    }
     let t0 = Instant::now();
     eprintln!(
         "system {name}: {} VM(s), {} application(s)",
         manifest.vms.len(),
         manifest.apps.len()
     );
-    for vm in &manifest.vms {
-        if layout.vm_dir(&vm.name).exists() {
-            eprintln!("  VM {:<21} exists (kept as it is)", vm.name);
-            continue;
-        }
-        let o = vm.options();
-        lifecycle(
-            layout,
-            BrokerRequest::VmCreate(VmCreateSpec {
-                name: o.name.clone(),
-                base: o.base.clone(),
-                net: o.net.clone(),
-                memory: o.memory.clone(),
-                pids: o.pids,
-                hide: o.hide.iter().map(|h| h.display().to_string()).collect(),
-                tags: o.tags.clone(),
-            }),
-            "create a VM",
-        )?;
-        eprintln!("  VM {:<21} created", vm.name);
-    }
-    if let Some(policy) = &manifest.policy {
-        let path = if policy.inline {
-            inline_policy_file(layout, &manifest.name, &policy.path, &policy.text)?
-        } else {
-            policy.path.clone()
-        };
-        if crate::policy_cmd::load(layout, &path)? != 0 {
-            bail!("the system's policy {} was not loaded", path.display());
-        }
-    }
-    // VMs this `up` starts, stopped again if it fails.
-    let mut started: Vec<String> = Vec::new();
+    let mut record = UpRecord::default();
+    // Undone if `up` fails: VMs this `up` started are stopped again, its rules removed.
+    let mut layer_set = false;
     let result = (|| -> Result<()> {
+        let parts = policy_layer(layout, &manifest)?;
+        if !parts.is_empty() {
+            // A layer of the active policy: other systems' rules and the policy loaded with
+            // `policy load` stay as they are. First, so that rules in conflict with those
+            // change nothing.
+            crate::policy_cmd::set_layer(layout, &name, parts)?;
+            layer_set = true;
+        } else if layer_file(layout, &name).exists() {
+            // Rules of an earlier version of the manifest whose `down` never ran.
+            crate::policy_cmd::remove_layer(layout, &name)?;
+        }
+        for vm in &manifest.vms {
+            if layout.vm_dir(&vm.name).exists() {
+                eprintln!("  VM {:<21} exists (kept as it is)", vm.name);
+                continue;
+            }
+            let o = vm.options();
+            lifecycle(
+                layout,
+                BrokerRequest::VmCreate(VmCreateSpec {
+                    name: o.name.clone(),
+                    base: o.base.clone(),
+                    net: o.net.clone(),
+                    memory: o.memory.clone(),
+                    pids: o.pids,
+                    hide: o.hide.iter().map(|h| h.display().to_string()).collect(),
+                    tags: o.tags.clone(),
+                }),
+                "create a VM",
+            )?;
+            record.created.push(vm.name.clone());
+            eprintln!("  VM {:<21} created", vm.name);
+        }
         for vm in &manifest.vms {
             if store::is_running(layout, &vm.name) {
                 continue;
@@ -90,9 +235,10 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
                 },
                 "start a VM",
             )?;
-            started.push(vm.name.clone());
+            record.started.push(vm.name.clone());
             eprintln!("  VM {:<21} started", vm.name);
         }
+        write_up_record(layout, &name, &record)?;
         for vm in &manifest.vms {
             for f in &vm.files {
                 copy_into(layout, &vm.name, &f.from, &f.to)?;
@@ -101,10 +247,16 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
         spawn_supervisor(layout, file, &name)
     })();
     if let Err(e) = result {
-        for vm in started.iter().rev() {
+        for vm in record.started.iter().rev() {
             let _ = client::stop(layout, vm, Duration::from_secs(5));
             eprintln!("  VM {vm:<21} stopped again");
         }
+        if layer_set {
+            if let Err(e) = crate::policy_cmd::remove_layer(layout, &name) {
+                eprintln!("warning: removing system {name}'s rules again: {e:#}");
+            }
+        }
+        let _ = fs::remove_file(up_record_file(layout, &name));
         return Err(e);
     }
     eprintln!(
@@ -113,32 +265,6 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
         file.display()
     );
     Ok(0)
-}
-
-/// Writes the manifest's own rules (the manifest with everything else blanked out, so that
-/// rule locations in `policy explain` and the audit are the manifest's lines) to
-/// `state/systems/NAME/policy.toml`, for `policy load`.
-fn inline_policy_file(
-    layout: &Layout,
-    system: &str,
-    manifest: &Path,
-    text: &str,
-) -> Result<PathBuf> {
-    let dir = layout.state.join("systems").join(system);
-    fs::create_dir_all(&dir)?;
-    let path = dir.join("policy.toml");
-    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
-    if let Some(first) = lines.first_mut() {
-        if first.trim().is_empty() {
-            *first = format!(
-                "# the [[rule]] tables of {} (at their lines)",
-                manifest.display()
-            );
-        }
-    }
-    fs::write(&path, lines.join("\n") + "\n")
-        .with_context(|| format!("writing {}", path.display()))?;
-    Ok(path)
 }
 
 /// Copies a host file into a running VM (through `sh` in the VM, with the file as its stdin,
@@ -198,7 +324,7 @@ fn spawn_supervisor(layout: &Layout, file: &Path, name: &str) -> Result<()> {
         "PATH",
         "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
     );
-    for passed in ["SHUTTLE_ROOT", "SHUTTLE_LOG"] {
+    for passed in ["SHUTTLE_ROOT", "SHUTTLE_LOG", "SHUTTLE_APP_LOG_MAX"] {
         if let Some(v) = std::env::var_os(passed) {
             cmd.env(passed, v);
         }
@@ -266,25 +392,72 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
             eprintln!("  {:<24} stopped", app.id());
         }
     }
+    // The system's rules go; every other rule stays.
+    if layer_file(layout, name).exists() {
+        crate::policy_cmd::remove_layer(layout, name)?;
+    }
+    let record = read_up_record(layout, name);
+    // VMs that other systems that are up declare stay for them.
+    let others: Vec<(String, Vec<String>)> = systems(layout)
+        .into_iter()
+        .filter(|s| s.system != *name)
+        .filter_map(|s| {
+            Manifest::load(Path::new(&s.manifest))
+                .ok()
+                .map(|m| (s.system, m.vms.into_iter().map(|v| v.name).collect()))
+        })
+        .collect();
     for vm in manifest.vms.iter().rev() {
-        if store::is_running(layout, &vm.name) {
-            let stopped = lifecycle(
-                layout,
-                BrokerRequest::VmStop {
-                    name: vm.name.clone(),
-                    grace_ms: 10_000,
-                },
-                "stop a VM",
+        if !store::is_running(layout, &vm.name) {
+            continue;
+        }
+        // Without a record (an `up` of an older shuttle), every VM of the manifest is the
+        // system's, as it used to be.
+        let ours = record
+            .as_ref()
+            .is_none_or(|r| r.started.contains(&vm.name) || r.created.contains(&vm.name));
+        if !ours {
+            eprintln!(
+                "  VM {:<21} left running: it was running before `shuttle up` (stop it with `shuttle vm stop {}`)",
+                vm.name, vm.name
             );
-            // Someone else (a failing `up`) may have stopped it meanwhile.
-            if let Err(e) = stopped {
-                if store::is_running(layout, &vm.name) {
+            continue;
+        }
+        if let Some((other, _)) = others.iter().find(|(_, vms)| vms.contains(&vm.name)) {
+            // Handed over: the other system's `down` stops it.
+            let mut theirs = read_up_record(layout, other).unwrap_or_default();
+            if !theirs.started.contains(&vm.name) {
+                theirs.started.push(vm.name.clone());
+                write_up_record(layout, other, &theirs)?;
+            }
+            eprintln!(
+                "  VM {:<21} left running: system {other}, which is up, uses it too (its down stops it)",
+                vm.name
+            );
+            continue;
+        }
+        let stopped = lifecycle(
+            layout,
+            BrokerRequest::VmStop {
+                name: vm.name.clone(),
+                grace_ms: 10_000,
+            },
+            "stop a VM",
+        );
+        // Someone else (a failing `up`) may be stopping it meanwhile: its monitor holds the
+        // VM's lock until the VM is gone.
+        if let Err(e) = stopped {
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while store::is_running(layout, &vm.name) {
+                if Instant::now() > deadline {
                     return Err(e);
                 }
+                std::thread::sleep(Duration::from_millis(50));
             }
-            eprintln!("  VM {:<21} stopped", vm.name);
         }
+        eprintln!("  VM {:<21} stopped", vm.name);
     }
+    let _ = fs::remove_file(up_record_file(layout, name));
     eprintln!("system {name} is down");
     Ok(0)
 }
@@ -472,11 +645,17 @@ fn find_log(layout: &Layout, app: &str) -> Result<PathBuf> {
     )
 }
 
-/// `shuttle logs APP [--follow]`.
+/// `shuttle logs APP [--follow]`: the kept output, the file before the last rotation first;
+/// following goes on in the new file when the log is rotated.
 pub fn logs(layout: &Layout, app: &str, follow: bool) -> Result<i32> {
+    use std::os::unix::fs::MetadataExt;
     let path = find_log(layout, app)?;
-    let mut f = fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
     let mut out = std::io::stdout().lock();
+    let previous = supervise::previous_log(&path);
+    let mut f = fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    if let Ok(mut p) = fs::File::open(&previous) {
+        std::io::copy(&mut p, &mut out)?;
+    }
     let mut buf = Vec::new();
     loop {
         buf.clear();
@@ -487,10 +666,19 @@ pub fn logs(layout: &Layout, app: &str, follow: bool) -> Result<i32> {
             return Ok(0);
         }
         std::thread::sleep(Duration::from_millis(200));
-        // Truncated meanwhile: start again from the top.
-        if f.metadata()
-            .is_ok_and(|m| m.len() < f.stream_position().unwrap_or(0))
-        {
+        let now = fs::metadata(&path).ok();
+        let mine = f.metadata()?;
+        if now.as_ref().is_some_and(|m| m.ino() != mine.ino()) {
+            // Rotated: what was written to the old file before the switch, then the new one
+            // from its start.
+            buf.clear();
+            f.read_to_end(&mut buf)?;
+            out.write_all(&buf)?;
+            if let Ok(new) = fs::File::open(&path) {
+                f = new;
+            }
+        } else if mine.len() < f.stream_position().unwrap_or(0) {
+            // Truncated meanwhile: start again from the top.
             f.rewind()?;
         }
     }

@@ -483,6 +483,22 @@ fn example_logs_collects_from_every_producer_and_survives_a_collector_restart() 
         "{}",
         collected()
     );
+    // The producers' client library is collector's, read-only in them (a component).
+    assert!(env
+        .upper("collector")
+        .join("srv/collector/lib/logclient.py")
+        .is_file());
+    assert!(!env
+        .upper("producer-a")
+        .join("opt/collector-lib/logclient.py")
+        .exists());
+    assert!(env
+        .run_ok("producer-b", "cat /opt/collector-lib/logclient.py")
+        .contains("class LogClient"));
+    assert_eq!(
+        write_errno(&env, "producer-a", "/opt/collector-lib/logclient.py"),
+        "EROFS"
+    );
     let out = env.exec("collector", &["pkill", "-f", "^python3 /srv/collector"]);
     common::assert_success(&out, "pkill in VM collector");
     assert!(
@@ -609,4 +625,431 @@ fn down_while_up_still_waits_stops_everything() {
         "{err}"
     );
     assert_nothing_runs(&env, "slow");
+}
+
+/// Runs `python3 -c CODE` in `vm` and returns its stdout (whatever the status).
+fn py(env: &Env, vm: &str, code: &str) -> String {
+    stdout(&env.exec(vm, &["python3", "-c", code]))
+}
+
+/// The errno name `open(PATH, "w")` fails with in `vm`, or `ok`.
+fn write_errno(env: &Env, vm: &str, path: &str) -> String {
+    py(
+        env,
+        vm,
+        &format!(
+            "import errno\ntry:\n    open('{path}', 'w').write('x')\n    print('ok')\nexcept OSError as e:\n    print(errno.errorcode[e.errno])"
+        ),
+    )
+    .trim()
+    .to_owned()
+}
+
+#[test]
+fn a_component_is_a_directory_of_the_provider_vm_read_only_in_the_consumer_after_its_provider() {
+    let Some(env) = Env::new() else { return };
+    // The directory exists only in VM build's own overlay, made by its application: web's
+    // share of it is refused when web starts, and made once build.make is ready.
+    let text = r#"
+name = "comp"
+[vm.web]
+components = [{ from = "build.make", path = "/srv/site", at = "/var/www" }]
+
+[vm.web.app.server]
+command = ["sh", "-c", "cat /var/www/index.html; touch /var/www/new 2>&1; exec sleep 1000"]
+stop_timeout = "2s"
+
+[vm.build.app.make]
+command = ["sh", "-c", "sleep 1; mkdir -p /srv/site; echo made in VM build > /srv/site/index.html; touch /tmp/built; exec sleep 1000"]
+ready = { command = ["test", "-e", "/tmp/built"] }
+stop_timeout = "2s"
+"#;
+    let file = manifest(&env, "comp", text);
+    let (_down, out) = up(&env, &file);
+    let err = stderr(&out);
+    assert!(out.status.success(), "up failed: {err}");
+    let pos = |needle: &str| {
+        err.find(needle)
+            .unwrap_or_else(|| panic!("`{needle}` missing from up's progress:\n{err}"))
+    };
+    assert!(
+        pos("web.server               waiting for build.make to be ready")
+            < pos("build.make               ready"),
+        "{err}"
+    );
+    assert!(pos("build.make               ready") < pos("web.server               started"));
+    // The provider's own file (not the host's: the host has no /srv/site/index.html).
+    assert!(env.upper("build").join("srv/site/index.html").is_file());
+    assert!(!Path::new("/srv/site/index.html").exists());
+    // At its start, the server read the provider's file and could not write beside it.
+    assert!(
+        wait_for(Duration::from_secs(10), || {
+            let log = env.ok(&["logs", "web.server"]);
+            log.contains("made in VM build") && log.contains("Read-only file system")
+        }),
+        "{}",
+        env.ok(&["logs", "web.server"])
+    );
+    assert_eq!(
+        env.run_ok("web", "cat /var/www/index.html"),
+        "made in VM build\n"
+    );
+    assert_eq!(write_errno(&env, "web", "/var/www/index.html"), "EROFS");
+    assert_eq!(write_errno(&env, "web", "/var/www/other"), "EROFS");
+    // What the provider writes shows at once (a mount, not a copy); nothing web tried landed.
+    env.run_ok("build", "echo v2 > /srv/site/index.html");
+    assert_eq!(env.run_ok("web", "cat /var/www/index.html"), "v2\n");
+    assert!(!env.upper("build").join("srv/site/new").exists());
+    assert!(!env.upper("web").join("var/www/new").exists());
+    // A share rule of the system's layer, audited, and drawn as an edge.
+    let explain = env.ok(&[
+        "policy",
+        "explain",
+        "--op",
+        "share",
+        "--from",
+        "web",
+        "--object",
+        "/srv/site",
+    ]);
+    assert!(
+        explain.contains("components.toml") && explain.contains("allow"),
+        "{explain}"
+    );
+    assert!(wait_for(Duration::from_secs(10), || common::audit_records(
+        &env
+    )
+    .iter()
+    .any(|r| r["op"] == "share"
+        && r["from"] == "web"
+        && r["to"] == "build"
+        && r["result"] == "allow")));
+    let g: Value =
+        serde_json::from_str(&env.ok(&["graph".as_ref(), file.as_os_str(), "--json".as_ref()]))
+            .unwrap();
+    let edge = g["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["kind"] == "component")
+        .unwrap_or_else(|| panic!("no component edge: {g:#}"))
+        .clone();
+    assert_eq!(
+        (edge["from"].as_str(), edge["to"].as_str()),
+        (Some("web"), Some("build"))
+    );
+    assert!(edge["allowed"].as_u64() >= Some(1), "{edge:#}");
+    assert!(
+        !g["edges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "denied" && e["from"] == "web"),
+        "the share records are the component's: {g:#}"
+    );
+
+    let out = env.output(&["down".as_ref(), file.as_os_str()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_nothing_runs(&env, "comp");
+    // The system's rules went with it.
+    assert!(!env.path().join("state/policy/layers/comp.json").exists());
+}
+
+#[test]
+fn a_bad_component_is_an_error_at_its_line_and_changes_nothing() {
+    let Some(env) = Env::new() else { return };
+    let text = "name = \"badcomp\"\n[vm.web]\ncomponents = [\n  { from = \"biuld\", path = \"/srv/site\" },\n  { from = \"db\", path = \"srv\", at = \"/opt/x\" },\n]\n[vm.web.app.server]\ncommand = [\"sleep\", \"1000\"]\n[vm.db.app.pg]\ncommand = [\"sleep\", \"1000\"]\n";
+    let file = manifest(&env, "badcomp", text);
+    let (_down, out) = up(&env, &file);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(common::EXIT_SHUTTLE_FAILED),
+        "{err}"
+    );
+    let f = file.display();
+    assert!(
+        err.contains(&format!(
+            "{f}:4:12: error: component from VM `biuld`, which the manifest does not declare"
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "{f}:5:25: error: component path `srv` is not absolute"
+        )),
+        "{err}"
+    );
+    assert!(err.contains("hint: "), "{err}");
+    assert!(err.contains("nothing was started"), "{err}");
+    assert!(env.vms().is_empty(), "no VM may be created");
+    assert!(
+        !env.path().join("state/policy/layers").exists()
+            || std::fs::read_dir(env.path().join("state/policy/layers"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "no rule may be added"
+    );
+}
+
+const BASE_POLICY: &str = "[[rule]]\nname = \"base\"\nop = \"signal\"\nfrom = \"x\"\nto = \"y\"\nobject = \"sleep\"\naction = \"allow\"\n";
+
+fn explain_signal(env: &Env, from: &str) -> String {
+    env.ok(&[
+        "policy", "explain", "--op", "signal", "--from", from, "--to", "y", "--object", "sleep",
+    ])
+}
+
+#[test]
+fn a_systems_rules_are_a_layer_and_down_stops_only_what_up_started() {
+    let Some(env) = Env::new() else { return };
+    common::load_policy(&env, BASE_POLICY);
+    // Running before `up`: down must leave it.
+    env.create("pre", &[]);
+    env.ok(&["vm", "start", "pre"]);
+    let text = "name = \"layer\"\n[[rule]]\nname = \"sys\"\nop = \"signal\"\nfrom = \"pre\"\nto = \"y\"\nobject = \"sleep\"\naction = \"allow\"\n\n[vm.pre.app.a]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n[vm.fresh.app.b]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n";
+    let file = manifest(&env, "layer", text);
+    let (_down, out) = up(&env, &file);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // Both the loaded policy's rule and the system's decide.
+    assert!(
+        explain_signal(&env, "x").contains("allow"),
+        "{}",
+        explain_signal(&env, "x")
+    );
+    let sys = explain_signal(&env, "pre");
+    assert!(
+        sys.contains("allow") && sys.contains("layer/system.toml:2:1"),
+        "{sys}"
+    );
+    // Loading another policy while the system is up keeps the system's rules.
+    common::load_policy(&env, &BASE_POLICY.replace("from = \"x\"", "from = \"z\""));
+    assert!(explain_signal(&env, "pre").contains("allow"));
+    assert!(explain_signal(&env, "z").contains("allow"));
+
+    let out = env.output(&["down".as_ref(), file.as_os_str()]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let line = |vm: &str| {
+        err.lines()
+            .find(|l| l.trim_start().starts_with(&format!("VM {vm} ")))
+            .unwrap_or_else(|| panic!("no line for VM {vm}: {err}"))
+            .to_owned()
+    };
+    assert!(
+        line("pre").ends_with(
+            "left running: it was running before `shuttle up` (stop it with `shuttle vm stop pre`)"
+        ),
+        "{err}"
+    );
+    assert!(line("fresh").ends_with(" stopped"), "{err}");
+    assert_eq!(env.state("pre"), "running");
+    assert_eq!(env.state("fresh"), "stopped");
+    // Only the system's rule went.
+    assert!(
+        !explain_signal(&env, "pre").contains("allow"),
+        "{}",
+        explain_signal(&env, "pre")
+    );
+    assert!(explain_signal(&env, "z").contains("allow"));
+
+    // A system rule the loaded policy makes unreachable: an error naming both, nothing starts.
+    env.ok(&["vm", "stop", "pre"]);
+    let clash = text.replace("from = \"pre\"", "from = \"z\"");
+    let file = manifest(
+        &env,
+        "clash",
+        &clash.replace("name = \"layer\"", "name = \"clash\""),
+    );
+    let (_down2, out) = up(&env, &file);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(
+            "clash/system.toml:2:1: error: rule #1 \"sys\" can never match: rule #1 \"base\" at "
+        ),
+        "{err}"
+    );
+    assert!(err.contains("the active policy is unchanged"), "{err}");
+    assert_eq!(env.state("pre"), "stopped");
+    assert_eq!(env.state("fresh"), "stopped");
+}
+
+#[test]
+fn changed_vm_options_are_an_error_that_says_how_to_recreate() {
+    let Some(env) = Env::new() else { return };
+    env.create("opt", &["--memory", "64M", "--tag", "old"]);
+    let text = "name = \"opts\"\n[vm.opt]\nmemory = \"128M\"\ntags = [\"new\"]\n[vm.opt.app.a]\ncommand = [\"sleep\", \"1000\"]\n";
+    let file = manifest(&env, "opts", text);
+    let (_down, out) = up(&env, &file);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(common::EXIT_SHUTTLE_FAILED),
+        "{err}"
+    );
+    assert!(
+        err.contains("existing VMs differ from the manifest"),
+        "{err}"
+    );
+    assert!(
+        err.contains("VM opt: memory 64M (manifest: 128M); tags [\"old\"] (manifest: [\"new\"])"),
+        "{err}"
+    );
+    assert!(err.contains("shuttle vm rm --force NAME"), "{err}");
+    assert_eq!(env.state("opt"), "stopped", "nothing started");
+    // Matching options: up goes ahead with the VM as it is.
+    let same = text.replace("128M", "64M").replace("\"new\"", "\"old\"");
+    let file = manifest(&env, "opts", &same);
+    let (_down2, out) = up(&env, &file);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(stderr(&out).contains("VM opt                   exists (kept as it is)"));
+}
+
+#[test]
+fn application_logs_rotate_at_their_bound_and_logs_shows_them_in_order() {
+    let Some(env) = Env::new() else { return };
+    // 400 numbered lines of 50 bytes (20 000 bytes) against a bound of 4 000 bytes.
+    let text = "name = \"rot\"\n[vm.r.app.talk]\ncommand = [\"python3\", \"-c\", \"import sys, time\\nfor i in range(400):\\n    sys.stdout.write('line %05d ' % i + 'x' * 38 + '\\\\n'); sys.stdout.flush()\\nprint('done', flush=True)\\ntime.sleep(1000)\"]\nstop_timeout = \"1s\"\n";
+    let file = manifest(&env, "rot", text);
+    let _down = Down {
+        env: &env,
+        file: file.clone(),
+    };
+    let out = env
+        .cmd(&["up".as_ref(), file.as_os_str()])
+        .env("SHUTTLE_APP_LOG_MAX", "4000")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = env.path().join("state/systems/rot/logs/r.talk.log");
+    let previous = env.path().join("state/systems/rot/logs/r.talk.log.1");
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::read_to_string(&log)
+            .is_ok_and(|t| t.contains("done"))),
+        "{:?}",
+        std::fs::read_to_string(&log)
+    );
+    for f in [&log, &previous] {
+        let len = std::fs::metadata(f).unwrap().len();
+        assert!(len > 0 && len <= 4000, "{}: {len} bytes", f.display());
+    }
+    // `logs`: the previous file, then the current one: consecutive lines up to the last.
+    let shown = env.ok(&["logs", "r.talk"]);
+    let numbers: Vec<u32> = shown
+        .lines()
+        .filter_map(|l| l.strip_prefix("line "))
+        .map(|l| l[..5].parse().unwrap())
+        .collect();
+    assert_eq!(numbers.last(), Some(&399), "{shown}");
+    // At least a whole file's worth (the bound, 80 lines of 50 bytes) is always kept.
+    assert!(numbers.len() >= 79, "{} lines kept", numbers.len());
+    assert!(
+        numbers.windows(2).all(|w| w[1] == w[0] + 1),
+        "lines out of order or lost: {numbers:?}"
+    );
+    assert!(shown.trim_end().ends_with("done"), "{shown}");
+}
+
+#[test]
+fn a_vm_two_systems_use_is_stopped_by_the_last_down() {
+    let Some(env) = Env::new() else { return };
+    let one = manifest(
+        &env,
+        "one",
+        "name = \"one\"\n[vm.shared.app.a]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n[vm.solo.app.b]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n",
+    );
+    let two = manifest(
+        &env,
+        "two",
+        "name = \"two\"\n[vm.shared.app.c]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n",
+    );
+    let (_down1, out) = up(&env, &one);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let (_down2, out) = up(&env, &two);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = env.output(&["down".as_ref(), one.as_os_str()]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("left running: system two, which is up, uses it too"),
+        "{err}"
+    );
+    assert_eq!(env.state("shared"), "running");
+    assert_eq!(env.state("solo"), "stopped");
+    assert_eq!(app(&env, "shared.c")["state"], "ready");
+    let out = env.output(&["down".as_ref(), two.as_os_str()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_nothing_runs(&env, "two");
+}
+
+#[test]
+fn a_component_that_never_appears_fails_up_and_leaves_nothing_running() {
+    let Some(env) = Env::new() else { return };
+    let text = "name = \"nocomp\"\n[vm.web]\ncomponents = [{ from = \"build\", path = \"/srv/never\" }]\n[vm.web.app.server]\ncommand = [\"sleep\", \"1000\"]\nready_timeout = \"2s\"\n[vm.build.app.idle]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n";
+    let file = manifest(&env, "nocomp", text);
+    let (_down, out) = up(&env, &file);
+    let err = stderr(&out);
+    assert_eq!(
+        out.status.code(),
+        Some(common::EXIT_SHUTTLE_FAILED),
+        "{err}"
+    );
+    assert!(
+        err.contains("web.server waited 2s for its components and still misses build:/srv/never at /srv/never"),
+        "{err}"
+    );
+    assert!(err.contains("shuttle audit --vm web"), "{err}");
+    assert!(
+        err.contains("nothing of system nocomp is left running"),
+        "{err}"
+    );
+    assert_nothing_runs(&env, "nocomp");
+    assert!(!env.path().join("state/policy/layers/nocomp.json").exists());
+    // The refusal and its reason are in the audit.
+    assert!(common::audit_records(&env)
+        .iter()
+        .any(|r| r["op"] == "share"
+            && r["from"] == "web"
+            && r["result"] == "error"
+            && r["reason"]
+                .as_str()
+                .is_some_and(|s| s.contains("/srv/never"))));
+}
+
+#[test]
+fn logs_follow_carries_on_across_rotations() {
+    let Some(env) = Env::new() else { return };
+    // 60 lines of 50 bytes, one every 25 ms, against a bound of 500 bytes: a rotation about
+    // every quarter of a second while `logs --follow` reads.
+    let text = "name = \"follow\"\n[vm.f.app.talk]\ncommand = [\"python3\", \"-c\", \"import sys, time\\ntime.sleep(1)\\nfor i in range(60):\\n    sys.stdout.write('line %05d ' % i + 'x' * 38 + '\\\\n'); sys.stdout.flush(); time.sleep(0.025)\\nprint('done', flush=True)\\ntime.sleep(1000)\"]\nstop_timeout = \"1s\"\n";
+    let file = manifest(&env, "follow", text);
+    let _down = Down {
+        env: &env,
+        file: file.clone(),
+    };
+    let out = env
+        .cmd(&["up".as_ref(), file.as_os_str()])
+        .env("SHUTTLE_APP_LOG_MAX", "500")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let mut follow = common::Guard(
+        env.cmd(&["logs", "--follow", "f.talk"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let shown = follow.read_until("done", Duration::from_secs(20));
+    let numbers: Vec<u32> = shown
+        .lines()
+        .filter_map(|l| l.strip_prefix("line "))
+        .map(|l| l[..5].parse().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..60).collect::<Vec<u32>>(), "{shown}");
+    assert!(env
+        .path()
+        .join("state/systems/follow/logs/f.talk.log.1")
+        .exists());
 }
