@@ -239,7 +239,7 @@ fn mime_of(types: &str, ext: &str) -> Option<String> {
 
 fn invoke_with(program: String, args: Vec<OsString>, open: Vec<String>) -> Result<i32> {
     // Caught from now on: one that arrives while the program starts is delivered once it runs.
-    let mut signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
+    let signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
         .context("installing signal handlers")?;
     let chan = Channel::connect(std::path::Path::new(VM_API_SOCKET)).map_err(|_| {
         anyhow::anyhow!(
@@ -321,43 +321,15 @@ fn invoke_with(program: String, args: Vec<OsString>, open: Vec<String>) -> Resul
         VmReply::Failed { message } => bail!("{message}"),
         other => bail!("unexpected answer: {other:?}"),
     }
-    let master = fds.pop();
-    let mut raw = None;
-    if let Some(m) = &master {
-        raw = terminal_io::RawMode::enter();
-        terminal_io::copy_stdin_to(m.try_clone()?);
-        relays.push(terminal_io::copy_until_done(
-            m.try_clone()?,
-            std::io::stdout(),
-            Arc::clone(&done),
-        ));
-    }
     let sender = chan.try_clone()?;
-    let handle = signals.handle();
-    let winch_target = match &master {
-        Some(m) => Some(m.try_clone()?),
-        None => None,
-    };
-    let forwarder = std::thread::spawn(move || {
-        for sig in signals.forever() {
-            if let (libc::SIGWINCH, Some(m)) = (sig, &winch_target) {
-                let (rows, cols) = terminal_io::size_of(std::io::stdin().as_fd());
-                let _ = shuttle_sys::terminal::set_window_size(m.as_fd(), rows, cols);
-                continue;
-            }
-            if sender
-                .send(&VmRequest::InvokeSignal { signal: sig })
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
-    let reply = chan.recv::<VmReply>();
-    handle.close();
-    let _ = forwarder.join();
-    terminal_io::finish(&done, relays);
-    drop(raw);
+    let reply = terminal_io::relay_session(
+        fds.pop(),
+        signals,
+        relays,
+        done,
+        move |signal| sender.send(&VmRequest::InvokeSignal { signal }).is_ok(),
+        || chan.recv::<VmReply>(),
+    )?;
     match reply {
         Ok(VmReply::Exited(status)) => Ok(status.shell_code()),
         Ok(VmReply::InvokeFailed { message, exit_code }) => {
