@@ -823,6 +823,19 @@ fn parse_invoke(cx: &mut Ctx<'_>, fields: &HashMap<&str, Field<'_>>) -> Option<I
             }
         }
     }
+    // Exposing the directory of file arguments that are not passed would do nothing: a rule
+    // that says both is a mistake, not a preference.
+    if let (true, FileAccess::None, Some(f)) = (p.expose_dir, p.files, fields.get("expose_dir")) {
+        ok = false;
+        cx.err(
+            ErrorKind::BadParam,
+            f.value_at,
+            "`expose_dir = true` with `files = \"none\"`: no file argument is passed, so no \
+             directory can be exposed"
+                .into(),
+            "remove expose_dir, or set files = \"read-only\" or \"read-write\"",
+        );
+    }
     if let Some(f) = fields.get("env").copied() {
         // Given, the list replaces the default one (`env = []` passes nothing).
         p.env.clear();

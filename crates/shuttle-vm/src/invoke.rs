@@ -104,10 +104,15 @@ pub(crate) fn serve(
     } else {
         ", starting it"
     };
+    let dirs = if params.expose_dir {
+        " and the files of their directories"
+    } else {
+        ""
+    };
     let passing = match (files.len(), params.files) {
         (0, _) | (_, FileAccess::None) => String::new(),
-        (n, FileAccess::ReadOnly) => format!(" with {n} file argument(s) read-only"),
-        (n, FileAccess::ReadWrite) => format!(" with {n} file argument(s) read-write"),
+        (n, FileAccess::ReadOnly) => format!(" with {n} file argument(s){dirs} read-only"),
+        (n, FileAccess::ReadWrite) => format!(" with {n} file argument(s){dirs} read-write"),
     };
     record.reason = Some(format!(
         "run as {user} in VM {target}{passing}{starting}{approval}"
@@ -127,6 +132,20 @@ pub(crate) fn serve(
     }
     let mut spec = spec;
     let mut _exposed = None;
+    // `expose_dir`: the files of each file argument's directory are opened with the caller's
+    // credentials, all of them from the kernel (the groups too), never from the request.
+    let dir_creds = match (params.expose_dir, ids) {
+        (true, Some((uid, gid))) if !files.is_empty() => {
+            match shuttle_sys::unotify::peer_groups(chan.as_fd()) {
+                Ok(groups) => Some(transfer::CallerCreds { uid, gid, groups }),
+                Err(e) => {
+                    let why = format!("the caller's groups are unknown (SO_PEERGROUPS: {e})");
+                    return chan.send(&fail(record, why));
+                }
+            }
+        }
+        _ => None,
+    };
     if !files.is_empty() {
         let caller_ns = ctx.stubs.as_ref().map(|s| s.mount_namespace());
         let shown = caller_ns
@@ -140,6 +159,7 @@ pub(crate) fn serve(
                     &t,
                     files,
                     params.files == FileAccess::ReadWrite,
+                    dir_creds.as_ref(),
                 )
             });
         match shown {

@@ -572,3 +572,70 @@ kill $racer
     );
     assert!(!text.contains("private-data"), "{text}");
 }
+
+#[test]
+fn expose_dir_shows_the_other_files_of_the_directory_that_the_caller_can_open() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(
+        &env,
+        &format!(
+            "{}{}{}",
+            rule("/usr/bin/bash", "expose_dir = true\n"),
+            rule(
+                "/usr/bin/env",
+                "expose_dir = true\nfiles = \"read-write\"\n"
+            ),
+            rule("/usr/bin/ls", "")
+        ),
+    );
+    // A document with its image, a file nobody may read, a subdirectory, a link out.
+    env.run_ok(
+        "a",
+        "mkdir -p /srv/docs/sub && echo doc > /srv/docs/doc.txt && echo png > /srv/docs/img.png \
+         && echo secret > /srv/docs/private && chmod 600 /srv/docs/private \
+         && echo deeper > /srv/docs/sub/x && ln -s /etc/shadow /srv/docs/link",
+    );
+    // Without the option: the named file alone.
+    assert_eq!(
+        env.run_ok("a", "ls /shuttle/from/a/srv/docs /srv/docs/doc.txt 2>&1"),
+        "/shuttle/from/a/srv/docs/doc.txt\n\n/shuttle/from/a/srv/docs:\ndoc.txt\n"
+    );
+    // With it, as nobody: the siblings nobody can open, nothing else, read-only.
+    let script = r#"d=$(dirname "$1"); ls -A "$d"; cat "$d/img.png"; echo x >> "$d/img.png" || echo read-only; touch "$d/new" || echo no-new-files"#;
+    let out = env.output(&[
+        "run",
+        "a",
+        "-u",
+        "nobody",
+        "--",
+        "bash",
+        "-c",
+        script,
+        "_",
+        "/srv/docs/doc.txt",
+    ]);
+    assert_success(&out, "bash with expose_dir as nobody");
+    assert_eq!(
+        stdout(&out),
+        "doc.txt\nimg.png\npng\nread-only\nno-new-files\n",
+        "{}",
+        stderr(&out)
+    );
+    // read-write granted and the caller (root) may write: the sibling is written in a.
+    env.run_ok(
+        "a",
+        r#"env bash -c 'echo more >> "$(dirname "$1")/img.png"' _ /srv/docs/doc.txt"#,
+    );
+    assert_eq!(
+        env.run_ok("a", "head -c 100 /srv/docs/img.png"),
+        "png\nmore\n"
+    );
+    // Gone afterwards, and audited as such.
+    assert_eq!(env.run_ok("b", "find /shuttle/from/a -mindepth 1"), "");
+    assert!(invokes(&env).iter().any(|r| r["object"] == "/usr/bin/bash"
+        && r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("and the files of their directories read-only"))));
+}
