@@ -217,6 +217,11 @@ pub struct InvokeSpec {
     /// rewritten to that path.
     #[serde(default)]
     pub files: Vec<u32>,
+    /// Which of `args` are options whose value names a regular file (`--input=/srv/a.txt`,
+    /// `-o/srv/out`): the monitor finds the value itself (`shuttle_vm::transfer::option_value`)
+    /// and treats it as a file argument, rewriting only the value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub option_files: Vec<u32>,
     /// `shuttle open`: the objects of `open` rules this request may match, in the order to
     /// try (`scheme:https`, `mime:application/pdf`, `ext:pdf`). When present, `program` is
     /// ignored: the first object some rule routes decides, and the program run is that rule's

@@ -68,7 +68,9 @@ pub(crate) fn serve(
     };
     // File arguments are asked for only now that the invocation is allowed, and only when
     // the rule passes them.
-    let files = if params.files == FileAccess::None || spec.files.is_empty() {
+    let files = if params.files == FileAccess::None
+        || (spec.files.is_empty() && spec.option_files.is_empty())
+    {
         Vec::new()
     } else {
         let write = params.files == FileAccess::ReadWrite;
@@ -165,8 +167,22 @@ pub(crate) fn serve(
         match shown {
             Ok((rewritten, exposed)) => {
                 for (index, arg) in rewritten {
+                    let option = spec.option_files.contains(&(index as u32));
                     if let Some(a) = spec.args.get_mut(index) {
-                        *a = arg;
+                        // `--input=/srv/a.txt`: only the value is the file's name.
+                        let prefix = if option {
+                            transfer::option_value(a.as_bytes()).map(|start| &a.as_bytes()[..start])
+                        } else {
+                            None
+                        };
+                        *a = match prefix {
+                            Some(prefix) => {
+                                let mut v = prefix.to_vec();
+                                v.extend_from_slice(arg.as_bytes());
+                                Bytes::from(std::ffi::OsStr::from_bytes(&v))
+                            }
+                            None => arg,
+                        };
                     }
                 }
                 _exposed = Some(exposed);
@@ -483,7 +499,8 @@ fn receive_files(chan: &Channel, spec: &InvokeSpec) -> Result<Vec<transfer::File
         }
         for (i, fd) in args.into_iter().zip(fds) {
             let index = i as usize;
-            if !spec.files.contains(&i) || files.iter().any(|f| f.index == index) {
+            let announced = spec.files.contains(&i) || spec.option_files.contains(&i);
+            if !announced || files.iter().any(|f| f.index == index) {
                 return Err(format!(
                     "argument {i} was not announced as a file, or came twice"
                 ));
@@ -521,6 +538,21 @@ fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
         || spec.files.iter().any(|&i| i as usize >= spec.args.len())
     {
         return Err("file arguments that are not arguments".into());
+    }
+    // Option arguments with a file value: each an argument of that form (as the monitor reads
+    // it), once, and not also a whole file argument.
+    let mut seen = std::collections::BTreeSet::new();
+    for &i in &spec.option_files {
+        let is_option = spec
+            .args
+            .get(i as usize)
+            .is_some_and(|a| transfer::option_value(a.as_bytes()).is_some());
+        if !is_option || spec.files.contains(&i) || !seen.insert(i) {
+            return Err(format!("argument {i} is not an option with a file value"));
+        }
+    }
+    if spec.files.len() + spec.option_files.len() > transfer::MAX_FILES {
+        return Err(format!("more than {} file arguments", transfer::MAX_FILES));
     }
     Ok(())
 }
@@ -606,6 +638,7 @@ mod tests {
             cwd: None,
             terminal,
             files: Vec::new(),
+            option_files: Vec::new(),
             open: Vec::new(),
         }
     }
@@ -619,5 +652,17 @@ mod tests {
         assert!(check(&spec("/usr/bin/wc", Some((24, 80))), 3).is_err());
         assert!(check(&spec("/usr/bin/wc", Some((0, 80))), 0).is_err());
         assert!(check(&spec(&format!("/{}", "a".repeat(5000)), None), 3).is_err());
+        let mut s = spec("/usr/bin/sort", None);
+        s.args = vec![Bytes::from("--output=/srv/out"), Bytes::from("/srv/in")];
+        s.files = vec![1];
+        s.option_files = vec![0];
+        assert!(check(&s, 3).is_ok());
+        s.option_files = vec![1];
+        assert!(check(&s, 3).is_err(), "a whole argument is not an option");
+        s.option_files = vec![0, 0];
+        assert!(check(&s, 3).is_err(), "twice");
+        s.args[0] = Bytes::from("--output=out");
+        s.option_files = vec![0];
+        assert!(check(&s, 3).is_err(), "no path value");
     }
 }

@@ -60,6 +60,31 @@ pub(crate) const PSEUDO_FS: &[i64] = &[
     0x4249_4e4d,            // binfmt_misc
 ];
 
+/// Where the value starts in an option argument whose value may name a file: `--NAME=VALUE`
+/// (NAME of letters, digits, `-` and `_`) or `-XVALUE` (X one letter or digit), where VALUE
+/// looks like a path: absolute, or starting with `./` or `../`. The deliberate limit: a bare
+/// word (`--output=out.txt`, `-ofoo`) stays a string, since option values are far more often
+/// names, numbers or modes than files, and `-abc` clusters of flags must never be taken for a
+/// path. Used by the stub to announce candidates and by the monitor, which trusts only its own
+/// reading, to split the argument.
+pub fn option_value(arg: &[u8]) -> Option<usize> {
+    let pathlike = |v: &[u8]| v.starts_with(b"/") || v.starts_with(b"./") || v.starts_with(b"../");
+    if let Some(rest) = arg.strip_prefix(b"--") {
+        let eq = rest.iter().position(|b| *b == b'=')?;
+        let name = &rest[..eq];
+        let valid = name.first().is_some_and(u8::is_ascii_alphanumeric)
+            && name
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+        let start = 2 + eq + 1;
+        return (valid && pathlike(&arg[start..])).then_some(start);
+    }
+    match arg {
+        [b'-', x, value @ ..] if x.is_ascii_alphanumeric() && pathlike(value) => Some(2),
+        _ => None,
+    }
+}
+
 /// A running VM's mount namespace, checked to be its init's.
 #[derive(Debug)]
 pub(crate) struct TargetNs {
@@ -693,5 +718,36 @@ fn remove_mount_point(path: &[u8]) {
             break;
         }
         dir = d.parent();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::option_value;
+
+    #[test]
+    fn option_values_that_look_like_paths_are_found() {
+        assert_eq!(option_value(b"--input=/srv/a.txt"), Some(8));
+        assert_eq!(option_value(b"--files0-from=./list"), Some(14));
+        assert_eq!(option_value(b"--out_file=../x"), Some(11));
+        assert_eq!(option_value(b"-o/srv/out"), Some(2));
+        assert_eq!(option_value(b"-C./dir"), Some(2));
+        // Bare words, flags, clusters, odd names and plain paths are not options with files.
+        for no in [
+            &b"--output=out.txt"[..],
+            b"--output=",
+            b"--=/x",
+            b"---x=/y",
+            b"--a b=/x",
+            b"-ofoo",
+            b"-la",
+            b"-/x",
+            b"--",
+            b"-",
+            b"/srv/a.txt",
+            b"--input /srv/a",
+        ] {
+            assert_eq!(option_value(no), None, "{}", String::from_utf8_lossy(no));
+        }
     }
 }

@@ -109,26 +109,59 @@ fn standard(fd: BorrowedFd<'_>, keep: &mut Vec<OwnedFd>) -> Result<()> {
 /// The most file arguments passed along (the monitor takes no more).
 const MAX_FILES: usize = 64;
 
+/// The path an argument names for the transfer: the whole argument, or the value of an
+/// option that looks like a path (`--input=/srv/a.txt`, `-o/srv/out`; see
+/// `shuttle_vm::transfer::option_value`, the monitor's own reading of it).
+fn named_path(arg: &OsString, option: bool) -> Option<&std::ffi::OsStr> {
+    use std::os::unix::ffi::OsStrExt;
+    if !option {
+        return Some(arg.as_os_str());
+    }
+    let bytes = arg.as_bytes();
+    shuttle_vm::transfer::option_value(bytes)
+        .map(|start| std::ffi::OsStr::from_bytes(&bytes[start..]))
+}
+
 /// The arguments that name regular files (in the caller's VM, as the program would resolve
-/// them here): those the monitor may ask for. Options, missing paths, directories, devices
-/// and FIFOs stay plain strings.
-fn file_candidates(args: &[OsString]) -> Vec<u32> {
-    args.iter()
-        .enumerate()
-        .filter(|(_, a)| !a.is_empty() && std::fs::metadata(a).is_ok_and(|m| m.is_file()))
-        .filter_map(|(i, _)| u32::try_from(i).ok())
-        .take(MAX_FILES)
-        .collect()
+/// them here): those the monitor may ask for, whole ones and options with a file value (in
+/// that order). Missing paths, directories, devices, FIFOs and other options stay plain
+/// strings.
+fn file_candidates(args: &[OsString]) -> (Vec<u32>, Vec<u32>) {
+    let is_file =
+        |p: &std::ffi::OsStr| !p.is_empty() && std::fs::metadata(p).is_ok_and(|m| m.is_file());
+    let (mut whole, mut options) = (Vec::new(), Vec::new());
+    for (i, a) in args.iter().enumerate() {
+        let Ok(i) = u32::try_from(i) else { break };
+        if whole.len() + options.len() == MAX_FILES {
+            break;
+        }
+        if is_file(a) {
+            whole.push(i);
+        } else if named_path(a, true).is_some_and(is_file) {
+            options.push(i);
+        }
+    }
+    (whole, options)
 }
 
 /// Opens the candidate file arguments here, in the caller's VM and with the caller's rights
 /// (for writing too when `write` and allowed, else for reading), and sends their descriptors:
 /// nothing the caller could not open itself is ever passed. One it cannot open stays a string.
-fn send_files(chan: &Channel, args: &[OsString], candidates: &[u32], write: bool) -> Result<()> {
+fn send_files(
+    chan: &Channel,
+    args: &[OsString],
+    candidates: &(Vec<u32>, Vec<u32>),
+    write: bool,
+) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut files: Vec<(u32, OwnedFd)> = Vec::new();
-    for &i in candidates {
-        let Some(arg) = args.get(i as usize) else {
+    let all = candidates
+        .0
+        .iter()
+        .map(|i| (*i, false))
+        .chain(candidates.1.iter().map(|i| (*i, true)));
+    for (i, option) in all {
+        let Some(arg) = args.get(i as usize).and_then(|a| named_path(a, option)) else {
             continue;
         };
         // Non-blocking, no controlling terminal: the path may have been swapped for a FIFO or
@@ -290,7 +323,8 @@ fn invoke_with(program: String, args: Vec<OsString>, open: Vec<String>) -> Resul
             .ok()
             .map(|d| Bytes::from(d.as_os_str())),
         terminal: pty_mode.then(|| terminal_io::size_of(stdin.as_fd())),
-        files: candidates.clone(),
+        files: candidates.0.clone(),
+        option_files: candidates.1.clone(),
         open,
     };
     let borrowed: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();

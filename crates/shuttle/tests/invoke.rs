@@ -639,3 +639,62 @@ fn expose_dir_shows_the_other_files_of_the_directory_that_the_caller_can_open() 
             .as_str()
             .is_some_and(|s| s.contains("and the files of their directories read-only"))));
 }
+
+#[test]
+fn option_values_that_name_files_cross_as_file_arguments() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(
+        &env,
+        &format!(
+            "{}{}{}",
+            rule("/usr/bin/bash", ""),
+            rule("/usr/bin/grep", ""),
+            rule("/usr/bin/sort", "files = \"read-write\"\n"),
+        ),
+    );
+    env.run_ok(
+        "a",
+        "mkdir -p /srv/w && printf 'b\\nzz\\n' > /srv/w/pats && printf 'a\\nb\\nc\\nzz\\n' > /srv/w/data \
+         && printf '3\\n1\\n2\\n' > /srv/w/in && : > /srv/w/out && : > /srv/w/ro-out",
+    );
+    // Only the value is rewritten; a bare word stays a string (deliberately: see README).
+    assert_eq!(
+        env.run_ok(
+            "a",
+            "cd /srv/w && bash -c 'echo \"$@\"' _ --input=/srv/w/pats -o/srv/w/pats --x=./pats --y=pats -la --z=/nonexistent"
+        )
+        .trim(),
+        "--input=/shuttle/from/a/srv/w/pats -o/shuttle/from/a/srv/w/pats \
+         --x=/shuttle/from/a/srv/w/pats --y=pats -la --z=/nonexistent"
+    );
+    // A real program reads a file named in an option, long and short.
+    assert_eq!(
+        env.run_ok("a", "grep --file=/srv/w/pats /srv/w/data"),
+        "b\nzz\n"
+    );
+    assert_eq!(
+        env.run_ok("a", "cd /srv/w && grep -f./pats data"),
+        "b\nzz\n"
+    );
+    // `--file=pats` is not transferred: b has no such file.
+    let out = env.run("a", "cd /srv/w && grep --file=pats /srv/w/data");
+    assert_code(&out, 2, "grep --file=pats");
+    // Written through an option where the rule grants it...
+    env.run_ok("a", "sort --output=/srv/w/out /srv/w/in");
+    assert_eq!(env.run_ok("a", "head -c 100 /srv/w/out"), "1\n2\n3\n");
+    // ... and refused where it does not (bash's rule passes files read-only).
+    let out = env.run("a", "bash -c 'echo x > \"${1#--o=}\"' _ --o=/srv/w/ro-out");
+    assert!(!out.status.success(), "wrote a read-only option file");
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.run_ok("a", "head -c 10 /srv/w/ro-out"), "");
+    assert!(invokes(&env).iter().any(|r| r["object"] == "/usr/bin/sort"
+        && r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("with 2 file argument(s) read-write"))));
+}
