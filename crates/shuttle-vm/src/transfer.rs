@@ -527,7 +527,7 @@ fn how_beneath() -> OpenHow {
 
 /// The directory `name` in `dir`, made (0755) when missing; never through a symbolic link or
 /// onto another file system.
-fn subdir(dir: &OwnedFd, name: &[u8]) -> Result<OwnedFd, Errno> {
+pub(crate) fn subdir(dir: &OwnedFd, name: &[u8]) -> Result<OwnedFd, Errno> {
     let name = std::ffi::OsStr::from_bytes(name);
     match openat2(dir, Path::new(name), how_beneath()) {
         Err(Errno::ENOENT) => {
