@@ -228,6 +228,16 @@ pub struct InvokeSpec {
     /// `handler`, with `args` (the path or URL) as its arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub open: Vec<String>,
+    /// `shuttle run VM -- CMD` inside a VM: the VM the caller names. Its own VM (the one whose
+    /// socket the request came in on, never a name it claims) runs `program` (found on the
+    /// command's PATH) with `args` as the caller's uid and gid; another VM only as an
+    /// invocation the policy routes there (`program` an absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_in: Option<String>,
+    /// `shuttle run -u USER` inside a VM: honoured in the caller's own VM for a caller whose
+    /// uid is 0 there (who could become anyone anyway); refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

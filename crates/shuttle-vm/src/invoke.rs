@@ -50,6 +50,13 @@ pub(crate) fn serve(
     spec: InvokeSpec,
     stdio: Vec<OwnedFd>,
 ) -> Result<(), ChannelError> {
+    if spec
+        .run_in
+        .as_deref()
+        .is_some_and(|vm| vm.is_empty() || vm == ctx.vm)
+    {
+        return serve_own_vm(ctx, chan, caller, ids, spec, stdio);
+    }
     let mut record = AuditRecord {
         time: shuttle_audit::now_unix_nanos(),
         op: Op::Invoke.as_str().into(),
@@ -193,6 +200,22 @@ pub(crate) fn serve(
         }
     }
     let command = command_for(ctx, &target, &params, user, &program, spec);
+    relay(ctx, chan, record, &target, &program, command, stdio)
+}
+
+/// Runs `command` in VM `target` for the caller on `chan` (whose decision `record` is
+/// journaled already) and relays until it ends: the start (with a terminal's master side),
+/// the caller's signals, its death (the program is killed), the exit status.
+fn relay(
+    ctx: &ApiContext,
+    chan: &Channel,
+    mut record: AuditRecord,
+    target: &str,
+    program: &str,
+    command: CommandSpec,
+    stdio: Vec<OwnedFd>,
+) -> Result<(), ChannelError> {
+    let target = target.to_owned();
     let fds: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
     let session = match client::run(&ctx.layout, &target, command.clone(), &fds) {
         // Its lock is held but its socket is not there yet: still starting.
@@ -371,6 +394,16 @@ fn decide(
     };
     let Some((decision, target)) = routed else {
         record.reason = Some("no rule matched: default deny".into());
+        if let Some(named) = &spec.run_in {
+            record.to = Some(named.clone());
+            let message = format!(
+                "running {program} in VM {named} is not allowed by the policy (no invoke rule \
+                 routes {program} from VM {} to VM {named}; in this VM itself, leave out the VM \
+                 name)",
+                ctx.vm
+            );
+            return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
+        }
         let message = format!(
             "{what} is not allowed by the policy (no rule routes it from VM {} to another VM)",
             ctx.vm
@@ -400,6 +433,19 @@ fn decide(
         }
     };
     record.to = Some(to.clone());
+    // `shuttle run b -- PROGRAM` inside a: only where the rule routes PROGRAM to b itself.
+    if let Some(named) = spec.run_in.as_deref().filter(|n| *n != to) {
+        record.to = Some(named.to_owned());
+        record.reason = Some(format!(
+            "{} routes it to VM {to}, not to VM {named}",
+            rule.label()
+        ));
+        let message = format!(
+            "running {program} in VM {named} is not allowed by the policy ({rule_at} routes it \
+             to VM {to})"
+        );
+        return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
+    }
     if to == ctx.vm {
         record.reason = Some(format!(
             "{} routes it to the calling VM itself",
@@ -513,11 +559,129 @@ fn receive_files(chan: &Channel, spec: &InvokeSpec) -> Result<Vec<transfer::File
     }
 }
 
+/// `shuttle run [VM] -- CMD` inside VM a naming a itself (or no VM): CMD runs in a, a child of
+/// a's init like any `shuttle run`, as the caller's own uid and gid from the kernel (`-u`
+/// only for a caller that is root in a, who could become anyone there anyway), with the
+/// caller's environment and directory. Nothing crosses a VM boundary, so no rule is needed;
+/// it is audited (op `run`, from and to a) like every request.
+fn serve_own_vm(
+    ctx: &ApiContext,
+    chan: &Channel,
+    caller: &Caller,
+    ids: CallerIds,
+    spec: InvokeSpec,
+    stdio: Vec<OwnedFd>,
+) -> Result<(), ChannelError> {
+    let mut record = AuditRecord {
+        time: shuttle_audit::now_unix_nanos(),
+        op: "run".into(),
+        from: ctx.vm.clone(),
+        to: Some(ctx.vm.clone()),
+        object: spec.program.chars().take(MAX_PROGRAM).collect(),
+        result: Outcome::Deny,
+        rule: None,
+        caller: caller.clone(),
+        reason: None,
+        seq: 0,
+    };
+    // File arguments the caller announced (it does not know which VM is its own) are names
+    // of its own VM's files already: they are neither asked for nor rewritten.
+    let malformed = check_run(&spec, stdio.len()).err().or_else(|| {
+        (!spec.open.is_empty()).then(|| "open objects in a run in the caller's own VM".into())
+    });
+    if let Some(why) = malformed {
+        record.reason = Some(format!("malformed request: {why}"));
+        let message = format!("invalid run request: {why}");
+        return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
+    }
+    let Some((uid, gid)) = ids else {
+        let message = "the caller's uid and gid are unknown (no peer credentials)".to_owned();
+        record.result = Outcome::Error;
+        record.reason = Some(message.clone());
+        return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
+    };
+    let user = match &spec.user {
+        None => format!("{uid}:{gid}"),
+        Some(u) if uid == 0 => u.clone(),
+        Some(u) => {
+            record.reason = Some(format!("uid {uid} asked to run as {u}"));
+            let message = format!(
+                "running as {u} is not allowed: a command started from inside VM {} runs as \
+                 its caller (uid {uid}); only root there may name another user",
+                ctx.vm
+            );
+            return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
+        }
+    };
+    record.result = Outcome::Allow;
+    record.reason = Some(format!("run as {user} in the caller's own VM {}", ctx.vm));
+    if !vm_api::journal(ctx, record.clone()) {
+        return chan.send(&journal_failed());
+    }
+    let env = spec
+        .env
+        .into_iter()
+        .filter(|(k, v)| {
+            let k = k.as_bytes();
+            !k.is_empty() && !k.contains(&b'=') && !k.contains(&0) && !v.as_bytes().contains(&0)
+        })
+        .collect();
+    let mut argv = Vec::with_capacity(spec.args.len() + 1);
+    argv.push(Bytes::from(spec.program.as_str()));
+    argv.extend(spec.args);
+    let command = CommandSpec {
+        argv,
+        env,
+        cwd: spec.cwd,
+        user: Some(user),
+        terminal: spec.terminal,
+    };
+    let (vm, program) = (ctx.vm.clone(), spec.program);
+    relay(ctx, chan, record, &vm, &program, command, stdio)
+}
+
+/// The checks of [`check`] that every request shares: descriptors, terminal, sizes.
+fn check_run(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
+    let p = &spec.program;
+    if p.is_empty() || p.len() > MAX_PROGRAM || p.contains('\0') {
+        return Err(format!("program {p:?} is empty or too long"));
+    }
+    if spec
+        .user
+        .as_ref()
+        .is_some_and(|u| u.is_empty() || u.len() > 256 || u.contains('\0'))
+    {
+        return Err("an invalid user".into());
+    }
+    let expected = if spec.terminal.is_some() { 0 } else { 3 };
+    if fds != expected {
+        return Err(format!(
+            "{fds} descriptors came with it, {expected} expected (stdin, stdout, stderr)"
+        ));
+    }
+    if spec.terminal.is_some_and(|(r, c)| r == 0 || c == 0) {
+        return Err("a terminal of size 0".into());
+    }
+    Ok(())
+}
+
 /// Checks what the policy does not: sizes and descriptors.
 fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     let p = &spec.program;
     if spec.open.is_empty() && (!p.starts_with('/') || p.len() > MAX_PROGRAM || p.contains('\0')) {
         return Err(format!("program {p:?} is not an absolute path"));
+    }
+    if let Some(vm) = &spec.run_in {
+        if crate::config::validate_name(vm).is_err() || !spec.open.is_empty() {
+            return Err(format!("VM name {vm:?} is not valid"));
+        }
+    }
+    if spec.user.is_some() {
+        return Err(
+            "a user for another VM: who the program runs as there is the invoke rule's `user` \
+             (or the caller's uid and gid)"
+                .into(),
+        );
     }
     if spec.open.len() > MAX_OPEN_OBJECTS || spec.open.iter().any(|o| o.len() > MAX_PROGRAM) {
         return Err("too many or too long objects to open".into());
@@ -640,6 +804,8 @@ mod tests {
             files: Vec::new(),
             option_files: Vec::new(),
             open: Vec::new(),
+            run_in: None,
+            user: None,
         }
     }
 

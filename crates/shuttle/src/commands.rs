@@ -415,8 +415,16 @@ pub(crate) const FORWARDED_SIGNALS: &[i32] = &[
 ];
 
 fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
+    // Inside a VM there is no state directory to read and no monitor socket to reach: the
+    // VM's own API socket carries the request, and the VM is the socket's.
+    if crate::invoke_cmd::inside_vm() {
+        let env = command_env(&args)?;
+        return crate::invoke_cmd::run_in_vm(args.name, args.command, env, args.workdir, args.user);
+    }
     require_root()?;
-    let name = args.name.clone();
+    let Some(name) = args.name.clone() else {
+        bail!("name the VM to run in: shuttle run VM -- CMD");
+    };
     let config = store::load(layout, &name)?;
     // Catch forwarded signals from now on, so one that arrives while the VM starts is
     // delivered once the command runs rather than killing shuttle.

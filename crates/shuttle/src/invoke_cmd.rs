@@ -196,7 +196,116 @@ fn send_files(
 /// Runs `program` (an absolute path, as the rule names it) with `args` where the policy routes
 /// it; returns the exit status to exit with.
 pub fn invoke(program: String, args: Vec<OsString>) -> Result<i32> {
-    invoke_with(program, args, Vec::new())
+    invoke_with(Call::new(program, args))
+}
+
+/// Whether this process runs inside a Shuttle VM: its binary is the one Shuttle binds at
+/// `/run/shuttle/shuttle` in every VM (there is no such file on the host).
+pub fn inside_vm() -> bool {
+    let (Ok(me), Ok(shuttle)) = (
+        std::fs::metadata("/proc/self/exe"),
+        std::fs::metadata(IN_VM_SHUTTLE),
+    ) else {
+        return false;
+    };
+    me.dev() == shuttle.dev() && me.ino() == shuttle.ino()
+}
+
+/// `shuttle run [VM] -- CMD` inside a VM. Work started at a VM's request runs in a VM, never
+/// on the host: with no VM named (or this VM's own name) the command runs in this VM, as
+/// this process's uid and gid, a child of the VM's init; another VM runs it only where an
+/// `invoke` rule routes the program (CMD resolved on PATH here to the absolute path rules
+/// name), as an invocation (its rule's environment, user and file arguments). Which VM is
+/// "this VM" is the monitor's knowledge (the socket the request comes in on), not ours.
+pub fn run_in_vm(
+    vm: Option<String>,
+    command: Vec<OsString>,
+    env: Vec<(Bytes, Bytes)>,
+    workdir: Option<OsString>,
+    user: Option<String>,
+) -> Result<i32> {
+    let Some((first, args)) = command.split_first() else {
+        bail!("name the command to run after --");
+    };
+    let mut call = Call::new(String::new(), args.to_vec());
+    call.program = match &vm {
+        // Named: as invoke rules name programs, an absolute path (the monitor runs this VM's
+        // own program by that path too when the name is this VM's).
+        Some(_) => program_path(first, &env)?,
+        None => first
+            .to_str()
+            .context("the command's name is not valid UTF-8")?
+            .to_owned(),
+    };
+    call.run_in = Some(vm.unwrap_or_default());
+    call.user = user;
+    call.env = Some(env);
+    if let Some(w) = workdir {
+        call.cwd = Some(Bytes::from(w.as_os_str()));
+    }
+    invoke_with(call)
+}
+
+/// The absolute path of program `name` here: itself when it has a `/` (made absolute, links
+/// not resolved: rules name the path), else the first executable file of that name on `env`'s
+/// PATH.
+fn program_path(name: &std::ffi::OsStr, env: &[(Bytes, Bytes)]) -> Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let found = if name.as_bytes().contains(&b'/') {
+        Some(std::path::absolute(name)?)
+    } else {
+        let path = env
+            .iter()
+            .find(|(k, _)| k.as_bytes() == b"PATH")
+            .map(|(_, v)| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        path.split(|b| *b == b':')
+            .filter(|d| d.starts_with(b"/"))
+            .map(|d| std::path::Path::new(std::ffi::OsStr::from_bytes(d)).join(name))
+            .find(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    };
+    let Some(found) = found else {
+        bail!(
+            "{} not found on PATH in this VM: name the program's absolute path, as the invoke rule does",
+            name.to_string_lossy()
+        );
+    };
+    found
+        .into_os_string()
+        .into_string()
+        .map_err(|_| anyhow::anyhow!("the program's path is not valid UTF-8"))
+}
+
+/// What the stub, `shuttle invoke`, `shuttle open` and `shuttle run` inside a VM ask of the
+/// VM's monitor.
+struct Call {
+    program: String,
+    args: Vec<OsString>,
+    open: Vec<String>,
+    run_in: Option<String>,
+    user: Option<String>,
+    /// `None`: this process's environment (the monitor keeps what the rule allows).
+    env: Option<Vec<(Bytes, Bytes)>>,
+    /// `None`: this process's working directory.
+    cwd: Option<Bytes>,
+}
+
+impl Call {
+    fn new(program: String, args: Vec<OsString>) -> Call {
+        Call {
+            program,
+            args,
+            open: Vec::new(),
+            run_in: None,
+            user: None,
+            env: None,
+            cwd: None,
+        }
+    }
 }
 
 /// `shuttle open PATH|URL` (and `xdg-open` when this binary is installed under that name):
@@ -219,7 +328,9 @@ pub fn open(target: OsString) -> Result<i32> {
     if objects.is_empty() {
         bail!("{text}: no scheme, type or extension to route by: name a URL or a file with an extension");
     }
-    invoke_with(String::new(), vec![arg], objects)
+    let mut call = Call::new(String::new(), vec![arg]);
+    call.open = objects;
+    invoke_with(call)
 }
 
 /// The scheme of `s` (lower case) when it is a URL: `NAME:` with NAME of two or more
@@ -270,7 +381,16 @@ fn mime_of(types: &str, ext: &str) -> Option<String> {
         })
 }
 
-fn invoke_with(program: String, args: Vec<OsString>, open: Vec<String>) -> Result<i32> {
+fn invoke_with(call: Call) -> Result<i32> {
+    let Call {
+        program,
+        args,
+        open,
+        run_in,
+        user,
+        env,
+        cwd,
+    } = call;
     // Caught from now on: one that arrives while the program starts is delivered once it runs.
     let signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
         .context("installing signal handlers")?;
@@ -316,16 +436,22 @@ fn invoke_with(program: String, args: Vec<OsString>, open: Vec<String>) -> Resul
     let spec = InvokeSpec {
         program: program.clone(),
         args: args.iter().map(|a| Bytes::from(a.as_os_str())).collect(),
-        env: std::env::vars_os()
-            .map(|(k, v)| (Bytes::from(k.as_os_str()), Bytes::from(v.as_os_str())))
-            .collect(),
-        cwd: std::env::current_dir()
-            .ok()
-            .map(|d| Bytes::from(d.as_os_str())),
+        env: env.unwrap_or_else(|| {
+            std::env::vars_os()
+                .map(|(k, v)| (Bytes::from(k.as_os_str()), Bytes::from(v.as_os_str())))
+                .collect()
+        }),
+        cwd: cwd.or_else(|| {
+            std::env::current_dir()
+                .ok()
+                .map(|d| Bytes::from(d.as_os_str()))
+        }),
         terminal: pty_mode.then(|| terminal_io::size_of(stdin.as_fd())),
         files: candidates.0.clone(),
         option_files: candidates.1.clone(),
         open,
+        run_in,
+        user,
     };
     let borrowed: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
     chan.send_with_fds(&VmRequest::Invoke(spec), &borrowed)?;

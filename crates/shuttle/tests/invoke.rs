@@ -698,3 +698,90 @@ fn option_values_that_name_files_cross_as_file_arguments() {
             .as_str()
             .is_some_and(|s| s.contains("with 2 file argument(s) read-write"))));
 }
+
+#[test]
+fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_routes() {
+    let Some(env) = Env::new() else { return };
+    for vm in ["a", "b", "c"] {
+        env.create(vm, &[]);
+    }
+    let run = |vm_args: &str, cmd: &str| format!("{IN_VM_SHUTTLE} run {vm_args} -- {cmd}");
+    // No VM named, or its own name: in the caller's VM, a child of its init (not of the
+    // caller), as the caller.
+    env.run_ok("a", "echo a-only > /etc/a-marker");
+    assert_eq!(env.run_ok("a", &run("", "hostname")).trim(), "a");
+    assert_eq!(
+        env.run_ok("a", &run("a", "cat /etc/a-marker")).trim(),
+        "a-only"
+    );
+    assert_eq!(
+        env.run_ok("a", &run("", "sh -c 'echo $PPID'")).trim(),
+        "1",
+        "not started by the VM's init"
+    );
+    let as_nobody = |cmd: &str| env.output(&["run", "a", "-u", "nobody", "--", "sh", "-c", cmd]);
+    let out = as_nobody(&run("", "id -u"));
+    assert_success(&out, "shuttle run as nobody inside a");
+    assert_eq!(stdout(&out).trim(), "65534");
+    // Only root in the VM may name another user.
+    let out = as_nobody(&run("-u root", "id -u"));
+    assert_code(&out, 126, "nobody asking for root");
+    assert!(
+        stderr(&out).contains("only root there may name another user"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.run_ok("a", &run("-u nobody", "id -u")).trim(), "65534");
+    // Another VM: refused without a rule, whatever the name says.
+    let out = env.run("a", &run("b", "hostname"));
+    assert_code(&out, 126, "shuttle run b inside a without a rule");
+    assert!(
+        stderr(&out).contains(
+            "running /usr/bin/hostname in VM b is not allowed by the policy (no invoke rule"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    // A malformed name is refused (and audited as such).
+    assert!(!env.run("a", &run("no-such-vm!", "true")).status.success());
+    // With a rule routing the program to b: it runs in b; never in a VM the rule does not
+    // name.
+    load(&env, &rule("/usr/bin/hostname", ""));
+    assert_eq!(env.run_ok("a", &run("b", "hostname")).trim(), "b");
+    let out = env.run("a", &run("c", "hostname"));
+    assert_code(&out, 126, "shuttle run c with the rule routing to b");
+    assert!(
+        stderr(&out).contains("routes it to VM b)"),
+        "{}",
+        stderr(&out)
+    );
+    // Every one audited, with the VM the caller named.
+    let records = audit(&env);
+    let seen: Vec<(&str, &str, &str)> = records
+        .iter()
+        .filter(|r| r["from"] == "a" && (r["op"] == "run" || r["op"] == "invoke"))
+        .map(|r| {
+            (
+                r["op"].as_str().unwrap(),
+                r["to"].as_str().unwrap_or(""),
+                r["result"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("run", "a", "allow"),
+            ("run", "a", "allow"),
+            ("run", "a", "allow"),
+            ("run", "a", "allow"),
+            ("run", "a", "deny"),
+            ("run", "a", "allow"),
+            ("invoke", "b", "deny"),
+            ("invoke", "", "deny"),
+            ("invoke", "b", "allow"),
+            ("invoke", "c", "deny"),
+        ],
+        "{records:?}"
+    );
+}
