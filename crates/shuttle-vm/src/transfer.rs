@@ -474,8 +474,17 @@ fn open_siblings(
     for entry in listing {
         let entry = entry.map_err(|e| format!("reading the directory {shown}: {e}"))?;
         let name = entry.file_name().to_bytes();
-        let kind = entry.file_type();
-        let regular = matches!(kind, Some(nix::dir::Type::File) | None);
+        // A file system that does not say the type in its listing is asked (no link
+        // followed); the descriptor is checked again once open (`qualifies`).
+        let regular = match entry.file_type() {
+            Some(kind) => kind == nix::dir::Type::File,
+            None => nix::sys::stat::fstatat(
+                &dirfd,
+                entry.file_name(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .is_ok_and(|st| st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFREG.bits()),
+        };
         if name == b"." || name == b".." || !regular || passed.iter().any(|(n, _)| n == name) {
             continue;
         }
