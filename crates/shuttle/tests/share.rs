@@ -390,7 +390,29 @@ fn a_directory_of_a_vm_is_shown_on_the_host_read_only_noexec_and_never_following
     assert!(seen.join("r.txt").exists());
     env.ok(&["vm", "stop", "a"]);
     assert!(!seen.exists(), "the share outlived its VM");
-    assert!(!std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap()
-        .contains(on_host.to_str().unwrap()));
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(on_host.to_str().unwrap())
+    };
+    assert!(!mounted());
+    // A monitor killed outright cannot take it away: removing the VM does.
+    env.run_ok("a", "true");
+    assert!(
+        seen.join("r.txt").exists(),
+        "{}",
+        std::fs::read_to_string(env.path().join("run/vms/a.log")).unwrap_or_default()
+    );
+    let monitor = env.vm("a")["monitor_pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(monitor).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || env.state("a") == "stopped"));
+    env.ok(&["vm", "rm", "--force", "a"]);
+    assert!(
+        !mounted(),
+        "a killed monitor's share outlived the VM's removal"
+    );
 }
