@@ -632,6 +632,19 @@ fn expose_dir_shows_the_other_files_of_the_directory_that_the_caller_can_open() 
         env.run_ok("a", "head -c 100 /srv/docs/img.png"),
         "png\nmore\n"
     );
+    // A directory of too many files is refused whole, with a message (and nothing runs).
+    env.run_ok(
+        "a",
+        "mkdir -p /srv/many && cd /srv/many && for i in $(seq 1 300); do : > f$i; done",
+    );
+    let out = env.run("a", "bash -c 'echo ran' _ /srv/many/f1");
+    assert_code(&out, 125, "expose_dir on 300 files");
+    assert!(!stdout(&out).contains("ran"));
+    assert!(
+        stderr(&out).contains("holds more than 256 files"),
+        "{}",
+        stderr(&out)
+    );
     // Gone afterwards, and audited as such.
     assert_eq!(env.run_ok("b", "find /shuttle/from/a -mindepth 1"), "");
     assert!(invokes(&env).iter().any(|r| r["object"] == "/usr/bin/bash"
