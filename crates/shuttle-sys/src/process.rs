@@ -159,6 +159,95 @@ pub fn pidfd_open(pid: i32) -> Result<std::os::fd::OwnedFd, Errno> {
     Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// A descriptor for one thread, `tid` (pidfd_open(2) with PIDFD_THREAD, Linux 6.9): what
+/// [`pidfd_info`] reads and what `pidfd_getfd(2)` takes descriptors through. EINVAL on older
+/// kernels.
+pub fn pidfd_open_thread(tid: i32) -> Result<std::os::fd::OwnedFd, Errno> {
+    use std::os::fd::FromRawFd;
+    // PIDFD_THREAD is O_EXCL (include/uapi/linux/pidfd.h).
+    const PIDFD_THREAD: u32 = libc::O_EXCL as u32;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor (close-on-exec).
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, tid, PIDFD_THREAD) };
+    if fd < 0 {
+        return Err(Errno::last());
+    }
+    // SAFETY: the kernel just returned this descriptor; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Who a pidfd's task is, as `PIDFD_GET_INFO` tells it (Linux 6.13): one ioctl instead of
+/// generating and parsing `/proc/TID/status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PidfdInfo {
+    /// The thread group (process) id, in the caller's PID namespace.
+    pub tgid: i32,
+    /// Effective ids: what permission checks use.
+    pub euid: u32,
+    pub egid: u32,
+}
+
+/// `struct pidfd_info` as of Linux 6.13 (PIDFD_INFO_SIZE_VER0, 64 bytes); later kernels
+/// accept this size and fill only what it holds.
+#[repr(C)]
+#[derive(Default)]
+struct RawPidfdInfo {
+    mask: u64,
+    cgroupid: u64,
+    pid: u32,
+    tgid: u32,
+    ppid: u32,
+    ruid: u32,
+    rgid: u32,
+    euid: u32,
+    egid: u32,
+    suid: u32,
+    sgid: u32,
+    fsuid: u32,
+    fsgid: u32,
+    exit_code: i32,
+}
+
+/// Reads the task behind `pidfd` with PIDFD_GET_INFO. ENOTTY or EINVAL on kernels without
+/// it; ESRCH once the task has exited.
+pub fn pidfd_info(pidfd: std::os::fd::BorrowedFd<'_>) -> Result<PidfdInfo, Errno> {
+    use std::os::fd::AsRawFd;
+    const PIDFD_INFO_PID: u64 = 1;
+    const PIDFD_INFO_CREDS: u64 = 2;
+    // _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info)
+    const PIDFD_GET_INFO: libc::c_ulong =
+        (3 << 30) | ((size_of::<RawPidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
+    let mut raw = RawPidfdInfo {
+        mask: PIDFD_INFO_PID | PIDFD_INFO_CREDS,
+        ..RawPidfdInfo::default()
+    };
+    // SAFETY: `raw` is a valid, writable struct of the size encoded in the request number.
+    let r = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO as _, &mut raw) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    let want = PIDFD_INFO_PID | PIDFD_INFO_CREDS;
+    if raw.mask & want != want {
+        return Err(Errno::EINVAL);
+    }
+    Ok(PidfdInfo {
+        tgid: raw.tgid as i32,
+        euid: raw.euid,
+        egid: raw.egid,
+    })
+}
+
+/// Translates `tgid` (in this process's PID namespace) into PID namespace `pidns`
+/// (ioctl NS_GET_TGID_IN_PIDNS, Linux 6.9). ESRCH when the process is not visible there.
+pub fn tgid_in_pid_namespace(pidns: std::os::fd::BorrowedFd<'_>, tgid: i32) -> Result<i32, Errno> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: the request takes the pid as a plain integer argument and returns the result.
+    let r = unsafe { libc::ioctl(pidns.as_raw_fd(), libc::NS_GET_TGID_IN_PIDNS as _, tgid) };
+    if r <= 0 {
+        return Err(if r < 0 { Errno::last() } else { Errno::ESRCH });
+    }
+    Ok(r)
+}
+
 /// Sends `signal` through a pidfd (pidfd_send_signal(2)).
 pub fn pidfd_send_signal(pidfd: std::os::fd::BorrowedFd<'_>, signal: i32) -> Result<(), Errno> {
     use std::os::fd::AsRawFd;

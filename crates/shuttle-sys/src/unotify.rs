@@ -256,6 +256,19 @@ pub fn set_thread_effective_ids(uid: u32, gid: u32) -> Result<(), Errno> {
     Ok(())
 }
 
+/// Sets the supplementary groups of the calling *thread* only (raw setgroups(2); the C
+/// library's wrapper would change every thread). Monitor threads that act for VM processes run
+/// with none, so a permission check never passes through a group of the monitor's, and with
+/// the caller's own only for the retry that needs them.
+pub fn set_thread_groups(groups: &[u32]) -> Result<(), Errno> {
+    // SAFETY: the pointer and length describe `groups`, which outlives the call.
+    let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
+}
+
 /// Switches the calling thread back to effective uid and gid 0.
 pub fn restore_thread_ids() -> Result<(), Errno> {
     // SAFETY: plain integer arguments. The uid goes first: changing the gid needs it.
@@ -265,19 +278,6 @@ pub fn restore_thread_ids() -> Result<(), Errno> {
     }
     // SAFETY: as above.
     let r = unsafe { libc::syscall(libc::SYS_setresgid, -1i32, 0u32, -1i32) };
-    if r < 0 {
-        return Err(Errno::last());
-    }
-    Ok(())
-}
-
-/// Sets the supplementary groups of the calling *thread* only (the raw setgroups(2) system
-/// call; the C library's wrapper would change every thread). Used, with
-/// [`set_thread_effective_ids`], on a short-lived thread that opens files with exactly a VM
-/// process's permissions; the thread ends afterwards, taking its credentials with it.
-pub fn set_thread_groups(groups: &[u32]) -> Result<(), Errno> {
-    // SAFETY: the pointer and length describe a live slice of gid_t (u32) values.
-    let r = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
     if r < 0 {
         return Err(Errno::last());
     }

@@ -266,3 +266,101 @@ print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
 "#;
     assert_eq!(env.py_ok("app", code), "db uid=-1\nTrue True 77\n");
 }
+
+/// Permission checks on a socket in another VM use the caller's own groups, never the
+/// monitor's: root's group does not open a root:root 0660 socket to uid 1234, a supplementary
+/// group the caller holds opens a root:4242 one, and without it that one is refused too.
+#[test]
+fn permission_on_a_socket_across_vms_follows_the_callers_groups() {
+    let Some(env) = Env::new() else { return };
+    // Every VM command runs with root's group and 4242 (as under sudo), so the broker and the
+    // monitors it starts hold them.
+    let with_groups = |args: &[&str]| {
+        let out = std::process::Command::new("setpriv")
+            .args(["--groups=0,4242", "--", Env::bin()])
+            .args(args)
+            .env("SHUTTLE_ROOT", env.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_success(&out, &format!("shuttle {args:?} with groups 0 and 4242"));
+    };
+    for vm in ["db", "app"] {
+        with_groups(&["vm", "create", vm]);
+        with_groups(&["vm", "start", vm]);
+    }
+    let vms: Value = serde_json::from_str(&env.ok(&["vm", "ls", "--json"])).unwrap();
+    let monitor = vms
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "app")
+        .and_then(|v| v["monitor_pid"].as_i64())
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{monitor}/status")).unwrap();
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("Groups:") && l.contains("4242")),
+        "the monitor should hold group 4242 for this test to mean anything: {status}"
+    );
+    let server = r#"
+import os, socket, sys, select
+if os.fork(): sys.exit(0)
+os.setsid()
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2): os.dup2(null, fd)
+socks = []
+for path, gid in (("/run/root.sock", 0), ("/run/grp.sock", 4242)):
+    s = socket.socket(socket.AF_UNIX); s.bind(path); os.chown(path, 0, gid); os.chmod(path, 0o660); s.listen(8)
+    socks.append(s)
+open("/run/ready", "w").close()
+while True:
+    for s in select.select(socks, [], [])[0]:
+        c, _ = s.accept(); c.sendall(b"ok\n"); c.close()
+"#;
+    assert_success(&env.exec("db", &["python3", "-c", server]), "server");
+    env.py_ok(
+        "db",
+        "import os,time\nwhile not os.path.exists('/run/ready'): time.sleep(0.02)",
+    );
+    load(
+        &env,
+        r#"
+[[rule]]
+op = "connect"
+from = "app"
+to = "db"
+object = "unix:/run/*.sock"
+action = "allow"
+"#,
+    );
+    let connect_as = |groups: &str, path: &str| {
+        let out = env.exec(
+            "app",
+            &[
+                "setpriv",
+                "--reuid=1234",
+                "--regid=99",
+                &format!("--groups={groups}"),
+                "--",
+                "python3",
+                "-c",
+                CLIENT,
+                "unix",
+                path,
+            ],
+        );
+        assert_success(&out, "client");
+        stdout(&out).trim().to_owned()
+    };
+    // The monitor runs as root with root's groups; none of that may reach the caller.
+    assert_eq!(connect_as("99", "/run/root.sock"), "errno 13");
+    assert_eq!(connect_as("99", "/run/grp.sock"), "errno 13");
+    assert_eq!(connect_as("99,4242", "/run/grp.sock"), "ok");
+    // Root in app reaches both, as root would in db.
+    assert_eq!(
+        stdout(&env.exec("app", &["python3", "-c", CLIENT, "unix", "/run/root.sock"])).trim(),
+        "ok"
+    );
+}

@@ -52,11 +52,11 @@ pub(super) fn on_connect(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>)
 
 /// The caller and its socket, or `None` when the call was answered already (gone, or refused).
 pub(super) fn caller_and_socket(call: &Call<'_>, fd: i32) -> Option<(CallerInfo, CallerSocket)> {
-    let Some(info) = CallerInfo::of(call.n.pid) else {
+    let Some(info) = CallerInfo::of(call.n.pid, &call.ctx.mediation) else {
         call.answer(Err(Errno::ECONNREFUSED));
         return None;
     };
-    let sock = CallerSocket::of(info.tgid, fd);
+    let sock = CallerSocket::of(&info, fd);
     if !call.still_pending() {
         return None;
     }
@@ -105,7 +105,7 @@ fn connect_locally_on(call: &Call<'_>, info: &CallerInfo, sock: &CallerSocket, a
     let Some(addr) = shuttle_sys::net::sockaddr_from_bytes(addr) else {
         return call.answer(Err(Errno::EINVAL));
     };
-    let result = as_caller((info.uid, info.gid), || {
+    let result = as_caller(info, || {
         if sock.nonblocking() {
             connect(sock.sock.as_raw_fd(), &addr)
         } else {
@@ -146,9 +146,18 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
     if !vm_api::journal(call.ctx, record.clone()) {
         return call.answer(Err(Errno::ECONNREFUSED));
     }
-    let connected = connect_in(route.target.as_deref(), &sock, &route.dest, &info);
+    let target = route.target.as_deref();
+    let connected = match route.dest {
+        // A path is found through the filesystem, whatever the socket's network namespace:
+        // the caller's own socket is connected, so nothing is replaced (no descriptor to
+        // inject, which would cost the caller another wake-up) and its flags and options stay
+        // its own.
+        Destination::UnixPath(_) => connect_own(target, &sock, &route.dest, &info).map(|()| None),
+        _ => connect_in(target, &sock, &route.dest, &info).map(Some),
+    };
     let new_sock = match connected {
-        Ok(s) => s,
+        Ok(Some(s)) => s,
+        Ok(None) => return call.crossed(0),
         Err(e) => {
             // Nobody listening there (yet): the same answer a local connect would give. The
             // failure is recorded after the decision.
@@ -223,18 +232,40 @@ fn connect_in(
     if matches!(dest, Destination::Inet { .. }) && like.kind == libc::SOCK_STREAM {
         carry_tcp_options(like.sock.as_fd(), sock.as_fd());
     }
-    // Resolve the address first, as root: opening the target's root through /proc needs
-    // privileges the caller's identity does not have.
+    let resolved = resolve_in(target, dest)?;
+    as_caller(info, || connect_bounded(&sock, &*resolved.addr))?;
+    Ok(sock)
+}
+
+/// Connects the caller's own socket to unix path `dest` in the target's root, as the caller's
+/// effective uid and gid, blocking or not as the caller's socket is.
+fn connect_own(
+    target: Option<&TargetVm>,
+    sock: &CallerSocket,
+    dest: &Destination,
+    info: &CallerInfo,
+) -> Result<(), Errno> {
+    let resolved = resolve_in(target, dest)?;
+    let nonblocking = sock.nonblocking();
+    as_caller(info, || {
+        if nonblocking {
+            connect(sock.sock.as_raw_fd(), &*resolved.addr)
+        } else {
+            connect_bounded(&sock.sock, &*resolved.addr)
+        }
+    })
+}
+
+/// `dest` as an address in the target (`None`: the host). Resolved as root: opening the
+/// target's root through /proc needs privileges the caller's identity does not have.
+fn resolve_in(target: Option<&TargetVm>, dest: &Destination) -> Result<address::Resolved, Errno> {
     let resolved = address::resolve(target.map(|t| t.pid), dest)?;
     // The target's root was reached through /proc/PID: PID must still be the target's init
     // (alive, so its number cannot have been reused meanwhile).
     if target.is_some_and(|t| !t.alive()) {
         return Err(Errno::ECONNREFUSED);
     }
-    as_caller((info.uid, info.gid), || {
-        connect_bounded(&sock, &*resolved.addr)
-    })?;
-    Ok(sock)
+    Ok(resolved)
 }
 
 /// Sets on `ours`, the socket connected in the caller's place, the TCP options the caller set

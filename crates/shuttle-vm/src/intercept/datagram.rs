@@ -184,7 +184,7 @@ fn send_locally_on(
     let Some(addr) = shuttle_sys::net::sockaddr_from_bytes(addr) else {
         return call.answer(Err(Errno::EINVAL));
     };
-    let sent = as_caller((info.uid, info.gid), || {
+    let sent = as_caller(info, || {
         send_bounded(&sock.sock, &data, &addr, flags, !sock.nonblocking())
     });
     call.answer(sent.map(|n| n as i64));
@@ -279,7 +279,7 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: &[u8], payload: Pa
         }
     }
     let via = sender.as_ref().unwrap_or(&sock.sock);
-    let sent = as_caller((info.uid, info.gid), || {
+    let sent = as_caller(&info, || {
         send_bounded(via, &data, &*resolved.addr, flags, !sock.nonblocking())
     });
     match sent {

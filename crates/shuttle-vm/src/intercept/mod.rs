@@ -57,6 +57,10 @@ pub struct MediationState {
     /// The VM's own network namespace (inode), to tell its sockets from lent ones; 0 when
     /// unknown, which makes every socket look lent (fail closed).
     pub own_netns: u64,
+    /// Threads that made mediated calls lately.
+    pub callers: caller::CallerCache,
+    /// The VM's PID namespace, to name callers in the audit as the VM knows them.
+    vm_pidns: Option<OwnedFd>,
     /// Whether the VM has ever been lent a datagram socket (see the module documentation).
     lent_datagram_sockets: AtomicBool,
     /// What became of the intercepted calls (shown by `shuttle vm ls --json`).
@@ -88,8 +92,15 @@ impl MediationState {
             own_netns: std::fs::metadata(format!("/proc/{init_pid}/ns/net"))
                 .map(|m| m.ino())
                 .unwrap_or(0),
+            vm_pidns: std::fs::File::open(format!("/proc/{init_pid}/ns/pid"))
+                .ok()
+                .map(OwnedFd::from),
             ..MediationState::default()
         }
+    }
+
+    fn vm_pidns(&self) -> Option<BorrowedFd<'_>> {
+        self.vm_pidns.as_ref().map(|fd| fd.as_fd())
     }
 
     fn holds_lent_datagram_sockets(&self) -> bool {
@@ -117,6 +128,7 @@ pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
 
 /// Receives and answers notifications until the listener fails (the VM is gone).
 fn receive_forever(listener: &OwnedFd, ctx: &ApiContext, mediators: &Arc<Mediators>) {
+    target::drop_supplementary_groups();
     loop {
         let n = match unotify::receive(listener.as_fd()) {
             Ok(n) => n,
@@ -400,7 +412,7 @@ fn stay_local_on<'s>(
         );
         return None;
     }
-    if !state.holds_lent_datagram_sockets() || info.threads == 1 {
+    if !state.holds_lent_datagram_sockets() || info.single_threaded() {
         call.stay_local();
         return None;
     }

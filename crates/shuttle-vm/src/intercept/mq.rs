@@ -37,7 +37,7 @@ pub(super) fn on_mq_open(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>)
 }
 
 fn mediate(call: &Call<'_>, name: &str, object: &str) {
-    let Some(info) = CallerInfo::of(call.n.pid) else {
+    let Some(info) = CallerInfo::of(call.n.pid, &call.ctx.mediation) else {
         return call.answer(Err(Errno::EACCES));
     };
     let policy = call.policy();
@@ -114,7 +114,7 @@ fn open_queue_in(
 ) -> Result<OwnedFd, Errno> {
     let cname = std::ffi::CString::new(name).map_err(|_| Errno::EINVAL)?;
     in_namespace(target, Namespace::Ipc, || {
-        as_caller((info.uid, info.gid), || {
+        as_caller(info, || {
             unotify::mq_open_raw(&cname, oflag | libc::O_CLOEXEC, mode, attr)
         })
     })

@@ -14,6 +14,7 @@ use nix::sys::stat::Mode;
 use nix::sys::time::TimeVal;
 use shuttle_sys::unotify;
 
+use super::caller::CallerInfo;
 use crate::cgroup::VmCgroup;
 use crate::vm_api::{self, ApiContext};
 
@@ -136,21 +137,48 @@ pub(super) fn in_namespace<T>(
 
 /// Runs `f` on this thread with the caller's effective uid and gid (so that permission checks
 /// and SO_PEERCRED see the caller), then switches back.
+///
+/// Receiving threads hold no supplementary groups (see [`drop_supplementary_groups`]), so a
+/// check never passes through a group of the monitor's. Reading the caller's own groups costs
+/// a `/proc` read that most calls do not need: only when `f` fails with EACCES and the caller
+/// has supplementary groups is it run again with them.
 pub(super) fn as_caller<T>(
-    (uid, gid): (u32, u32),
-    f: impl FnOnce() -> Result<T, Errno>,
+    caller: &CallerInfo,
+    mut f: impl FnMut() -> Result<T, Errno>,
 ) -> Result<T, Errno> {
-    if uid == 0 && gid == 0 {
+    if caller.uid == 0 && caller.gid == 0 {
         return f();
     }
-    unotify::set_thread_effective_ids(uid, gid)?;
-    let result = f();
-    // Never keep working under the caller's identity: failing to switch back is fatal.
-    if unotify::restore_thread_ids().is_err() {
-        tracing::error!("cannot restore the monitor thread's credentials; exiting");
+    let once = |f: &mut dyn FnMut() -> Result<T, Errno>| {
+        unotify::set_thread_effective_ids(caller.uid, caller.gid)?;
+        let result = f();
+        // Never keep working under the caller's identity: failing to switch back is fatal.
+        if unotify::restore_thread_ids().is_err() {
+            tracing::error!("cannot restore the monitor thread's credentials; exiting");
+            std::process::exit(70);
+        }
+        result
+    };
+    match once(&mut f) {
+        Err(Errno::EACCES) if !caller.supplementary_groups().is_empty() => {
+            // Setting groups needs the monitor's own identity, so it comes between the tries.
+            unotify::set_thread_groups(caller.supplementary_groups())?;
+            let result = once(&mut f);
+            drop_supplementary_groups();
+            result
+        }
+        other => other,
+    }
+}
+
+/// Leaves the calling thread without supplementary groups; every thread that acts for VM
+/// processes starts with this. Failing is fatal: that thread could grant access through a
+/// group of the monitor's.
+pub(super) fn drop_supplementary_groups() {
+    if let Err(e) = unotify::set_thread_groups(&[]) {
+        tracing::error!(error = %e, "cannot drop the monitor thread's supplementary groups; exiting");
         std::process::exit(70);
     }
-    result
 }
 
 /// How long the monitor waits for a target to accept. Mediated calls share a few threads, so a
