@@ -10,6 +10,8 @@
 //!                                 (`true` invoked across VMs vs `shuttle run` into the target)
 //!   target/release/shuttle-bench --pgbench [--seconds N] [--rounds N] [--clients N]
 //!                                 (PostgreSQL across VMs: pgbench -C -S, cross-VM vs same VM)
+//!   target/release/shuttle-bench --share [--mib N] [--files N] [--rounds N]
+//!                                 (files read through a share rule vs in the owner VM)
 //!   target/release/shuttle-bench --load [--seconds N]
 //!                                 (mediated connects at full speed, sustained; the monitor's
 //!                                 memory and descriptors meanwhile)
@@ -33,6 +35,7 @@ mod connect;
 mod invoke;
 mod load;
 mod pgbench;
+mod share;
 mod throughput;
 
 const BWRAP_ARGS: &[&str] = &[
@@ -180,6 +183,13 @@ fn main() -> Result<()> {
             &bench,
             arg(&args, "--runs", 200)?,
             arg(&args, "--rounds", 3)?,
+        )
+    } else if args.iter().any(|a| a == "--share") {
+        share::run(
+            &bench,
+            arg(&args, "--mib", 256)?,
+            arg(&args, "--files", 2000)?,
+            arg(&args, "--rounds", 5)?,
         )
     } else if args.iter().any(|a| a == "--load") {
         load::run(&bench, arg(&args, "--seconds", 60)? as u64)

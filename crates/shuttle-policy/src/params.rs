@@ -179,6 +179,10 @@ pub enum OpParams {
         /// Mount point inside the `from` VM; `None` means the same path as the object.
         #[serde(skip_serializing_if = "Option::is_none")]
         at: Option<String>,
+        /// Whether programs on the share may be executed: `None` means the default, which is
+        /// yes in a VM (a component shared for use) and no on the host (`from = "@host"`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        exec: Option<bool>,
     },
     /// `ipc-group` takes no parameters.
     IpcGroup,

@@ -16,10 +16,11 @@ use crate::selector::{Selector, SelectorSet};
 const COMMON_KEYS: [&str; 6] = ["name", "op", "from", "to", "object", "action"];
 
 /// Op parameters, with the ops that take them (`timeout` is for every op, with `ask`).
-const PARAM_KEYS: [(&str, &[Op]); 10] = [
+const PARAM_KEYS: [(&str, &[Op]); 11] = [
     ("target", &[Op::Connect]),
     ("mode", &[Op::Share]),
     ("at", &[Op::Share]),
+    ("exec", &[Op::Share]),
     ("files", &[Op::Invoke, Op::Open]),
     ("expose_dir", &[Op::Invoke, Op::Open]),
     ("env", &[Op::Invoke, Op::Open]),
@@ -502,6 +503,21 @@ fn parse_rule(
                 );
             }
         }
+        // A share into the host always appears under Shuttle's runtime directory
+        // (`shares/VM/PATH`), never at a host path a rule names: a VM's files must not be
+        // able to cover the host's own.
+        if op == Op::Share && from.selectors().contains(&Selector::Host) {
+            if let Some(f) = fields.get("at") {
+                cx.err(
+                    ErrorKind::BadParam,
+                    f.value_at,
+                    "`at` cannot be used with from = \"@host\": a share into the host appears \
+                     under Shuttle's runtime directory, at shares/VM/PATH"
+                        .into(),
+                    "remove `at` (or write a separate rule for the VMs that use it)",
+                );
+            }
+        }
         if op != Op::IpcGroup {
             let same = match (from.selectors(), to.selectors()) {
                 ([Selector::Vm(a)], [Selector::Vm(b)]) if a == b => Some(a.to_string()),
@@ -648,7 +664,22 @@ fn parse_params(
                     Some(s.to_string())
                 }
             };
-            OpParams::Share { mode, at }
+            let exec = match get("exec") {
+                None => None,
+                Some(f) => match f.item.as_bool() {
+                    Some(b) => Some(b),
+                    None => {
+                        cx.err(
+                            ErrorKind::WrongType,
+                            f.value_at,
+                            format!("`exec` must be a boolean, found {}", f.item.type_name()),
+                            "write exec = true or exec = false (unquoted)",
+                        );
+                        return None;
+                    }
+                },
+            };
+            OpParams::Share { mode, at, exec }
         }
         Op::Signal => OpParams::Signal {
             signals: match get("signals") {
@@ -824,6 +855,19 @@ fn parse_invoke(cx: &mut Ctx<'_>, fields: &HashMap<&str, Field<'_>>) -> Option<I
                 );
             }
         }
+    }
+    // Exposing the directory of file arguments that are not passed would do nothing: a rule
+    // that says both is a mistake, not a preference.
+    if let (true, FileAccess::None, Some(f)) = (p.expose_dir, p.files, fields.get("expose_dir")) {
+        ok = false;
+        cx.err(
+            ErrorKind::BadParam,
+            f.value_at,
+            "`expose_dir = true` with `files = \"none\"`: no file argument is passed, so no \
+             directory can be exposed"
+                .into(),
+            "remove expose_dir, or set files = \"read-only\" or \"read-write\"",
+        );
     }
     if let Some(f) = fields.get("env").copied() {
         // Given, the list replaces the default one (`env = []` passes nothing).

@@ -226,12 +226,27 @@ pub struct InvokeSpec {
     /// rewritten to that path.
     #[serde(default)]
     pub files: Vec<u32>,
+    /// Which of `args` are options whose value names a regular file (`--input=/srv/a.txt`,
+    /// `-o/srv/out`): the monitor finds the value itself (`shuttle_vm::transfer::option_value`)
+    /// and treats it as a file argument, rewriting only the value.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub option_files: Vec<u32>,
     /// `shuttle open`: the objects of `open` rules this request may match, in the order to
     /// try (`scheme:https`, `mime:application/pdf`, `ext:pdf`). When present, `program` is
     /// ignored: the first object some rule routes decides, and the program run is that rule's
     /// `handler`, with `args` (the path or URL) as its arguments.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub open: Vec<String>,
+    /// `shuttle run VM -- CMD` inside a VM: the VM the caller names. Its own VM (the one whose
+    /// socket the request came in on, never a name it claims) runs `program` (found on the
+    /// command's PATH) with `args` as the caller's uid and gid; another VM only as an
+    /// invocation the policy routes there (`program` an absolute path).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_in: Option<String>,
+    /// `shuttle run -u USER` inside a VM: honoured in the caller's own VM for a caller whose
+    /// uid is 0 there (who could become anyone anyway); refused otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]

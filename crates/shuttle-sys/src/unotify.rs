@@ -284,6 +284,36 @@ pub fn restore_thread_ids() -> Result<(), Errno> {
     Ok(())
 }
 
+/// The supplementary groups of the process at the other end of a unix socket, as the kernel
+/// recorded them when it connected (SO_PEERGROUPS): never what the peer says.
+pub fn peer_groups(fd: BorrowedFd<'_>) -> Result<Vec<u32>, Errno> {
+    // NGROUPS_MAX is 65536; start small and grow to the size the kernel asks for (ERANGE).
+    let mut groups: Vec<u32> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * size_of::<u32>()) as libc::socklen_t;
+        // SAFETY: the buffer is live and `len` bytes long; the kernel writes at most that.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / size_of::<u32>();
+        if r == 0 {
+            groups.truncate(count);
+            return Ok(groups);
+        }
+        let e = Errno::last();
+        if e != Errno::ERANGE || count <= groups.len() || count > 65536 {
+            return Err(e);
+        }
+        groups.resize(count, 0);
+    }
+}
+
 /// The domain, type and protocol of a socket (SO_DOMAIN, SO_TYPE, SO_PROTOCOL).
 pub fn socket_kind(fd: BorrowedFd<'_>) -> Result<(i32, i32, i32), Errno> {
     let get = |opt: i32| -> Result<i32, Errno> {

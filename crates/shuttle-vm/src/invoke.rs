@@ -50,6 +50,13 @@ pub(crate) fn serve(
     spec: InvokeSpec,
     stdio: Vec<OwnedFd>,
 ) -> Result<(), ChannelError> {
+    if spec
+        .run_in
+        .as_deref()
+        .is_some_and(|vm| vm.is_empty() || vm == ctx.vm)
+    {
+        return serve_own_vm(ctx, chan, caller, ids, spec, stdio);
+    }
     let mut record = AuditRecord {
         time: shuttle_audit::now_unix_nanos(),
         op: Op::Invoke.as_str().into(),
@@ -68,7 +75,9 @@ pub(crate) fn serve(
     };
     // File arguments are asked for only now that the invocation is allowed, and only when
     // the rule passes them.
-    let files = if params.files == FileAccess::None || spec.files.is_empty() {
+    let files = if params.files == FileAccess::None
+        || (spec.files.is_empty() && spec.option_files.is_empty())
+    {
         Vec::new()
     } else {
         let write = params.files == FileAccess::ReadWrite;
@@ -104,10 +113,15 @@ pub(crate) fn serve(
     } else {
         ", starting it"
     };
+    let dirs = if params.expose_dir {
+        " and the files of their directories"
+    } else {
+        ""
+    };
     let passing = match (files.len(), params.files) {
         (0, _) | (_, FileAccess::None) => String::new(),
-        (n, FileAccess::ReadOnly) => format!(" with {n} file argument(s) read-only"),
-        (n, FileAccess::ReadWrite) => format!(" with {n} file argument(s) read-write"),
+        (n, FileAccess::ReadOnly) => format!(" with {n} file argument(s){dirs} read-only"),
+        (n, FileAccess::ReadWrite) => format!(" with {n} file argument(s){dirs} read-write"),
     };
     record.reason = Some(format!(
         "run as {user} in VM {target}{passing}{starting}{approval}"
@@ -127,6 +141,20 @@ pub(crate) fn serve(
     }
     let mut spec = spec;
     let mut _exposed = None;
+    // `expose_dir`: the files of each file argument's directory are opened with the caller's
+    // credentials, all of them from the kernel (the groups too), never from the request.
+    let dir_creds = match (params.expose_dir, ids) {
+        (true, Some((uid, gid))) if !files.is_empty() => {
+            match shuttle_sys::unotify::peer_groups(chan.as_fd()) {
+                Ok(groups) => Some(transfer::CallerCreds { uid, gid, groups }),
+                Err(e) => {
+                    let why = format!("the caller's groups are unknown (SO_PEERGROUPS: {e})");
+                    return chan.send(&fail(record, why));
+                }
+            }
+        }
+        _ => None,
+    };
     if !files.is_empty() {
         let caller_ns = ctx.stubs.as_ref().map(|s| s.mount_namespace());
         let shown = caller_ns
@@ -140,13 +168,28 @@ pub(crate) fn serve(
                     &t,
                     files,
                     params.files == FileAccess::ReadWrite,
+                    dir_creds.as_ref(),
                 )
             });
         match shown {
             Ok((rewritten, exposed)) => {
                 for (index, arg) in rewritten {
+                    let option = spec.option_files.contains(&(index as u32));
                     if let Some(a) = spec.args.get_mut(index) {
-                        *a = arg;
+                        // `--input=/srv/a.txt`: only the value is the file's name.
+                        let prefix = if option {
+                            transfer::option_value(a.as_bytes()).map(|start| &a.as_bytes()[..start])
+                        } else {
+                            None
+                        };
+                        *a = match prefix {
+                            Some(prefix) => {
+                                let mut v = prefix.to_vec();
+                                v.extend_from_slice(arg.as_bytes());
+                                Bytes::from(std::ffi::OsStr::from_bytes(&v))
+                            }
+                            None => arg,
+                        };
                     }
                 }
                 _exposed = Some(exposed);
@@ -157,6 +200,22 @@ pub(crate) fn serve(
         }
     }
     let command = command_for(ctx, &target, &params, user, &program, spec);
+    relay(ctx, chan, record, &target, &program, command, stdio)
+}
+
+/// Runs `command` in VM `target` for the caller on `chan` (whose decision `record` is
+/// journaled already) and relays until it ends: the start (with a terminal's master side),
+/// the caller's signals, its death (the program is killed), the exit status.
+fn relay(
+    ctx: &ApiContext,
+    chan: &Channel,
+    mut record: AuditRecord,
+    target: &str,
+    program: &str,
+    command: CommandSpec,
+    stdio: Vec<OwnedFd>,
+) -> Result<(), ChannelError> {
+    let target = target.to_owned();
     let fds: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
     let session = match client::run(&ctx.layout, &target, command.clone(), &fds) {
         // Its lock is held but its socket is not there yet: still starting.
@@ -335,6 +394,16 @@ fn decide(
     };
     let Some((decision, target)) = routed else {
         record.reason = Some("no rule matched: default deny".into());
+        if let Some(named) = &spec.run_in {
+            record.to = Some(named.clone());
+            let message = format!(
+                "running {program} in VM {named} is not allowed by the policy (no invoke rule \
+                 routes {program} from VM {} to VM {named}; in this VM itself, leave out the VM \
+                 name)",
+                ctx.vm
+            );
+            return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
+        }
         let message = format!(
             "{what} is not allowed by the policy (no rule routes it from VM {} to another VM)",
             ctx.vm
@@ -364,6 +433,19 @@ fn decide(
         }
     };
     record.to = Some(to.clone());
+    // `shuttle run b -- PROGRAM` inside a: only where the rule routes PROGRAM to b itself.
+    if let Some(named) = spec.run_in.as_deref().filter(|n| *n != to) {
+        record.to = Some(named.to_owned());
+        record.reason = Some(format!(
+            "{} routes it to VM {to}, not to VM {named}",
+            rule.label()
+        ));
+        let message = format!(
+            "running {program} in VM {named} is not allowed by the policy ({rule_at} routes it \
+             to VM {to})"
+        );
+        return Err(refuse(ctx, record.clone(), VmReply::Denied { message }));
+    }
     if to == ctx.vm {
         record.reason = Some(format!(
             "{} routes it to the calling VM itself",
@@ -463,7 +545,8 @@ fn receive_files(chan: &Channel, spec: &InvokeSpec) -> Result<Vec<transfer::File
         }
         for (i, fd) in args.into_iter().zip(fds) {
             let index = i as usize;
-            if !spec.files.contains(&i) || files.iter().any(|f| f.index == index) {
+            let announced = spec.files.contains(&i) || spec.option_files.contains(&i);
+            if !announced || files.iter().any(|f| f.index == index) {
                 return Err(format!(
                     "argument {i} was not announced as a file, or came twice"
                 ));
@@ -476,11 +559,129 @@ fn receive_files(chan: &Channel, spec: &InvokeSpec) -> Result<Vec<transfer::File
     }
 }
 
+/// `shuttle run [VM] -- CMD` inside VM a naming a itself (or no VM): CMD runs in a, a child of
+/// a's init like any `shuttle run`, as the caller's own uid and gid from the kernel (`-u`
+/// only for a caller that is root in a, who could become anyone there anyway), with the
+/// caller's environment and directory. Nothing crosses a VM boundary, so no rule is needed;
+/// it is audited (op `run`, from and to a) like every request.
+fn serve_own_vm(
+    ctx: &ApiContext,
+    chan: &Channel,
+    caller: &Caller,
+    ids: CallerIds,
+    spec: InvokeSpec,
+    stdio: Vec<OwnedFd>,
+) -> Result<(), ChannelError> {
+    let mut record = AuditRecord {
+        time: shuttle_audit::now_unix_nanos(),
+        op: "run".into(),
+        from: ctx.vm.clone(),
+        to: Some(ctx.vm.clone()),
+        object: spec.program.chars().take(MAX_PROGRAM).collect(),
+        result: Outcome::Deny,
+        rule: None,
+        caller: caller.clone(),
+        reason: None,
+        seq: 0,
+    };
+    // File arguments the caller announced (it does not know which VM is its own) are names
+    // of its own VM's files already: they are neither asked for nor rewritten.
+    let malformed = check_run(&spec, stdio.len()).err().or_else(|| {
+        (!spec.open.is_empty()).then(|| "open objects in a run in the caller's own VM".into())
+    });
+    if let Some(why) = malformed {
+        record.reason = Some(format!("malformed request: {why}"));
+        let message = format!("invalid run request: {why}");
+        return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
+    }
+    let Some((uid, gid)) = ids else {
+        let message = "the caller's uid and gid are unknown (no peer credentials)".to_owned();
+        record.result = Outcome::Error;
+        record.reason = Some(message.clone());
+        return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
+    };
+    let user = match &spec.user {
+        None => format!("{uid}:{gid}"),
+        Some(u) if uid == 0 => u.clone(),
+        Some(u) => {
+            record.reason = Some(format!("uid {uid} asked to run as {u}"));
+            let message = format!(
+                "running as {u} is not allowed: a command started from inside VM {} runs as \
+                 its caller (uid {uid}); only root there may name another user",
+                ctx.vm
+            );
+            return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
+        }
+    };
+    record.result = Outcome::Allow;
+    record.reason = Some(format!("run as {user} in the caller's own VM {}", ctx.vm));
+    if !vm_api::journal(ctx, record.clone()) {
+        return chan.send(&journal_failed());
+    }
+    let env = spec
+        .env
+        .into_iter()
+        .filter(|(k, v)| {
+            let k = k.as_bytes();
+            !k.is_empty() && !k.contains(&b'=') && !k.contains(&0) && !v.as_bytes().contains(&0)
+        })
+        .collect();
+    let mut argv = Vec::with_capacity(spec.args.len() + 1);
+    argv.push(Bytes::from(spec.program.as_str()));
+    argv.extend(spec.args);
+    let command = CommandSpec {
+        argv,
+        env,
+        cwd: spec.cwd,
+        user: Some(user),
+        terminal: spec.terminal,
+    };
+    let (vm, program) = (ctx.vm.clone(), spec.program);
+    relay(ctx, chan, record, &vm, &program, command, stdio)
+}
+
+/// The checks of [`check`] that every request shares: descriptors, terminal, sizes.
+fn check_run(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
+    let p = &spec.program;
+    if p.is_empty() || p.len() > MAX_PROGRAM || p.contains('\0') {
+        return Err(format!("program {p:?} is empty or too long"));
+    }
+    if spec
+        .user
+        .as_ref()
+        .is_some_and(|u| u.is_empty() || u.len() > 256 || u.contains('\0'))
+    {
+        return Err("an invalid user".into());
+    }
+    let expected = if spec.terminal.is_some() { 0 } else { 3 };
+    if fds != expected {
+        return Err(format!(
+            "{fds} descriptors came with it, {expected} expected (stdin, stdout, stderr)"
+        ));
+    }
+    if spec.terminal.is_some_and(|(r, c)| r == 0 || c == 0) {
+        return Err("a terminal of size 0".into());
+    }
+    Ok(())
+}
+
 /// Checks what the policy does not: sizes and descriptors.
 fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     let p = &spec.program;
     if spec.open.is_empty() && (!p.starts_with('/') || p.len() > MAX_PROGRAM || p.contains('\0')) {
         return Err(format!("program {p:?} is not an absolute path"));
+    }
+    if let Some(vm) = &spec.run_in {
+        if crate::config::validate_name(vm).is_err() || !spec.open.is_empty() {
+            return Err(format!("VM name {vm:?} is not valid"));
+        }
+    }
+    if spec.user.is_some() {
+        return Err(
+            "a user for another VM: who the program runs as there is the invoke rule's `user` \
+             (or the caller's uid and gid)"
+                .into(),
+        );
     }
     if spec.open.len() > MAX_OPEN_OBJECTS || spec.open.iter().any(|o| o.len() > MAX_PROGRAM) {
         return Err("too many or too long objects to open".into());
@@ -501,6 +702,21 @@ fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
         || spec.files.iter().any(|&i| i as usize >= spec.args.len())
     {
         return Err("file arguments that are not arguments".into());
+    }
+    // Option arguments with a file value: each an argument of that form (as the monitor reads
+    // it), once, and not also a whole file argument.
+    let mut seen = std::collections::BTreeSet::new();
+    for &i in &spec.option_files {
+        let is_option = spec
+            .args
+            .get(i as usize)
+            .is_some_and(|a| transfer::option_value(a.as_bytes()).is_some());
+        if !is_option || spec.files.contains(&i) || !seen.insert(i) {
+            return Err(format!("argument {i} is not an option with a file value"));
+        }
+    }
+    if spec.files.len() + spec.option_files.len() > transfer::MAX_FILES {
+        return Err(format!("more than {} file arguments", transfer::MAX_FILES));
     }
     Ok(())
 }
@@ -586,7 +802,10 @@ mod tests {
             cwd: None,
             terminal,
             files: Vec::new(),
+            option_files: Vec::new(),
             open: Vec::new(),
+            run_in: None,
+            user: None,
         }
     }
 
@@ -599,5 +818,17 @@ mod tests {
         assert!(check(&spec("/usr/bin/wc", Some((24, 80))), 3).is_err());
         assert!(check(&spec("/usr/bin/wc", Some((0, 80))), 0).is_err());
         assert!(check(&spec(&format!("/{}", "a".repeat(5000)), None), 3).is_err());
+        let mut s = spec("/usr/bin/sort", None);
+        s.args = vec![Bytes::from("--output=/srv/out"), Bytes::from("/srv/in")];
+        s.files = vec![1];
+        s.option_files = vec![0];
+        assert!(check(&s, 3).is_ok());
+        s.option_files = vec![1];
+        assert!(check(&s, 3).is_err(), "a whole argument is not an option");
+        s.option_files = vec![0, 0];
+        assert!(check(&s, 3).is_err(), "twice");
+        s.args[0] = Bytes::from("--output=out");
+        s.option_files = vec![0];
+        assert!(check(&s, 3).is_err(), "no path value");
     }
 }

@@ -92,6 +92,12 @@ impl Layout {
         self.runtime.join("vms")
     }
 
+    /// Where VM `name`'s `share` rules into the host (`from = "@host"`) show its objects:
+    /// `RUNTIME/shares/NAME/PATH` (the `shares` directory is root's alone, 0700).
+    pub fn host_shares_dir(&self, name: &str) -> PathBuf {
+        self.runtime.join("shares").join(name)
+    }
+
     pub fn runtime_vm_dir(&self, name: &str) -> PathBuf {
         self.runtime_vms_dir().join(name)
     }

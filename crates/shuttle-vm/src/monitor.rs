@@ -133,9 +133,10 @@ fn start(layout: &Layout, name: &str) -> Result<Started, MonitorError> {
         path: layout.state.display().to_string(),
         source,
     })?;
-    // Whatever a crashed monitor left behind goes first.
+    // Whatever a crashed monitor left behind goes first (shares into the host included).
     let run_dir = layout.runtime_vm_dir(name);
     let _ = fs::remove_dir_all(&run_dir);
+    crate::share::clear_host_shares(layout, name);
     let io = |what, path: &std::path::Path| {
         let path = path.display().to_string();
         move |source| MonitorError::Io { what, path, source }
@@ -452,6 +453,8 @@ fn cleanup(layout: &Layout, name: &str, cgroup: Option<&VmCgroup>) {
         }
     }
     let _ = fs::remove_dir_all(layout.runtime_vm_dir(name));
+    // The VM's objects shown on the host go with it (they would keep its file system busy).
+    crate::share::clear_host_shares(layout, name);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -61,13 +61,65 @@ impl Owner {
     }
 }
 
-/// One share the policy wants in a VM.
+/// One share the policy wants in a VM (or, `into_host`, on the host).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wanted {
     /// The path in the owner.
     pub object: String,
     pub owner: Owner,
     pub writable: bool,
+    /// Programs on it may be executed (else the mount is noexec).
+    pub exec: bool,
+    /// Shown on the host (under the runtime directory), the owner being this VM.
+    pub into_host: bool,
+}
+
+/// How the shares on the host are keyed among a VM's shares (mount points in the VM are
+/// absolute paths, so they never start with this).
+const HOST_KEY: &str = "@host:";
+
+/// The shares of VM `vm`'s objects that the policy shows on the host, by `HOST_KEY` + host
+/// mount point: `share` rules whose `from` names `@host` itself (`@any` does not: nothing of a
+/// VM appears on the host unless a rule says so in so many words) routing the object to
+/// `vm`, with `allow`. They appear at `RUNTIME/shares/VM/PATH`, never elsewhere on the host.
+pub fn host_wanted(
+    policy: &Policy,
+    vm: &str,
+    layout: &Layout,
+) -> BTreeMap<String, (Wanted, Option<RuleRef>)> {
+    let base = layout.host_shares_dir(vm);
+    let mut out = BTreeMap::new();
+    for r in policy.rules().iter().filter(|r| r.op() == Op::Share) {
+        let object = r.object().as_str();
+        let Some((d, Some(Target::Vm(to)))) =
+            policy.route(&Request::new(Op::Share, VmIdentity::Host, object))
+        else {
+            continue;
+        };
+        let Some(rule) = d.rule else { continue };
+        let named = rule
+            .from()
+            .selectors()
+            .contains(&shuttle_policy::Selector::Host);
+        if **to != *vm || d.action != Action::Allow || !named || !usable(object) {
+            continue;
+        }
+        let OpParams::Share { mode, exec, .. } = &rule.params().op else {
+            continue;
+        };
+        let at = base.join(object.trim_start_matches('/'));
+        out.entry(format!("{HOST_KEY}{}", at.display())).or_insert((
+            Wanted {
+                object: object.to_owned(),
+                owner: Owner::Vm(vm.to_owned()),
+                writable: *mode == ShareMode::Rw,
+                exec: exec.unwrap_or(false),
+                into_host: true,
+            },
+            Some(crate::vm_api::rule_ref(policy, rule)),
+        ));
+    }
+    out
 }
 
 /// The shares the policy wants in VM `vm`, by mount point: for each `share` object, the first
@@ -90,7 +142,7 @@ pub fn wanted(
         if d.action != Action::Allow {
             continue;
         }
-        let OpParams::Share { mode, at } = &rule.params().op else {
+        let OpParams::Share { mode, at, exec } = &rule.params().op else {
             continue;
         };
         let owner = match target {
@@ -107,6 +159,8 @@ pub fn wanted(
                 object: object.to_owned(),
                 owner,
                 writable: *mode == ShareMode::Rw,
+                exec: exec.unwrap_or(true),
+                into_host: false,
             },
             Some(crate::vm_api::rule_ref(policy, rule)),
         ));
@@ -179,7 +233,11 @@ pub struct Shares {
     tags: Vec<String>,
     layout: Layout,
     journal: Arc<VmJournal>,
+    /// The VM's mount namespace: where shares into the VM go, and where shares of the VM's
+    /// objects into the host come from.
     mount_ns: OwnedFd,
+    /// The host's (the monitor's own), for shares into the host.
+    host_ns: OwnedFd,
     state: Mutex<State>,
 }
 
@@ -197,12 +255,26 @@ impl Shares {
             OFlag::O_RDONLY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
+        let host_ns = nix::fcntl::open(
+            Path::new("/proc/self/ns/mnt"),
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        // Shares into the host go below a directory only root on the host may enter.
+        let shares = layout.host_shares_dir(vm);
+        let made = std::fs::create_dir_all(&shares).and_then(|()| {
+            use std::os::unix::fs::PermissionsExt;
+            let top = shares.parent().unwrap_or(&shares);
+            std::fs::set_permissions(top, std::fs::Permissions::from_mode(0o700))
+        });
+        made.map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
         Ok(Shares {
             vm: vm.to_owned(),
             tags: tags.to_vec(),
             layout: layout.clone(),
             journal,
             mount_ns,
+            host_ns,
             state: Mutex::new(State::default()),
         })
     }
@@ -227,7 +299,8 @@ impl Shares {
     /// Applies the shares `policy` wants and removes the others. `policy_loaded`: refused
     /// shares are tried again (after a policy load or at start, not on a periodic check).
     pub fn sync(&self, policy: &Policy, policy_loaded: bool) {
-        let want = wanted(policy, &self.vm, &self.tags);
+        let mut want = wanted(policy, &self.vm, &self.tags);
+        want.extend(host_wanted(policy, &self.vm, &self.layout));
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
         if policy_loaded {
             st.failed.clear();
@@ -312,6 +385,7 @@ impl Shares {
         let owners: std::collections::BTreeSet<&str> = st
             .applied
             .values()
+            .filter(|a| !a.want.into_host)
             .filter_map(|a| match &a.want.owner {
                 Owner::Vm(o) => Some(o.as_str()),
                 Owner::Host => None,
@@ -337,11 +411,18 @@ impl Shares {
         rule: Option<RuleRef>,
         reason: String,
     ) -> bool {
+        let at = at.strip_prefix(HOST_KEY).unwrap_or(at);
+        // Into the host: the host receives, this VM owns.
+        let (from, to) = if w.into_host {
+            (shuttle_audit::HOST.to_owned(), self.vm.clone())
+        } else {
+            (self.vm.clone(), w.owner.audit_name())
+        };
         let record = AuditRecord {
             time: shuttle_audit::now_unix_nanos(),
             op: "share".into(),
-            from: self.vm.clone(),
-            to: Some(w.owner.audit_name()),
+            from,
+            to: Some(to),
             object: w.object.clone(),
             result,
             rule,
@@ -363,6 +444,9 @@ impl Shares {
         w: &Wanted,
         rule: Option<RuleRef>,
     ) -> Result<Option<Applied>, String> {
+        if let Some(host_at) = at.strip_prefix(HOST_KEY) {
+            return self.apply_on_host(host_at, w, rule).map(Some);
+        }
         let owner = match &w.owner {
             Owner::Host => None,
             Owner::Vm(o) => {
@@ -402,9 +486,18 @@ impl Shares {
         let owner_ns = owner.as_ref().map(|(ns, _)| ns.mount_ns());
         let receiver = self.mount_ns.as_fd();
         let (mount, id, made) = std::thread::scope(|s| {
-            s.spawn(|| mount_share(owner_ns, receiver, &w.object, at, w.writable, &forbidden))
-                .join()
-                .unwrap_or_else(|_| Err("the share thread panicked".into()))
+            s.spawn(|| {
+                mount_share(
+                    owner_ns,
+                    receiver,
+                    &w.object,
+                    at,
+                    (w.writable, w.exec),
+                    &forbidden,
+                )
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the share thread panicked".into()))
         })?;
         Ok(Some(Applied {
             want: w.clone(),
@@ -415,8 +508,52 @@ impl Shares {
         }))
     }
 
+    /// A share of this VM's object `w.object` on the host at `at`.
+    fn apply_on_host(
+        &self,
+        at: &str,
+        w: &Wanted,
+        rule: Option<RuleRef>,
+    ) -> Result<Applied, String> {
+        let mode = if w.writable {
+            "read-write"
+        } else {
+            "read-only"
+        };
+        let exec = if w.exec { "" } else { ", noexec" };
+        if !self.audit(
+            w,
+            at,
+            Outcome::Allow,
+            rule,
+            format!(
+                "{} of VM {} shown on the host at {at} {mode}{exec}",
+                w.object, self.vm
+            ),
+        ) {
+            return Err("the audit journal cannot be written".into());
+        }
+        let base = self.layout.host_shares_dir(&self.vm);
+        let (vm_ns, host_ns) = (self.mount_ns.as_fd(), self.host_ns.as_fd());
+        let (mount, id, made) = std::thread::scope(|s| {
+            s.spawn(|| mount_on_host(vm_ns, host_ns, &base, w))
+                .join()
+                .unwrap_or_else(|_| Err("the share thread panicked".into()))
+        })?;
+        Ok(Applied {
+            want: w.clone(),
+            owner_init: None,
+            mount,
+            id,
+            made,
+        })
+    }
+
     fn unapply(&self, at: &str, a: &Applied) -> Result<(), String> {
-        let receiver = self.mount_ns.as_fd();
+        let (receiver, at) = match at.strip_prefix(HOST_KEY) {
+            Some(host_at) => (self.host_ns.as_fd(), host_at),
+            None => (self.mount_ns.as_fd(), at),
+        };
         std::thread::scope(|s| {
             s.spawn(|| unmount_share(receiver, at, a))
                 .join()
@@ -501,10 +638,145 @@ fn mount_share(
     receiver_ns: BorrowedFd<'_>,
     object: &str,
     at: &str,
-    writable: bool,
+    (writable, exec): (bool, bool),
     forbidden: &[PathBuf],
 ) -> Result<(OwnedFd, (u64, u64), Made), String> {
     let fds = own_fds()?;
+    let (tree, st, is_dir) = take_from_owner(owner_ns, object, forbidden, &fds)?;
+    shuttle_sys::vm_mount::enter_mount_namespace_alone(receiver_ns).map_err(errno(
+        "entering the mount namespace of the VM to show",
+        object,
+    ))?;
+    let root = open_root()?;
+    let (point, made) = mount_point(&root, at, is_dir)?;
+    shuttle_sys::vm_mount::restrict_tree_attrs(tree.as_fd(), writable, !exec, false)
+        .map_err(errno("mount_setattr of the share for", at))?;
+    shuttle_sys::vm_mount::attach_onto(tree.as_fd(), point.as_fd())
+        .map_err(errno("move_mount of the share onto", at))?;
+    let mounted = resolve(&root, at).map_err(errno("opening the share at", at))?;
+    let now = fstat(&mounted).map_err(errno("stat of the share at", at))?;
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+        // Landed elsewhere (the VM renamed something meanwhile): taken away again.
+        let _ = nix::unistd::fchdir(&fds);
+        let _ = nix::mount::umount2(
+            Path::new(&point.as_raw_fd().to_string()),
+            nix::mount::MntFlags::MNT_DETACH,
+        );
+        return Err(format!("the share is not at {at} after mounting it"));
+    }
+    Ok((mounted, (st.st_dev, st.st_ino), made))
+}
+
+/// On a thread of its own, which it moves into VM `vm_ns`'s mount namespace and then back
+/// into the host's (`host_ns`): shows the VM's `w.object` at `base`/PATH on the host. The
+/// mount is nosuid, nodev, nosymfollow (a link in the VM's tree is never followed on the host,
+/// by anyone: it cannot lead a host program to the host's own files), noexec unless the rule
+/// says `exec = true`, and read-only unless `mode = "rw"`. The mount point is made below
+/// `base` (Shuttle's runtime directory, 0700) without following any link or crossing any
+/// mount, so one share can never be mounted inside another (whose contents the VM controls).
+fn mount_on_host(
+    vm_ns: BorrowedFd<'_>,
+    host_ns: BorrowedFd<'_>,
+    base: &Path,
+    w: &Wanted,
+) -> Result<(OwnedFd, (u64, u64), Made), String> {
+    let object = w.object.as_str();
+    let fds = own_fds()?;
+    let (tree, st, is_dir) = take_from_owner(Some(vm_ns), object, &[], &fds)?;
+    shuttle_sys::vm_mount::enter_mount_namespace_alone(host_ns)
+        .map_err(errno("entering the host's mount namespace to show", object))?;
+    let base_fd = nix::fcntl::open(
+        base,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("opening", &base.display().to_string()))?;
+    let components: Vec<&str> = object.split('/').filter(|c| !c.is_empty()).collect();
+    let Some((last, dirs)) = components.split_last() else {
+        return Err(format!("{object}: nothing to share"));
+    };
+    let mut dir = base_fd;
+    for d in dirs {
+        dir = crate::transfer::subdir(&dir, d.as_bytes())
+            .map_err(errno("making the directories on the host for", object))?;
+    }
+    let open_point = |dir: &OwnedFd| {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                    | ResolveFlag::RESOLVE_NO_XDEV,
+            );
+        openat2(dir, Path::new(*last), how)
+    };
+    let (point, made) = match open_point(&dir) {
+        Ok(fd) => (fd, Made::Nothing),
+        Err(Errno::ENOENT) if is_dir => {
+            let fd = crate::transfer::subdir(&dir, last.as_bytes())
+                .map_err(errno("making the mount point on the host for", object))?;
+            (fd, Made::Dir)
+        }
+        Err(Errno::ENOENT) => {
+            drop(
+                openat(
+                    &dir,
+                    Path::new(*last),
+                    OFlag::O_CREAT
+                        | OFlag::O_EXCL
+                        | OFlag::O_WRONLY
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(errno("making the mount point on the host for", object))?,
+            );
+            let fd = open_point(&dir).map_err(errno("opening the mount point for", object))?;
+            (fd, Made::File)
+        }
+        Err(e) => return Err(format!("the mount point on the host for {object}: {e}")),
+    };
+    let pst = fstat(&point).map_err(errno("stat of the mount point for", object))?;
+    if (kind(pst.st_mode) == SFlag::S_IFDIR) != is_dir {
+        return Err(format!(
+            "something else is in the way on the host for {object}"
+        ));
+    }
+    shuttle_sys::vm_mount::restrict_tree_attrs(tree.as_fd(), w.writable, !w.exec, true)
+        .map_err(errno("mount_setattr of the share of", object))?;
+    shuttle_sys::vm_mount::attach_onto(tree.as_fd(), point.as_fd())
+        .map_err(errno("move_mount of the share of", object))?;
+    let mounted = openat(
+        &dir,
+        Path::new(*last),
+        OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("opening the share of", object))?;
+    let now = fstat(&mounted).map_err(errno("stat of the share of", object))?;
+    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+        let _ = nix::unistd::fchdir(&fds);
+        let _ = nix::mount::umount2(
+            Path::new(&point.as_raw_fd().to_string()),
+            nix::mount::MntFlags::MNT_DETACH,
+        );
+        return Err(format!(
+            "the share of {object} is not on the host after mounting it"
+        ));
+    }
+    Ok((mounted, (st.st_dev, st.st_ino), made))
+}
+
+/// The owner's side of a share, on the calling thread (moved into `owner_ns` unless the host
+/// owns the object): the object resolved inside the owner's root and checked, and a detached
+/// copy of it with every mount beneath it; with its stat and whether it is a directory.
+fn take_from_owner(
+    owner_ns: Option<BorrowedFd<'_>>,
+    object: &str,
+    forbidden: &[PathBuf],
+    fds: &OwnedFd,
+) -> Result<(OwnedFd, nix::sys::stat::FileStat, bool), String> {
     if let Some(ns) = owner_ns {
         shuttle_sys::vm_mount::enter_mount_namespace_alone(ns).map_err(errno(
             "entering the mount namespace of the owner of",
@@ -525,7 +797,7 @@ fn mount_share(
         _ => return Err(format!("{object} is a device: devices are not shared")),
     };
     // Where it really is, seen from the owner's root (links on the way resolved there).
-    let real = nix::fcntl::readlinkat(&fds, source.as_raw_fd().to_string().as_str())
+    let real = nix::fcntl::readlinkat(fds, source.as_raw_fd().to_string().as_str())
         .map_err(errno("reading the path of", object))?;
     let real_str = real.to_string_lossy();
     if !usable(&real_str) {
@@ -544,30 +816,80 @@ fn mount_share(
     }
     let tree = shuttle_sys::vm_mount::clone_tree(source.as_fd())
         .map_err(errno("open_tree(OPEN_TREE_CLONE|AT_RECURSIVE) of", object))?;
-    drop(source);
+    Ok((tree, st, is_dir))
+}
 
-    shuttle_sys::vm_mount::enter_mount_namespace_alone(receiver_ns).map_err(errno(
-        "entering the mount namespace of the VM to show",
-        object,
-    ))?;
-    let root = open_root()?;
-    let (point, made) = mount_point(&root, at, is_dir)?;
-    shuttle_sys::vm_mount::restrict_tree(tree.as_fd(), writable)
-        .map_err(errno("mount_setattr of the share for", at))?;
-    shuttle_sys::vm_mount::attach_onto(tree.as_fd(), point.as_fd())
-        .map_err(errno("move_mount of the share onto", at))?;
-    let mounted = resolve(&root, at).map_err(errno("opening the share at", at))?;
-    let now = fstat(&mounted).map_err(errno("stat of the share at", at))?;
-    if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
-        // Landed elsewhere (the VM renamed something meanwhile): taken away again.
-        let _ = nix::unistd::fchdir(&fds);
-        let _ = nix::mount::umount2(
-            Path::new(&point.as_raw_fd().to_string()),
-            nix::mount::MntFlags::MNT_DETACH,
-        );
-        return Err(format!("the share is not at {at} after mounting it"));
+/// Takes away whatever is left of VM `vm`'s shares on the host (its monitor stopping, or a
+/// crashed monitor's leftovers): every mount below `RUNTIME/shares/VM` is detached, deepest
+/// first, then the directories and empty mount-point files Shuttle made there are removed,
+/// never crossing into a mount (a share whose unmount failed keeps its files untouched).
+pub fn clear_host_shares(layout: &Layout, vm: &str) {
+    let base = layout.host_shares_dir(vm);
+    let prefix = format!("{}/", base.display());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut points: Vec<String> = mountinfo
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(unescape_mountinfo)
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort_by_key(|p| std::cmp::Reverse(p.len()));
+    for p in &points {
+        if let Err(e) = nix::mount::umount2(Path::new(p), nix::mount::MntFlags::MNT_DETACH) {
+            tracing::error!(vm, path = %p, error = %e, "taking a share away from the host");
+        }
     }
-    Ok((mounted, (st.st_dev, st.st_ino), made))
+    let Ok(top) = std::fs::symlink_metadata(&base) else {
+        return;
+    };
+    remove_made(&base, std::os::unix::fs::MetadataExt::dev(&top));
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(field: &str) -> String {
+    let b = field.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).and_then(|d| {
+            std::str::from_utf8(d)
+                .ok()
+                .and_then(|d| u8::from_str_radix(d, 8).ok())
+        });
+        match (b[i], octal) {
+            (b'\\', Some(c)) => {
+                out.push(c);
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Removes, bottom up, the directories and empty mode-0 files below `path` (itself included)
+/// on device `dev`; nothing else, and nothing on another file system.
+fn remove_made(path: &Path, dev: u64) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return;
+    };
+    if meta.dev() != dev {
+        return;
+    }
+    if meta.is_dir() {
+        if let Ok(entries) = std::fs::read_dir(path) {
+            for e in entries.flatten() {
+                remove_made(&e.path(), dev);
+            }
+        }
+        let _ = std::fs::remove_dir(path);
+    } else if meta.is_file() && meta.len() == 0 && meta.mode() & 0o7777 == 0 {
+        let _ = std::fs::remove_file(path);
+    }
 }
 
 /// The mount point `at` in the VM (the thread's root), made where it is missing.
@@ -742,7 +1064,9 @@ action = "allow"
             Wanted {
                 object: "/srv/data".into(),
                 owner: Owner::Vm("a".into()),
-                writable: false
+                writable: false,
+                exec: true,
+                into_host: false,
             }
         );
         assert_eq!(
@@ -750,7 +1074,9 @@ action = "allow"
             Wanted {
                 object: "/opt/tools".into(),
                 owner: Owner::Host,
-                writable: true
+                writable: true,
+                exec: true,
+                into_host: false,
             }
         );
         // ask and deny share nothing; the owner gets nothing of its own back.
@@ -758,6 +1084,19 @@ action = "allow"
         assert_eq!(c.keys().collect::<Vec<_>>(), ["/tools"]);
         let a = wanted(&p, "a", &[]);
         assert_eq!(a.keys().collect::<Vec<_>>(), ["/tools"]);
+        // Only a rule naming @host itself shows a VM's object on the host (`@any` is not
+        // enough), and only under the runtime directory.
+        let layout = Layout::under(Path::new("/x"));
+        assert!(host_wanted(&p, "a", &layout).is_empty());
+        let text = format!(
+            "{RULES}\n[[rule]]\nop = \"share\"\nfrom = \"@host\"\nto = \"a\"\nobject = \"/srv/out\"\naction = \"allow\"\n"
+        );
+        let p = policy(&text);
+        let host = host_wanted(&p, "a", &layout);
+        let (key, (w, _)) = host.iter().next().unwrap();
+        assert_eq!(key, "@host:/x/run/shares/a/srv/out");
+        assert!(w.into_host && !w.exec && !w.writable);
+        assert!(host_wanted(&p, "b", &layout).is_empty());
     }
 
     #[test]

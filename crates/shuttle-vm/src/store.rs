@@ -218,6 +218,8 @@ pub fn remove(layout: &Layout, name: &str) -> Result<(), StoreError> {
     if let Some(stale) = crate::cgroup::VmCgroup::existing(&layout.cgroup_parent(), name) {
         stale.remove(std::time::Duration::from_secs(2))?;
     }
+    // So could shares of its files on the host (they would keep its old file system busy).
+    crate::share::clear_host_shares(layout, name);
     // Decisions the broker has not collected yet outlive the VM: its journal moves aside.
     let journal = layout.audit_journal(name);
     if journal.exists() {

@@ -60,6 +60,31 @@ pub(crate) const PSEUDO_FS: &[i64] = &[
     0x4249_4e4d,            // binfmt_misc
 ];
 
+/// Where the value starts in an option argument whose value may name a file: `--NAME=VALUE`
+/// (NAME of letters, digits, `-` and `_`) or `-XVALUE` (X one letter or digit), where VALUE
+/// looks like a path: absolute, or starting with `./` or `../`. The deliberate limit: a bare
+/// word (`--output=out.txt`, `-ofoo`) stays a string, since option values are far more often
+/// names, numbers or modes than files, and `-abc` clusters of flags must never be taken for a
+/// path. Used by the stub to announce candidates and by the monitor, which trusts only its own
+/// reading, to split the argument.
+pub fn option_value(arg: &[u8]) -> Option<usize> {
+    let pathlike = |v: &[u8]| v.starts_with(b"/") || v.starts_with(b"./") || v.starts_with(b"../");
+    if let Some(rest) = arg.strip_prefix(b"--") {
+        let eq = rest.iter().position(|b| *b == b'=')?;
+        let name = &rest[..eq];
+        let valid = name.first().is_some_and(u8::is_ascii_alphanumeric)
+            && name
+                .iter()
+                .all(|b| b.is_ascii_alphanumeric() || *b == b'-' || *b == b'_');
+        let start = 2 + eq + 1;
+        return (valid && pathlike(&arg[start..])).then_some(start);
+    }
+    match arg {
+        [b'-', x, value @ ..] if x.is_ascii_alphanumeric() && pathlike(value) => Some(2),
+        _ => None,
+    }
+}
+
 /// A running VM's mount namespace, checked to be its init's.
 #[derive(Debug)]
 pub(crate) struct TargetNs {
@@ -214,6 +239,7 @@ pub(crate) fn expose(
     target: &TargetNs,
     files: Vec<FileArg>,
     allow_write: bool,
+    dirs: Option<&CallerCreds>,
 ) -> Result<(Vec<(usize, Bytes)>, Exposed), String> {
     let files: Vec<(FileArg, (u64, u64), bool)> = files
         .into_iter()
@@ -238,14 +264,16 @@ pub(crate) fn expose(
     let mut guard = shown();
     let map = guard.get_or_insert_with(HashMap::new);
     let outcome = std::thread::scope(|s| {
-        s.spawn(|| show(caller, caller_ns, target, &files, map))
+        s.spawn(|| show(caller, caller_ns, target, &files, allow_write, dirs, map))
             .join()
             .unwrap_or_else(|_| Err("the thread showing the files failed".to_owned()))
     })?;
     let mut exposed = Exposed::default();
     let mut rewritten = Vec::new();
     for (index, key) in outcome {
-        rewritten.push((index, Bytes::from(std::ffi::OsStr::from_bytes(&key.2))));
+        if let Some(index) = index {
+            rewritten.push((index, Bytes::from(std::ffi::OsStr::from_bytes(&key.2))));
+        }
         exposed.keys.push(key);
     }
     Ok((rewritten, exposed))
@@ -255,16 +283,35 @@ fn errno(what: &str) -> impl Fn(Errno) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
 
+/// Who called, from the kernel (`SO_PEERCRED`, `SO_PEERGROUPS`): the files of an exposed
+/// directory are opened with exactly these credentials.
+#[derive(Debug, Clone)]
+pub(crate) struct CallerCreds {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+/// A passed file in its directory: its name there and its (device, inode).
+type Passed = (Vec<u8>, (u64, u64));
+
+/// The most files of one directory that `expose_dir` shows (each is a mount in the target).
+pub(crate) const MAX_DIR_FILES: usize = 256;
+
 /// On a thread of its own (it leaves the monitor's mount namespace for good): reads each file's
 /// path in the caller's VM, clones a mount of it there, and attaches it in the target VM.
-/// Returns (argument index, key) for each file shown.
+/// With `dirs` (the rule's `expose_dir`), the other regular files of each file's directory
+/// that the caller can open come along (see [`open_siblings`]). Returns (argument index, key)
+/// for each file shown (no index for a directory's other files).
 fn show(
     caller: &str,
     caller_ns: BorrowedFd<'_>,
     target: &TargetNs,
     files: &[(FileArg, (u64, u64), bool)],
+    allow_write: bool,
+    dirs: Option<&CallerCreds>,
     map: &mut HashMap<Key, Entry>,
-) -> Result<Vec<(usize, Key)>, String> {
+) -> Result<Vec<(Option<usize>, Key)>, String> {
     let own_fds = nix::fcntl::open(
         Path::new("/proc/thread-self/fd"),
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -285,8 +332,47 @@ fn show(
             continue;
         }
         match shuttle_sys::vm_mount::clone_mount(file.fd.as_fd()) {
-            Ok(tree) => trees.push((file.index, path, tree, *id, *writable)),
+            Ok(tree) => trees.push((Some(file.index), path, tree, *id, *writable)),
             Err(e) => tracing::warn!(error = %e, "open_tree of a passed file"),
+        }
+    }
+    if let Some(creds) = dirs {
+        // Each directory once, with the names (and inodes) of the passed files in it.
+        let mut by_dir: Vec<(Vec<u8>, Vec<Passed>)> = Vec::new();
+        for (_, path, _, id, _) in &trees {
+            let Some(cut) = path.iter().rposition(|b| *b == b'/') else {
+                continue;
+            };
+            let (dir, name) = (&path[..cut.max(1)], path[cut + 1..].to_vec());
+            match by_dir.iter_mut().find(|(d, _)| d == dir) {
+                Some((_, names)) => names.push((name, *id)),
+                None => by_dir.push((dir.to_vec(), vec![(name, *id)])),
+            }
+        }
+        for (dir, passed) in by_dir {
+            // A thread of its own, spawned from this one so that it shares the caller's mount
+            // namespace and root, takes the caller's credentials and dies with them.
+            let opened = std::thread::scope(|s| {
+                s.spawn(|| open_siblings(&dir, &passed, creds, allow_write))
+                    .join()
+                    .unwrap_or_else(|_| Err("the thread opening a directory's files failed".into()))
+            })?;
+            for (name, fd) in opened {
+                let Some((id, writable)) = qualifies(&fd) else {
+                    continue;
+                };
+                let mut path = dir.clone();
+                if path != b"/" {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(&name);
+                match shuttle_sys::vm_mount::clone_mount(fd.as_fd()) {
+                    Ok(tree) => trees.push((None, path, tree, id, writable && allow_write)),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "open_tree of a file of an exposed directory")
+                    }
+                }
+            }
         }
     }
     shuttle_sys::vm_mount::enter_mount_namespace_alone(target.mount_ns.as_fd())
@@ -331,6 +417,112 @@ fn show(
     Ok(shown)
 }
 
+/// With the caller's credentials (this thread's alone: raw setgroups, setresgid, setresuid;
+/// the effective capabilities go with a non-zero uid), in the caller's mount namespace: opens
+/// directory `dir` as the caller could (every component searched, the directory read, no
+/// symbolic link followed: `dir` is the kernel's own path of a passed file's parent), checks
+/// that each passed file is really in it, and opens its other regular files, for writing too
+/// when `write` and the caller may, else for reading. What the caller cannot open, mounts in
+/// the directory (masks of hidden paths among them: `RESOLVE_NO_XDEV`), links, directories and
+/// special files are left out. Refused with more than [`MAX_DIR_FILES`] files.
+fn open_siblings(
+    dir: &[u8],
+    passed: &[Passed],
+    creds: &CallerCreds,
+    write: bool,
+) -> Result<Vec<(Vec<u8>, OwnedFd)>, String> {
+    let shown = String::from_utf8_lossy(dir).into_owned();
+    shuttle_sys::unotify::set_thread_groups(&creds.groups).map_err(errno("setgroups"))?;
+    shuttle_sys::unotify::set_thread_effective_ids(creds.uid, creds.gid)
+        .map_err(errno("taking the caller's uid and gid"))?;
+    let root = nix::fcntl::open(
+        Path::new("/"),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("the caller's root"))?;
+    let relative = std::ffi::OsStr::from_bytes(&dir[1..]);
+    let relative = if relative.is_empty() {
+        std::ffi::OsStr::new(".")
+    } else {
+        relative
+    };
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
+        .resolve(
+            ResolveFlag::RESOLVE_IN_ROOT
+                | ResolveFlag::RESOLVE_NO_SYMLINKS
+                | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+        );
+    let dirfd = openat2(&root, Path::new(relative), how)
+        .map_err(|e| format!("the directory {shown} cannot be opened by the caller: {e}"))?;
+    for (name, id) in passed {
+        let st = nix::sys::stat::fstatat(
+            &dirfd,
+            Path::new(std::ffi::OsStr::from_bytes(name)),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .map_err(|e| format!("a passed file is not in {shown} any more: {e}"))?;
+        if (st.st_dev, st.st_ino) != *id {
+            return Err(format!("a passed file is not in {shown} any more"));
+        }
+    }
+    let listing =
+        nix::dir::Dir::from_fd(nix::unistd::dup(&dirfd).map_err(errno("dup of a directory"))?)
+            .map_err(errno("reading a directory"))?;
+    let mut names = Vec::new();
+    for entry in listing {
+        let entry = entry.map_err(|e| format!("reading the directory {shown}: {e}"))?;
+        let name = entry.file_name().to_bytes();
+        // A file system that does not say the type in its listing is asked (no link
+        // followed); the descriptor is checked again once open (`qualifies`).
+        let regular = match entry.file_type() {
+            Some(kind) => kind == nix::dir::Type::File,
+            None => nix::sys::stat::fstatat(
+                &dirfd,
+                entry.file_name(),
+                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+            )
+            .is_ok_and(|st| st.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFREG.bits()),
+        };
+        if name == b"." || name == b".." || !regular || passed.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        names.push(name.to_vec());
+        if names.len() > MAX_DIR_FILES {
+            return Err(format!(
+                "the directory {shown} holds more than {MAX_DIR_FILES} files: too many to expose \
+                 (expose_dir); pass the files themselves"
+            ));
+        }
+    }
+    let open = |name: &[u8], access: OFlag| {
+        let how = OpenHow::new()
+            .flags(
+                access | OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+            )
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                    | ResolveFlag::RESOLVE_NO_XDEV,
+            );
+        openat2(&dirfd, Path::new(std::ffi::OsStr::from_bytes(name)), how)
+    };
+    let mut opened = Vec::new();
+    for name in names {
+        let fd = if write {
+            open(&name, OFlag::O_RDWR).or_else(|_| open(&name, OFlag::O_RDONLY))
+        } else {
+            open(&name, OFlag::O_RDONLY)
+        };
+        if let Ok(fd) = fd {
+            opened.push((name, fd));
+        }
+    }
+    Ok(opened)
+}
+
 fn how_beneath() -> OpenHow {
     OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW)
@@ -344,7 +536,7 @@ fn how_beneath() -> OpenHow {
 
 /// The directory `name` in `dir`, made (0755) when missing; never through a symbolic link or
 /// onto another file system.
-fn subdir(dir: &OwnedFd, name: &[u8]) -> Result<OwnedFd, Errno> {
+pub(crate) fn subdir(dir: &OwnedFd, name: &[u8]) -> Result<OwnedFd, Errno> {
     let name = std::ffi::OsStr::from_bytes(name);
     match openat2(dir, Path::new(name), how_beneath()) {
         Err(Errno::ENOENT) => {
@@ -535,5 +727,36 @@ fn remove_mount_point(path: &[u8]) {
             break;
         }
         dir = d.parent();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::option_value;
+
+    #[test]
+    fn option_values_that_look_like_paths_are_found() {
+        assert_eq!(option_value(b"--input=/srv/a.txt"), Some(8));
+        assert_eq!(option_value(b"--files0-from=./list"), Some(14));
+        assert_eq!(option_value(b"--out_file=../x"), Some(11));
+        assert_eq!(option_value(b"-o/srv/out"), Some(2));
+        assert_eq!(option_value(b"-C./dir"), Some(2));
+        // Bare words, flags, clusters, odd names and plain paths are not options with files.
+        for no in [
+            &b"--output=out.txt"[..],
+            b"--output=",
+            b"--=/x",
+            b"---x=/y",
+            b"--a b=/x",
+            b"-ofoo",
+            b"-la",
+            b"-/x",
+            b"--",
+            b"-",
+            b"/srv/a.txt",
+            b"--input /srv/a",
+        ] {
+            assert_eq!(option_value(no), None, "{}", String::from_utf8_lossy(no));
+        }
     }
 }

@@ -281,8 +281,9 @@ pub struct CreateArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// The VM to run in
-    pub name: String,
+    /// The VM to run in (inside a VM: its own by default; another only where an `invoke`
+    /// rule routes the program there)
+    pub name: Option<String>,
     /// Set an environment variable (KEY=VALUE), or pass this shell's value (KEY); repeatable
     #[arg(long = "env", short = 'e', value_name = "KEY[=VALUE]")]
     pub env: Vec<String>,

@@ -415,12 +415,20 @@ pub(crate) const FORWARDED_SIGNALS: &[i32] = &[
 ];
 
 fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
+    // Inside a VM there is no state directory to read and no monitor socket to reach: the
+    // VM's own API socket carries the request, and the VM is the socket's.
+    if crate::invoke_cmd::inside_vm() {
+        let env = command_env(&args)?;
+        return crate::invoke_cmd::run_in_vm(args.name, args.command, env, args.workdir, args.user);
+    }
     require_root()?;
-    let name = args.name.clone();
+    let Some(name) = args.name.clone() else {
+        bail!("name the VM to run in: shuttle run VM -- CMD");
+    };
     let config = store::load(layout, &name)?;
     // Catch forwarded signals from now on, so one that arrives while the VM starts is
     // delivered once the command runs rather than killing shuttle.
-    let mut signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
+    let signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
         .context("installing signal handlers")?;
     if !store::is_running(layout, &name) {
         if args.no_start {
@@ -498,41 +506,16 @@ fn run(layout: &Layout, args: RunArgs) -> Result<i32> {
     drop(out_pipe);
     drop(err_pipe);
     let mut session = session;
-    let mut raw = None;
     let master = session.terminal.take();
-    if let Some(m) = &master {
-        raw = terminal_io::RawMode::enter();
-        terminal_io::copy_stdin_to(m.try_clone()?);
-        relays.push(terminal_io::copy_until_done(
-            m.try_clone()?,
-            std::io::stdout(),
-            Arc::clone(&done),
-        ));
-    }
     let signaller = session.signaller()?;
-    let handle = signals.handle();
-    let winch_target = match &master {
-        Some(m) => Some(m.try_clone()?),
-        None => None,
-    };
-    let forwarder = std::thread::spawn(move || {
-        for sig in signals.forever() {
-            // A terminal of the VM's own: resize it; the kernel tells its foreground group.
-            if let (libc::SIGWINCH, Some(m)) = (sig, &winch_target) {
-                let (rows, cols) = terminal_io::size_of(std::io::stdin().as_fd());
-                let _ = shuttle_sys::terminal::set_window_size(m.as_fd(), rows, cols);
-                continue;
-            }
-            if signaller.signal(sig).is_err() {
-                break;
-            }
-        }
-    });
-    let status = session.wait();
-    handle.close();
-    let _ = forwarder.join();
-    terminal_io::finish(&done, relays);
-    drop(raw);
+    let status = terminal_io::relay_session(
+        master,
+        signals,
+        relays,
+        done,
+        move |sig| signaller.signal(sig).is_ok(),
+        || session.wait(),
+    )?;
     Ok(status?.shell_code())
 }
 

@@ -109,26 +109,59 @@ fn standard(fd: BorrowedFd<'_>, keep: &mut Vec<OwnedFd>) -> Result<()> {
 /// The most file arguments passed along (the monitor takes no more).
 const MAX_FILES: usize = 64;
 
+/// The path an argument names for the transfer: the whole argument, or the value of an
+/// option that looks like a path (`--input=/srv/a.txt`, `-o/srv/out`; see
+/// `shuttle_vm::transfer::option_value`, the monitor's own reading of it).
+fn named_path(arg: &OsString, option: bool) -> Option<&std::ffi::OsStr> {
+    use std::os::unix::ffi::OsStrExt;
+    if !option {
+        return Some(arg.as_os_str());
+    }
+    let bytes = arg.as_bytes();
+    shuttle_vm::transfer::option_value(bytes)
+        .map(|start| std::ffi::OsStr::from_bytes(&bytes[start..]))
+}
+
 /// The arguments that name regular files (in the caller's VM, as the program would resolve
-/// them here): those the monitor may ask for. Options, missing paths, directories, devices
-/// and FIFOs stay plain strings.
-fn file_candidates(args: &[OsString]) -> Vec<u32> {
-    args.iter()
-        .enumerate()
-        .filter(|(_, a)| !a.is_empty() && std::fs::metadata(a).is_ok_and(|m| m.is_file()))
-        .filter_map(|(i, _)| u32::try_from(i).ok())
-        .take(MAX_FILES)
-        .collect()
+/// them here): those the monitor may ask for, whole ones and options with a file value (in
+/// that order). Missing paths, directories, devices, FIFOs and other options stay plain
+/// strings.
+fn file_candidates(args: &[OsString]) -> (Vec<u32>, Vec<u32>) {
+    let is_file =
+        |p: &std::ffi::OsStr| !p.is_empty() && std::fs::metadata(p).is_ok_and(|m| m.is_file());
+    let (mut whole, mut options) = (Vec::new(), Vec::new());
+    for (i, a) in args.iter().enumerate() {
+        let Ok(i) = u32::try_from(i) else { break };
+        if whole.len() + options.len() == MAX_FILES {
+            break;
+        }
+        if is_file(a) {
+            whole.push(i);
+        } else if named_path(a, true).is_some_and(is_file) {
+            options.push(i);
+        }
+    }
+    (whole, options)
 }
 
 /// Opens the candidate file arguments here, in the caller's VM and with the caller's rights
 /// (for writing too when `write` and allowed, else for reading), and sends their descriptors:
 /// nothing the caller could not open itself is ever passed. One it cannot open stays a string.
-fn send_files(chan: &Channel, args: &[OsString], candidates: &[u32], write: bool) -> Result<()> {
+fn send_files(
+    chan: &Channel,
+    args: &[OsString],
+    candidates: &(Vec<u32>, Vec<u32>),
+    write: bool,
+) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut files: Vec<(u32, OwnedFd)> = Vec::new();
-    for &i in candidates {
-        let Some(arg) = args.get(i as usize) else {
+    let all = candidates
+        .0
+        .iter()
+        .map(|i| (*i, false))
+        .chain(candidates.1.iter().map(|i| (*i, true)));
+    for (i, option) in all {
+        let Some(arg) = args.get(i as usize).and_then(|a| named_path(a, option)) else {
             continue;
         };
         // Non-blocking, no controlling terminal: the path may have been swapped for a FIFO or
@@ -163,7 +196,116 @@ fn send_files(chan: &Channel, args: &[OsString], candidates: &[u32], write: bool
 /// Runs `program` (an absolute path, as the rule names it) with `args` where the policy routes
 /// it; returns the exit status to exit with.
 pub fn invoke(program: String, args: Vec<OsString>) -> Result<i32> {
-    invoke_with(program, args, Vec::new())
+    invoke_with(Call::new(program, args))
+}
+
+/// Whether this process runs inside a Shuttle VM: its binary is the one Shuttle binds at
+/// `/run/shuttle/shuttle` in every VM (there is no such file on the host).
+pub fn inside_vm() -> bool {
+    let (Ok(me), Ok(shuttle)) = (
+        std::fs::metadata("/proc/self/exe"),
+        std::fs::metadata(IN_VM_SHUTTLE),
+    ) else {
+        return false;
+    };
+    me.dev() == shuttle.dev() && me.ino() == shuttle.ino()
+}
+
+/// `shuttle run [VM] -- CMD` inside a VM. Work started at a VM's request runs in a VM, never
+/// on the host: with no VM named (or this VM's own name) the command runs in this VM, as
+/// this process's uid and gid, a child of the VM's init; another VM runs it only where an
+/// `invoke` rule routes the program (CMD resolved on PATH here to the absolute path rules
+/// name), as an invocation (its rule's environment, user and file arguments). Which VM is
+/// "this VM" is the monitor's knowledge (the socket the request comes in on), not ours.
+pub fn run_in_vm(
+    vm: Option<String>,
+    command: Vec<OsString>,
+    env: Vec<(Bytes, Bytes)>,
+    workdir: Option<OsString>,
+    user: Option<String>,
+) -> Result<i32> {
+    let Some((first, args)) = command.split_first() else {
+        bail!("name the command to run after --");
+    };
+    let mut call = Call::new(String::new(), args.to_vec());
+    call.program = match &vm {
+        // Named: as invoke rules name programs, an absolute path (the monitor runs this VM's
+        // own program by that path too when the name is this VM's).
+        Some(_) => program_path(first, &env)?,
+        None => first
+            .to_str()
+            .context("the command's name is not valid UTF-8")?
+            .to_owned(),
+    };
+    call.run_in = Some(vm.unwrap_or_default());
+    call.user = user;
+    call.env = Some(env);
+    if let Some(w) = workdir {
+        call.cwd = Some(Bytes::from(w.as_os_str()));
+    }
+    invoke_with(call)
+}
+
+/// The absolute path of program `name` here: itself when it has a `/` (made absolute, links
+/// not resolved: rules name the path), else the first executable file of that name on `env`'s
+/// PATH.
+fn program_path(name: &std::ffi::OsStr, env: &[(Bytes, Bytes)]) -> Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    let found = if name.as_bytes().contains(&b'/') {
+        Some(std::path::absolute(name)?)
+    } else {
+        let path = env
+            .iter()
+            .find(|(k, _)| k.as_bytes() == b"PATH")
+            .map(|(_, v)| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        path.split(|b| *b == b':')
+            .filter(|d| d.starts_with(b"/"))
+            .map(|d| std::path::Path::new(std::ffi::OsStr::from_bytes(d)).join(name))
+            .find(|p| {
+                std::fs::metadata(p)
+                    .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+            })
+    };
+    let Some(found) = found else {
+        bail!(
+            "{} not found on PATH in this VM: name the program's absolute path, as the invoke rule does",
+            name.to_string_lossy()
+        );
+    };
+    found
+        .into_os_string()
+        .into_string()
+        .map_err(|_| anyhow::anyhow!("the program's path is not valid UTF-8"))
+}
+
+/// What the stub, `shuttle invoke`, `shuttle open` and `shuttle run` inside a VM ask of the
+/// VM's monitor.
+struct Call {
+    program: String,
+    args: Vec<OsString>,
+    open: Vec<String>,
+    run_in: Option<String>,
+    user: Option<String>,
+    /// `None`: this process's environment (the monitor keeps what the rule allows).
+    env: Option<Vec<(Bytes, Bytes)>>,
+    /// `None`: this process's working directory.
+    cwd: Option<Bytes>,
+}
+
+impl Call {
+    fn new(program: String, args: Vec<OsString>) -> Call {
+        Call {
+            program,
+            args,
+            open: Vec::new(),
+            run_in: None,
+            user: None,
+            env: None,
+            cwd: None,
+        }
+    }
 }
 
 /// `shuttle open PATH|URL` (and `xdg-open` when this binary is installed under that name):
@@ -186,7 +328,9 @@ pub fn open(target: OsString) -> Result<i32> {
     if objects.is_empty() {
         bail!("{text}: no scheme, type or extension to route by: name a URL or a file with an extension");
     }
-    invoke_with(String::new(), vec![arg], objects)
+    let mut call = Call::new(String::new(), vec![arg]);
+    call.open = objects;
+    invoke_with(call)
 }
 
 /// The scheme of `s` (lower case) when it is a URL: `NAME:` with NAME of two or more
@@ -237,9 +381,18 @@ fn mime_of(types: &str, ext: &str) -> Option<String> {
         })
 }
 
-fn invoke_with(program: String, args: Vec<OsString>, open: Vec<String>) -> Result<i32> {
+fn invoke_with(call: Call) -> Result<i32> {
+    let Call {
+        program,
+        args,
+        open,
+        run_in,
+        user,
+        env,
+        cwd,
+    } = call;
     // Caught from now on: one that arrives while the program starts is delivered once it runs.
-    let mut signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
+    let signals = signal_hook::iterator::Signals::new(FORWARDED_SIGNALS)
         .context("installing signal handlers")?;
     let chan = Channel::connect(std::path::Path::new(VM_API_SOCKET)).map_err(|_| {
         anyhow::anyhow!(
@@ -283,15 +436,22 @@ fn invoke_with(program: String, args: Vec<OsString>, open: Vec<String>) -> Resul
     let spec = InvokeSpec {
         program: program.clone(),
         args: args.iter().map(|a| Bytes::from(a.as_os_str())).collect(),
-        env: std::env::vars_os()
-            .map(|(k, v)| (Bytes::from(k.as_os_str()), Bytes::from(v.as_os_str())))
-            .collect(),
-        cwd: std::env::current_dir()
-            .ok()
-            .map(|d| Bytes::from(d.as_os_str())),
+        env: env.unwrap_or_else(|| {
+            std::env::vars_os()
+                .map(|(k, v)| (Bytes::from(k.as_os_str()), Bytes::from(v.as_os_str())))
+                .collect()
+        }),
+        cwd: cwd.or_else(|| {
+            std::env::current_dir()
+                .ok()
+                .map(|d| Bytes::from(d.as_os_str()))
+        }),
         terminal: pty_mode.then(|| terminal_io::size_of(stdin.as_fd())),
-        files: candidates.clone(),
+        files: candidates.0.clone(),
+        option_files: candidates.1.clone(),
         open,
+        run_in,
+        user,
     };
     let borrowed: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
     chan.send_with_fds(&VmRequest::Invoke(spec), &borrowed)?;
@@ -321,43 +481,15 @@ fn invoke_with(program: String, args: Vec<OsString>, open: Vec<String>) -> Resul
         VmReply::Failed { message } => bail!("{message}"),
         other => bail!("unexpected answer: {other:?}"),
     }
-    let master = fds.pop();
-    let mut raw = None;
-    if let Some(m) = &master {
-        raw = terminal_io::RawMode::enter();
-        terminal_io::copy_stdin_to(m.try_clone()?);
-        relays.push(terminal_io::copy_until_done(
-            m.try_clone()?,
-            std::io::stdout(),
-            Arc::clone(&done),
-        ));
-    }
     let sender = chan.try_clone()?;
-    let handle = signals.handle();
-    let winch_target = match &master {
-        Some(m) => Some(m.try_clone()?),
-        None => None,
-    };
-    let forwarder = std::thread::spawn(move || {
-        for sig in signals.forever() {
-            if let (libc::SIGWINCH, Some(m)) = (sig, &winch_target) {
-                let (rows, cols) = terminal_io::size_of(std::io::stdin().as_fd());
-                let _ = shuttle_sys::terminal::set_window_size(m.as_fd(), rows, cols);
-                continue;
-            }
-            if sender
-                .send(&VmRequest::InvokeSignal { signal: sig })
-                .is_err()
-            {
-                break;
-            }
-        }
-    });
-    let reply = chan.recv::<VmReply>();
-    handle.close();
-    let _ = forwarder.join();
-    terminal_io::finish(&done, relays);
-    drop(raw);
+    let reply = terminal_io::relay_session(
+        fds.pop(),
+        signals,
+        relays,
+        done,
+        move |signal| sender.send(&VmRequest::InvokeSignal { signal }).is_ok(),
+        || chan.recv::<VmReply>(),
+    )?;
     match reply {
         Ok(VmReply::Exited(status)) => Ok(status.shell_code()),
         Ok(VmReply::InvokeFailed { message, exit_code }) => {

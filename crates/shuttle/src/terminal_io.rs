@@ -133,3 +133,51 @@ pub fn finish(done: &AtomicBool, relays: Vec<JoinHandle<()>>) {
         let _ = r.join();
     }
 }
+
+/// The part of a session that runs while the command does, shared by `shuttle run` and the
+/// invoke stub: with `master` (the command's pseudo-terminal) the caller's terminal goes
+/// into raw mode and is relayed both ways; the signals `signals` catches go to `forward`
+/// (until it returns false), except SIGWINCH with a terminal, which resizes it (the kernel then
+/// tells its foreground process group); `wait` blocks until the command ends. Afterwards the
+/// relays are given a moment to drain and the terminal is restored.
+pub fn relay_session<T>(
+    master: Option<OwnedFd>,
+    mut signals: signal_hook::iterator::Signals,
+    mut relays: Vec<JoinHandle<()>>,
+    done: Arc<AtomicBool>,
+    mut forward: impl FnMut(i32) -> bool + Send + 'static,
+    wait: impl FnOnce() -> T,
+) -> std::io::Result<T> {
+    let mut raw = None;
+    let mut winch_target = None;
+    if let Some(m) = &master {
+        raw = RawMode::enter();
+        copy_stdin_to(m.try_clone()?);
+        relays.push(copy_until_done(
+            m.try_clone()?,
+            std::io::stdout(),
+            Arc::clone(&done),
+        ));
+        winch_target = Some(m.try_clone()?);
+    }
+    drop(master);
+    let handle = signals.handle();
+    let forwarder = std::thread::spawn(move || {
+        for sig in signals.forever() {
+            if let (libc::SIGWINCH, Some(m)) = (sig, &winch_target) {
+                let (rows, cols) = size_of(std::io::stdin().as_fd());
+                let _ = shuttle_sys::terminal::set_window_size(m.as_fd(), rows, cols);
+                continue;
+            }
+            if !forward(sig) {
+                break;
+            }
+        }
+    });
+    let result = wait();
+    handle.close();
+    let _ = forwarder.join();
+    finish(&done, relays);
+    drop(raw);
+    Ok(result)
+}

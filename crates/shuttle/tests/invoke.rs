@@ -572,3 +572,229 @@ kill $racer
     );
     assert!(!text.contains("private-data"), "{text}");
 }
+
+#[test]
+fn expose_dir_shows_the_other_files_of_the_directory_that_the_caller_can_open() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(
+        &env,
+        &format!(
+            "{}{}{}",
+            rule("/usr/bin/bash", "expose_dir = true\n"),
+            rule(
+                "/usr/bin/env",
+                "expose_dir = true\nfiles = \"read-write\"\n"
+            ),
+            rule("/usr/bin/ls", "")
+        ),
+    );
+    // A document with its image, a file nobody may read, a subdirectory, a link out.
+    env.run_ok(
+        "a",
+        "mkdir -p /srv/docs/sub && echo doc > /srv/docs/doc.txt && echo png > /srv/docs/img.png \
+         && echo secret > /srv/docs/private && chmod 600 /srv/docs/private \
+         && echo deeper > /srv/docs/sub/x && ln -s /etc/shadow /srv/docs/link",
+    );
+    // Without the option: the named file alone.
+    assert_eq!(
+        env.run_ok("a", "ls /shuttle/from/a/srv/docs /srv/docs/doc.txt 2>&1"),
+        "/shuttle/from/a/srv/docs/doc.txt\n\n/shuttle/from/a/srv/docs:\ndoc.txt\n"
+    );
+    // With it, as nobody: the siblings nobody can open, nothing else, read-only.
+    let script = r#"d=$(dirname "$1"); ls -A "$d"; cat "$d/img.png"; echo x >> "$d/img.png" || echo read-only; touch "$d/new" || echo no-new-files"#;
+    let out = env.output(&[
+        "run",
+        "a",
+        "-u",
+        "nobody",
+        "--",
+        "bash",
+        "-c",
+        script,
+        "_",
+        "/srv/docs/doc.txt",
+    ]);
+    assert_success(&out, "bash with expose_dir as nobody");
+    assert_eq!(
+        stdout(&out),
+        "doc.txt\nimg.png\npng\nread-only\nno-new-files\n",
+        "{}",
+        stderr(&out)
+    );
+    // read-write granted and the caller (root) may write: the sibling is written in a.
+    env.run_ok(
+        "a",
+        r#"env bash -c 'echo more >> "$(dirname "$1")/img.png"' _ /srv/docs/doc.txt"#,
+    );
+    assert_eq!(
+        env.run_ok("a", "head -c 100 /srv/docs/img.png"),
+        "png\nmore\n"
+    );
+    // A directory of too many files is refused whole, with a message (and nothing runs).
+    env.run_ok(
+        "a",
+        "mkdir -p /srv/many && cd /srv/many && for i in $(seq 1 300); do : > f$i; done",
+    );
+    let out = env.run("a", "bash -c 'echo ran' _ /srv/many/f1");
+    assert_code(&out, 125, "expose_dir on 300 files");
+    assert!(!stdout(&out).contains("ran"));
+    assert!(
+        stderr(&out).contains("holds more than 256 files"),
+        "{}",
+        stderr(&out)
+    );
+    // Gone afterwards, and audited as such.
+    assert_eq!(env.run_ok("b", "find /shuttle/from/a -mindepth 1"), "");
+    assert!(invokes(&env).iter().any(|r| r["object"] == "/usr/bin/bash"
+        && r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("and the files of their directories read-only"))));
+}
+
+#[test]
+fn option_values_that_name_files_cross_as_file_arguments() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(
+        &env,
+        &format!(
+            "{}{}{}",
+            rule("/usr/bin/bash", ""),
+            rule("/usr/bin/grep", ""),
+            rule("/usr/bin/sort", "files = \"read-write\"\n"),
+        ),
+    );
+    env.run_ok(
+        "a",
+        "mkdir -p /srv/w && printf 'b\\nzz\\n' > /srv/w/pats && printf 'a\\nb\\nc\\nzz\\n' > /srv/w/data \
+         && printf '3\\n1\\n2\\n' > /srv/w/in && : > /srv/w/out && : > /srv/w/ro-out",
+    );
+    // Only the value is rewritten; a bare word stays a string (deliberately: see README).
+    assert_eq!(
+        env.run_ok(
+            "a",
+            "cd /srv/w && bash -c 'echo \"$@\"' _ --input=/srv/w/pats -o/srv/w/pats --x=./pats --y=pats -la --z=/nonexistent"
+        )
+        .trim(),
+        "--input=/shuttle/from/a/srv/w/pats -o/shuttle/from/a/srv/w/pats \
+         --x=/shuttle/from/a/srv/w/pats --y=pats -la --z=/nonexistent"
+    );
+    // A real program reads a file named in an option, long and short.
+    assert_eq!(
+        env.run_ok("a", "grep --file=/srv/w/pats /srv/w/data"),
+        "b\nzz\n"
+    );
+    assert_eq!(
+        env.run_ok("a", "cd /srv/w && grep -f./pats data"),
+        "b\nzz\n"
+    );
+    // `--file=pats` is not transferred: b has no such file.
+    let out = env.run("a", "cd /srv/w && grep --file=pats /srv/w/data");
+    assert_code(&out, 2, "grep --file=pats");
+    // Written through an option where the rule grants it...
+    env.run_ok("a", "sort --output=/srv/w/out /srv/w/in");
+    assert_eq!(env.run_ok("a", "head -c 100 /srv/w/out"), "1\n2\n3\n");
+    // ... and refused where it does not (bash's rule passes files read-only).
+    let out = env.run("a", "bash -c 'echo x > \"${1#--o=}\"' _ --o=/srv/w/ro-out");
+    assert!(!out.status.success(), "wrote a read-only option file");
+    assert!(
+        stderr(&out).contains("Read-only file system"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.run_ok("a", "head -c 10 /srv/w/ro-out"), "");
+    assert!(invokes(&env).iter().any(|r| r["object"] == "/usr/bin/sort"
+        && r["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("with 2 file argument(s) read-write"))));
+}
+
+#[test]
+fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_routes() {
+    let Some(env) = Env::new() else { return };
+    for vm in ["a", "b", "c"] {
+        env.create(vm, &[]);
+    }
+    let run = |vm_args: &str, cmd: &str| format!("{IN_VM_SHUTTLE} run {vm_args} -- {cmd}");
+    // No VM named, or its own name: in the caller's VM, a child of its init (not of the
+    // caller), as the caller.
+    env.run_ok("a", "echo a-only > /etc/a-marker");
+    assert_eq!(env.run_ok("a", &run("", "hostname")).trim(), "a");
+    assert_eq!(
+        env.run_ok("a", &run("a", "cat /etc/a-marker")).trim(),
+        "a-only"
+    );
+    assert_eq!(
+        env.run_ok("a", &run("", "sh -c 'echo $PPID'")).trim(),
+        "1",
+        "not started by the VM's init"
+    );
+    let as_nobody = |cmd: &str| env.output(&["run", "a", "-u", "nobody", "--", "sh", "-c", cmd]);
+    let out = as_nobody(&run("", "id -u"));
+    assert_success(&out, "shuttle run as nobody inside a");
+    assert_eq!(stdout(&out).trim(), "65534");
+    // Only root in the VM may name another user.
+    let out = as_nobody(&run("-u root", "id -u"));
+    assert_code(&out, 126, "nobody asking for root");
+    assert!(
+        stderr(&out).contains("only root there may name another user"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(env.run_ok("a", &run("-u nobody", "id -u")).trim(), "65534");
+    // Another VM: refused without a rule, whatever the name says.
+    let out = env.run("a", &run("b", "hostname"));
+    assert_code(&out, 126, "shuttle run b inside a without a rule");
+    assert!(
+        stderr(&out).contains(
+            "running /usr/bin/hostname in VM b is not allowed by the policy (no invoke rule"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    // A malformed name is refused (and audited as such).
+    assert!(!env.run("a", &run("no-such-vm!", "true")).status.success());
+    // With a rule routing the program to b: it runs in b; never in a VM the rule does not
+    // name.
+    load(&env, &rule("/usr/bin/hostname", ""));
+    assert_eq!(env.run_ok("a", &run("b", "hostname")).trim(), "b");
+    let out = env.run("a", &run("c", "hostname"));
+    assert_code(&out, 126, "shuttle run c with the rule routing to b");
+    assert!(
+        stderr(&out).contains("routes it to VM b)"),
+        "{}",
+        stderr(&out)
+    );
+    // Every one audited, with the VM the caller named.
+    let records = audit(&env);
+    let seen: Vec<(&str, &str, &str)> = records
+        .iter()
+        .filter(|r| r["from"] == "a" && (r["op"] == "run" || r["op"] == "invoke"))
+        .map(|r| {
+            (
+                r["op"].as_str().unwrap(),
+                r["to"].as_str().unwrap_or(""),
+                r["result"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("run", "a", "allow"),
+            ("run", "a", "allow"),
+            ("run", "a", "allow"),
+            ("run", "a", "allow"),
+            ("run", "a", "deny"),
+            ("run", "a", "allow"),
+            ("invoke", "b", "deny"),
+            ("invoke", "", "deny"),
+            ("invoke", "b", "allow"),
+            ("invoke", "c", "deny"),
+        ],
+        "{records:?}"
+    );
+}

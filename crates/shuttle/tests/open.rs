@@ -97,3 +97,34 @@ fn urls_and_files_open_with_the_handler_of_the_routed_vm() {
         "{records:?}"
     );
 }
+
+#[test]
+fn an_open_rule_with_expose_dir_shows_the_documents_siblings_to_the_handler() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("viewer", &[]);
+    // The handler lists the document's directory as it sees it.
+    env.run_ok(
+        "viewer",
+        "mkdir -p /usr/local/bin && printf '%s\\n' '#!/bin/sh' 'ls \"$(dirname \"$1\")\"' \
+         > /usr/local/bin/record && chmod 755 /usr/local/bin/record",
+    );
+    let rule = open_rule("ext:html").replace("action", "expose_dir = true\naction");
+    let file = env.path().join("policy.toml");
+    std::fs::write(&file, rule + &open_rule("ext:note")).unwrap();
+    env.ok(&["policy", "load", file.to_str().unwrap()]);
+    env.run_ok(
+        "a",
+        "mkdir -p /srv/site && echo '<img src=logo.png>' > /srv/site/index.html \
+         && echo png > /srv/site/logo.png && echo n > /srv/site/x.note",
+    );
+    assert_eq!(
+        env.run_ok("a", &format!("{IN_VM_SHUTTLE} open /srv/site/index.html")),
+        "index.html\nlogo.png\nx.note\n"
+    );
+    // Without the option (the `ext:note` rule): the document alone.
+    assert_eq!(
+        env.run_ok("a", &format!("{IN_VM_SHUTTLE} open /srv/site/x.note")),
+        "x.note\n"
+    );
+}

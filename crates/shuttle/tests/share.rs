@@ -318,3 +318,101 @@ fn what_the_owner_hides_stays_hidden_and_vms_starting_later_get_their_shares() {
         assert!(!env.run(vm, "grep -rq host-key /mnt/a").status.success());
     }
 }
+
+#[test]
+fn a_directory_of_a_vm_is_shown_on_the_host_read_only_noexec_and_never_following_links() {
+    use std::os::unix::fs::PermissionsExt;
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    let host = host_dir();
+    let secret = host.path().join("secret");
+    std::fs::write(&secret, "host-secret\n").unwrap();
+    env.run_ok(
+        "a",
+        &format!(
+            "mkdir -p /srv/out && echo report > /srv/out/r.txt && cp /usr/bin/true /srv/out/prog \
+             && ln -s {} /srv/out/link && ln -s / /srv/out/root",
+            secret.display()
+        ),
+    );
+    load(&env, &share("@host", "a", "/srv/out", ""));
+    let on_host = env.path().join("run/shares");
+    let seen = on_host.join("a/srv/out");
+    assert_eq!(
+        std::fs::read_to_string(seen.join("r.txt")).unwrap(),
+        "report\n"
+    );
+    // Only root on the host may enter; read-only; nothing runs from it; its links lead
+    // nowhere on the host (nosymfollow), though they can be read as links.
+    assert_eq!(
+        std::fs::metadata(&on_host).unwrap().permissions().mode() & 0o777,
+        0o700
+    );
+    let err = std::fs::write(seen.join("r.txt"), "x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    let err = std::process::Command::new(seen.join("prog"))
+        .status()
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EACCES), "{err}");
+    assert_eq!(std::fs::read_link(seen.join("link")).unwrap(), secret);
+    let err = std::fs::read_to_string(seen.join("link")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+    assert!(std::fs::read_dir(seen.join("root/etc")).is_err());
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line = mountinfo
+        .lines()
+        .find(|l| l.contains(seen.to_str().unwrap()))
+        .unwrap();
+    for opt in ["ro", "nosuid", "nodev", "noexec", "nosymfollow"] {
+        assert!(line.split([' ', ',']).any(|o| o == opt), "{opt}: {line}");
+    }
+    // A VM that no rule names does not appear; b's objects stay b's.
+    assert!(!on_host.join("b").join("srv").exists());
+    assert!(shares(&env)
+        .iter()
+        .any(|r| r["from"] == "@host" && r["to"] == "a" && r["result"] == "allow"));
+    // rw and exec when the rule says so: what the host writes lands in a.
+    load(
+        &env,
+        &share("@host", "a", "/srv/out", "mode = \"rw\"\nexec = true\n"),
+    );
+    std::fs::write(seen.join("from-host"), "hello a\n").unwrap();
+    assert_eq!(env.run_ok("a", "cat /srv/out/from-host"), "hello a\n");
+    assert!(std::process::Command::new(seen.join("prog"))
+        .status()
+        .unwrap()
+        .success());
+    // Removed with the rule; and with the VM's stop.
+    load(&env, "");
+    assert!(!seen.exists(), "the share stayed on the host");
+    load(&env, &share("@host", "a", "/srv/out", ""));
+    assert!(seen.join("r.txt").exists());
+    env.ok(&["vm", "stop", "a"]);
+    assert!(!seen.exists(), "the share outlived its VM");
+    let mounted = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(on_host.to_str().unwrap())
+    };
+    assert!(!mounted());
+    // A monitor killed outright cannot take it away: removing the VM does.
+    env.run_ok("a", "true");
+    assert!(
+        seen.join("r.txt").exists(),
+        "{}",
+        std::fs::read_to_string(env.path().join("run/vms/a.log")).unwrap_or_default()
+    );
+    let monitor = env.vm("a")["monitor_pid"].as_i64().unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(monitor).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    assert!(wait_for(Duration::from_secs(10), || env.state("a") == "stopped"));
+    env.ok(&["vm", "rm", "--force", "a"]);
+    assert!(
+        !mounted(),
+        "a killed monitor's share outlived the VM's removal"
+    );
+}
