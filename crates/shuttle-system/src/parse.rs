@@ -1484,9 +1484,10 @@ command = ["pg"]
         assert!(d.is_allowed());
         assert_eq!(target.map(ToString::to_string).as_deref(), Some("build"));
         match &d.rule.unwrap().params().op {
-            shuttle_policy::OpParams::Share { mode, at } => {
+            shuttle_policy::OpParams::Share { mode, at, exec } => {
                 assert_eq!(*mode, shuttle_policy::ShareMode::Ro);
                 assert_eq!(at.as_deref(), Some("/var/www"));
+                assert_ne!(*exec, Some(true), "a component is never executable");
             }
             other => panic!("{other:?}"),
         }
