@@ -16,7 +16,7 @@ pub use channel::{Channel, ChannelError};
 pub use messages::*;
 
 /// Bumped whenever a message changes shape incompatibly.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest message either side accepts. Requests carry argv and environment, so this
 /// bounds what one `shuttle run` may pass (like the kernel's own ARG_MAX-style limits).

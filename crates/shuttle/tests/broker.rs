@@ -364,18 +364,19 @@ fn a_vm_cannot_claim_another_identity_on_its_socket() {
     env.run_ok("b", "sleep 300 >/dev/null 2>&1 &");
     let file = write_policy(&env, ALLOW_A_TO_SIGNAL_SLEEP_IN_B);
     assert_success(&env.output(&["policy", "load", &file]), "policy load");
-    // From VM c (no rules), a hand-made request that claims to come from a.
+    // From VM c (no rules), a hand-made request that claims to come from a (version 2 is
+    // shuttle_proto::PROTOCOL_VERSION).
     env.create("c", &[]);
     let forged = r#"
 import json, socket
 s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s.connect("/run/shuttle/broker.sock")
-s.send(json.dumps({"hello": {"version": 1}}).encode()); print(s.recv(65536).decode())
+s.send(json.dumps({"hello": {"version": 2}}).encode()); print(s.recv(65536).decode())
 s.send(json.dumps({"signal": {"vm": "b", "program": "sleep", "signal": 15, "from": "a"}}).encode())
 print(s.recv(65536).decode())
 s2 = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 s2.connect("/run/shuttle/broker.sock")
-s2.send(json.dumps({"hello": {"version": 1}}).encode()); print(s2.recv(65536).decode())
+s2.send(json.dumps({"hello": {"version": 2}}).encode()); print(s2.recv(65536).decode())
 s2.send(json.dumps({"signal": {"vm": "b", "program": "sleep", "signal": 15}}).encode())
 print(s2.recv(65536).decode())
 "#;
