@@ -213,15 +213,14 @@ pub fn pidfd_info(pidfd: std::os::fd::BorrowedFd<'_>) -> Result<PidfdInfo, Errno
     use std::os::fd::AsRawFd;
     const PIDFD_INFO_PID: u64 = 1;
     const PIDFD_INFO_CREDS: u64 = 2;
-    // _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info)
-    const PIDFD_GET_INFO: libc::c_ulong =
-        (3 << 30) | ((size_of::<RawPidfdInfo>() as libc::c_ulong) << 16) | (0xFF << 8) | 11;
+    // _IOWR(PIDFS_IOCTL_MAGIC 0xFF, 11, struct pidfd_info), encoded as this architecture does.
+    const PIDFD_GET_INFO: libc::Ioctl = libc::_IOWR::<RawPidfdInfo>(0xFF, 11);
     let mut raw = RawPidfdInfo {
         mask: PIDFD_INFO_PID | PIDFD_INFO_CREDS,
         ..RawPidfdInfo::default()
     };
     // SAFETY: `raw` is a valid, writable struct of the size encoded in the request number.
-    let r = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO as _, &mut raw) };
+    let r = unsafe { libc::ioctl(pidfd.as_raw_fd(), PIDFD_GET_INFO, &mut raw) };
     if r < 0 {
         return Err(Errno::last());
     }

@@ -33,10 +33,23 @@ fn ioctl<T>(fd: BorrowedFd<'_>, request: libc::Ioctl, arg: *mut T) -> Result<i32
 /// (SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP, Linux 6.6): the notification round trip then skips two
 /// scheduler hops, which is most of what mediation costs a `connect`. Older kernels refuse it;
 /// that only costs speed.
+///
+/// Unlike the other notification requests, this one takes the flags themselves as its
+/// argument, not a pointer to them (a pointer reads as unknown flags: EINVAL).
 pub fn prefer_synchronous_wakeups(listener: BorrowedFd<'_>) -> Result<(), Errno> {
-    const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: u64 = 1;
-    let mut flags = SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP;
-    ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS, &mut flags).map(|_| ())
+    const SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP: libc::c_ulong = 1;
+    // SAFETY: the request reads no memory; its argument is the flag word.
+    let r = unsafe {
+        libc::ioctl(
+            listener.as_raw_fd(),
+            libc::SECCOMP_IOCTL_NOTIF_SET_FLAGS,
+            SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP,
+        )
+    };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }
 
 /// Waits for the next notification. `ENOENT` means the caller died before it could be read
@@ -316,30 +329,36 @@ pub fn peer_groups(fd: BorrowedFd<'_>) -> Result<Vec<u32>, Errno> {
 
 /// The domain, type and protocol of a socket (SO_DOMAIN, SO_TYPE, SO_PROTOCOL).
 pub fn socket_kind(fd: BorrowedFd<'_>) -> Result<(i32, i32, i32), Errno> {
-    let get = |opt: i32| -> Result<i32, Errno> {
-        let mut v: libc::c_int = 0;
-        let mut len = size_of::<libc::c_int>() as libc::socklen_t;
-        // SAFETY: v and len are valid for writes of the sizes given.
-        let r = unsafe {
-            libc::getsockopt(
-                fd.as_raw_fd(),
-                libc::SOL_SOCKET,
-                opt,
-                (&mut v as *mut i32).cast(),
-                &mut len,
-            )
-        };
-        if r < 0 {
-            Err(Errno::last())
-        } else {
-            Ok(v)
-        }
-    };
     Ok((
-        get(libc::SO_DOMAIN)?,
-        get(libc::SO_TYPE)?,
-        get(libc::SO_PROTOCOL)?,
+        int_socket_option(fd, libc::SO_DOMAIN)?,
+        socket_type(fd)?,
+        int_socket_option(fd, libc::SO_PROTOCOL)?,
     ))
+}
+
+/// The type of a socket (SO_TYPE: SOCK_STREAM, SOCK_DGRAM, ...); ENOTSOCK for other files.
+pub fn socket_type(fd: BorrowedFd<'_>) -> Result<i32, Errno> {
+    int_socket_option(fd, libc::SO_TYPE)
+}
+
+fn int_socket_option(fd: BorrowedFd<'_>, opt: i32) -> Result<i32, Errno> {
+    let mut v: libc::c_int = 0;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are valid for writes of the sizes given.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            opt,
+            (&mut v as *mut i32).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        Err(Errno::last())
+    } else {
+        Ok(v)
+    }
 }
 
 /// The inode number of the network namespace socket `fd` belongs to (ioctl SIOCGSKNS), to

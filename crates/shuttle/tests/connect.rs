@@ -267,9 +267,10 @@ print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
     assert_eq!(env.py_ok("app", code), "db uid=-1\nTrue True 77\n");
 }
 
-/// Permission checks on a socket in another VM use the caller's own groups, never the
+/// Permission checks on a socket in another VM use the caller's own identity, never the
 /// monitor's: root's group does not open a root:root 0660 socket to uid 1234, a supplementary
-/// group the caller holds opens a root:4242 one, and without it that one is refused too.
+/// group the caller holds opens a root:4242 one, and without it that one is refused too; a
+/// socket in a directory the caller cannot search there is refused as it would be there.
 #[test]
 fn permission_on_a_socket_across_vms_follows_the_callers_groups() {
     let Some(env) = Env::new() else { return };
@@ -314,6 +315,9 @@ socks = []
 for path, gid in (("/run/root.sock", 0), ("/run/grp.sock", 4242)):
     s = socket.socket(socket.AF_UNIX); s.bind(path); os.chown(path, 0, gid); os.chmod(path, 0o660); s.listen(8)
     socks.append(s)
+os.mkdir("/run/private", 0o700)
+s = socket.socket(socket.AF_UNIX); s.bind("/run/private/p.sock"); os.chmod("/run/private/p.sock", 0o777); s.listen(8)
+socks.append(s)
 open("/run/ready", "w").close()
 while True:
     for s in select.select(socks, [], [])[0]:
@@ -358,9 +362,13 @@ action = "allow"
     assert_eq!(connect_as("99", "/run/root.sock"), "errno 13");
     assert_eq!(connect_as("99", "/run/grp.sock"), "errno 13");
     assert_eq!(connect_as("99,4242", "/run/grp.sock"), "ok");
-    // Root in app reaches both, as root would in db.
-    assert_eq!(
-        stdout(&env.exec("app", &["python3", "-c", CLIENT, "unix", "/run/root.sock"])).trim(),
-        "ok"
-    );
+    // The socket itself is open to all, but uid 1234 cannot search /run/private in db.
+    assert_eq!(connect_as("99,4242", "/run/private/p.sock"), "errno 13");
+    // Root in app reaches them all, as root would in db.
+    for path in ["/run/root.sock", "/run/private/p.sock"] {
+        assert_eq!(
+            stdout(&env.exec("app", &["python3", "-c", CLIENT, "unix", path])).trim(),
+            "ok"
+        );
+    }
 }

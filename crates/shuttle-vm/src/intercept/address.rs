@@ -129,29 +129,36 @@ pub(super) struct Resolved {
     _path_fd: Option<OwnedFd>,
 }
 
-/// Resolves `dest` in a target: `root` is the target VM's init (whose root a path is resolved
-/// in), or `None` for the host.
-pub(super) fn resolve(root: Option<i32>, dest: &Destination) -> Result<Resolved, Errno> {
+/// The root a unix path is looked up in: the target VM's (through `/proc/PID/root` of its init,
+/// which takes the monitor's privileges to open) or, for `None`, the host's.
+pub(super) fn open_root(target_init: Option<i32>) -> Result<OwnedFd, Errno> {
+    let root_path = match target_init {
+        Some(pid) => format!("/proc/{pid}/root"),
+        None => "/".to_owned(),
+    };
+    nix::fcntl::open(
+        Path::new(&root_path),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Resolves `dest` in a target. A unix path is looked up in `root` (from [`open_root`]) with
+/// the calling thread's credentials: run this as the caller, so that the directories on the
+/// way are searched as the caller could search them there.
+pub(super) fn resolve(root: Option<&OwnedFd>, dest: &Destination) -> Result<Resolved, Errno> {
     let plain = |addr: Box<dyn SockaddrLike>| Resolved {
         addr,
         _path_fd: None,
     };
     Ok(match dest {
         Destination::UnixPath(path) => {
+            let root = root.ok_or(Errno::EINVAL)?;
             // Resolved inside the target's root (symlinks included): nothing leads out of it.
-            let root_path = match root {
-                Some(pid) => format!("/proc/{pid}/root"),
-                None => "/".to_owned(),
-            };
-            let root = nix::fcntl::open(
-                Path::new(&root_path),
-                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )?;
             let how = OpenHow::new()
                 .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
                 .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-            let target = openat2(&root, Path::new(path.trim_start_matches('/')), how)?;
+            let target = openat2(root, Path::new(path.trim_start_matches('/')), how)?;
             // Connecting through the O_PATH descriptor's magic link reaches exactly the inode
             // resolved above, however long its path is.
             let addr =

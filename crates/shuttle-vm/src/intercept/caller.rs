@@ -117,7 +117,15 @@ impl CallerInfo {
 
     fn status_extras(&self) -> Option<&StatusExtras> {
         self.status
-            .get_or_init(|| StatusExtras::parse(&read_proc(&format!("/proc/{}/status", self.tid))?))
+            .get_or_init(|| {
+                let status = read_proc(&format!("/proc/{}/status", self.tid))?;
+                // Read by number: it was the caller's only if the caller still lives (then no
+                // other task can have its number).
+                if process::pidfd_send_signal(self.thread.pidfd.as_fd(), 0).is_err() {
+                    return None;
+                }
+                StatusExtras::parse(&status)
+            })
             .as_ref()
     }
 
@@ -273,10 +281,8 @@ fn read_proc(path: &str) -> Option<String> {
 #[derive(Debug)]
 pub(super) struct CallerSocket {
     pub sock: OwnedFd,
-    pub domain: i32,
     /// SOCK_STREAM, SOCK_DGRAM or SOCK_SEQPACKET.
     pub kind: i32,
-    pub protocol: i32,
 }
 
 impl CallerSocket {
@@ -284,13 +290,18 @@ impl CallerSocket {
     /// afterwards: only then is the caller known to have been the one that made the call.
     pub fn of(caller: &CallerInfo, fd: i32) -> Result<CallerSocket, Errno> {
         let sock = unotify::duplicate_from(caller.thread.pidfd.as_fd(), fd)?;
-        let (domain, kind, protocol) = unotify::socket_kind(sock.as_fd())?;
+        // ENOTSOCK for a descriptor that is not a socket.
+        let kind = unotify::socket_type(sock.as_fd())?;
         Ok(CallerSocket {
             sock,
-            domain,
             kind: kind & 0xf,
-            protocol,
         })
+    }
+
+    /// The socket's domain and protocol (read only when a socket like it is to be made).
+    pub fn domain_and_protocol(&self) -> Result<(i32, i32), Errno> {
+        let (domain, _, protocol) = unotify::socket_kind(self.sock.as_fd())?;
+        Ok((domain, protocol))
     }
 
     pub fn is_datagram(&self) -> bool {

@@ -109,7 +109,7 @@ fn connect_locally_on(call: &Call<'_>, info: &CallerInfo, sock: &CallerSocket, a
         if sock.nonblocking() {
             connect(sock.sock.as_raw_fd(), &addr)
         } else {
-            connect_bounded(&sock.sock, &addr)
+            connect_bounded(&sock.sock, &addr, &|| call.release_turn())
         }
     });
     call.answer(result.map(|()| 0));
@@ -123,19 +123,18 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
     let policy = call.policy();
     let object = dest.object(sock.is_datagram());
     let record = call.record("connect", &object, &info);
-    let (decision, target, mut record) =
-        match judge(call.ctx, &policy, Op::Connect, &object, record) {
-            Judgement::Local if dest.needs_netns() => {
-                return connect_locally_on(call, &info, &sock, &addr)
-            }
-            Judgement::Local => return call.stay_local(),
-            Judgement::Refuse => return call.answer(Err(Errno::ECONNREFUSED)),
-            Judgement::Allowed {
-                decision,
-                target,
-                record,
-            } => (decision, target, *record),
-        };
+    let (decision, target, mut record) = match judge(call, &policy, Op::Connect, &object, record) {
+        Judgement::Local if dest.needs_netns() => {
+            return connect_locally_on(call, &info, &sock, &addr)
+        }
+        Judgement::Local => return call.stay_local(),
+        Judgement::Refuse => return call.answer(Err(Errno::ECONNREFUSED)),
+        Judgement::Allowed {
+            decision,
+            target,
+            record,
+        } => (decision, target, *record),
+    };
     let route = match route(call.ctx, &decision, target, dest) {
         Ok(r) => r,
         Err(why) => return call.refuse(record, &why, Errno::ECONNREFUSED),
@@ -152,8 +151,10 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
         // the caller's own socket is connected, so nothing is replaced (no descriptor to
         // inject, which would cost the caller another wake-up) and its flags and options stay
         // its own.
-        Destination::UnixPath(_) => connect_own(target, &sock, &route.dest, &info).map(|()| None),
-        _ => connect_in(target, &sock, &route.dest, &info).map(Some),
+        Destination::UnixPath(_) => {
+            connect_own(call, target, &sock, &route.dest, &info).map(|()| None)
+        }
+        _ => connect_in(call, target, &sock, &route.dest, &info).map(Some),
     };
     let new_sock = match connected {
         Ok(Some(s)) => s,
@@ -202,19 +203,20 @@ pub(super) fn socket_for(
     like: &CallerSocket,
     dest: &Destination,
 ) -> Result<OwnedFd, Errno> {
-    let family = AddressFamily::from_i32(like.domain).ok_or(Errno::EAFNOSUPPORT)?;
+    let (domain, protocol) = like.domain_and_protocol()?;
+    let family = AddressFamily::from_i32(domain).ok_or(Errno::EAFNOSUPPORT)?;
     let kind = SockType::try_from(like.kind).map_err(|_| Errno::EPROTOTYPE)?;
-    let proto = match like.protocol {
+    let proto = match protocol {
         p if p == libc::IPPROTO_TCP => Some(SockProtocol::Tcp),
         p if p == libc::IPPROTO_UDP => Some(SockProtocol::Udp),
         _ => None,
     };
     let make = || socket(family, kind, SockFlag::SOCK_CLOEXEC, proto);
     let sock = match (dest.needs_netns(), target) {
-        (true, Some(t)) => t.socket_in_network((like.domain, like.kind, like.protocol), make)?,
+        (true, Some(t)) => t.socket_in_network((domain, like.kind, protocol), make)?,
         _ => make()?,
     };
-    if dest.needs_netns() && like.domain == libc::AF_UNIX {
+    if dest.needs_netns() && domain == libc::AF_UNIX {
         bind(sock.as_raw_fd(), &UnixAddr::new_unnamed())?;
     }
     Ok(sock)
@@ -223,6 +225,7 @@ pub(super) fn socket_for(
 /// Creates a socket like the caller's in the target's namespaces and connects it to `dest`,
 /// as the caller's effective uid and gid.
 fn connect_in(
+    call: &Call<'_>,
     target: Option<&TargetVm>,
     like: &CallerSocket,
     dest: &Destination,
@@ -235,40 +238,53 @@ fn connect_in(
         let defaults = target.map_or(&HOST_TCP_DEFAULTS, |t| &t.tcp_defaults);
         carry_tcp_options(like.sock.as_fd(), sock.as_fd(), defaults);
     }
-    let resolved = resolve_in(target, dest)?;
-    as_caller(info, || connect_bounded(&sock, &*resolved.addr))?;
+    let root = root_for(target, dest)?;
+    as_caller(info, || {
+        let resolved = address::resolve(root.as_ref(), dest)?;
+        connect_bounded(&sock, &*resolved.addr, &|| call.release_turn())
+    })?;
     Ok(sock)
 }
 
 /// Connects the caller's own socket to unix path `dest` in the target's root, as the caller's
 /// effective uid and gid, blocking or not as the caller's socket is.
 fn connect_own(
+    call: &Call<'_>,
     target: Option<&TargetVm>,
     sock: &CallerSocket,
     dest: &Destination,
     info: &CallerInfo,
 ) -> Result<(), Errno> {
-    let resolved = resolve_in(target, dest)?;
+    let root = root_for(target, dest)?;
     let nonblocking = sock.nonblocking();
+    // Looked up and connected as the caller: directory and socket permissions in the target
+    // apply as they would to the caller there.
     as_caller(info, || {
+        let resolved = address::resolve(root.as_ref(), dest)?;
         if nonblocking {
             connect(sock.sock.as_raw_fd(), &*resolved.addr)
         } else {
-            connect_bounded(&sock.sock, &*resolved.addr)
+            connect_bounded(&sock.sock, &*resolved.addr, &|| call.release_turn())
         }
     })
 }
 
-/// `dest` as an address in the target (`None`: the host). Resolved as root: opening the
-/// target's root through /proc needs privileges the caller's identity does not have.
-fn resolve_in(target: Option<&TargetVm>, dest: &Destination) -> Result<address::Resolved, Errno> {
-    let resolved = address::resolve(target.map(|t| t.pid), dest)?;
+/// Where `dest` is looked up in the target (`None`: the host): for a unix path, the target's
+/// root, opened with the monitor's privileges (see [`address::open_root`]).
+pub(super) fn root_for(
+    target: Option<&TargetVm>,
+    dest: &Destination,
+) -> Result<Option<OwnedFd>, Errno> {
+    let root = match dest {
+        Destination::UnixPath(_) => Some(address::open_root(target.map(|t| t.pid))?),
+        _ => None,
+    };
     // The target's root was reached through /proc/PID: PID must still be the target's init
     // (alive, so its number cannot have been reused meanwhile).
     if target.is_some_and(|t| !t.alive()) {
         return Err(Errno::ECONNREFUSED);
     }
-    Ok(resolved)
+    Ok(root)
 }
 
 /// The TCP options a client may set before `connect` that a socket made in its place must

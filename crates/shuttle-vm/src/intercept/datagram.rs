@@ -20,7 +20,7 @@ use shuttle_sys::unotify;
 
 use super::address::{self, Address, Destination, MAX_SOCKADDR};
 use super::caller::{CallerInfo, CallerSocket};
-use super::connect::{caller_and_socket, socket_for};
+use super::connect::{caller_and_socket, root_for, socket_for};
 use super::target::as_caller;
 use super::{judge, route, stay_local_on, Call, Judgement, Mediators};
 use crate::vm_api;
@@ -185,7 +185,7 @@ fn send_locally_on(
         return call.answer(Err(Errno::EINVAL));
     };
     let sent = as_caller(info, || {
-        send_bounded(&sock.sock, &data, &addr, flags, !sock.nonblocking())
+        send_bounded(&sock.sock, &data, &addr, flags, !sock.nonblocking(), call)
     });
     call.answer(sent.map(|n| n as i64));
 }
@@ -209,16 +209,15 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: &[u8], payload: Pa
     let policy = call.policy();
     let object = dest.object(true);
     let record = call.record("send", &object, &info);
-    let (decision, target, mut record) =
-        match judge(call.ctx, &policy, Op::Connect, &object, record) {
-            Judgement::Local => return local(call),
-            Judgement::Refuse => return call.answer(Err(Errno::ECONNREFUSED)),
-            Judgement::Allowed {
-                decision,
-                target,
-                record,
-            } => (decision, target, *record),
-        };
+    let (decision, target, mut record) = match judge(call, &policy, Op::Connect, &object, record) {
+        Judgement::Local => return local(call),
+        Judgement::Refuse => return call.answer(Err(Errno::ECONNREFUSED)),
+        Judgement::Allowed {
+            decision,
+            target,
+            record,
+        } => (decision, target, *record),
+    };
     let route = match route(call.ctx, &decision, target, dest.clone()) {
         Ok(r) => r,
         Err(why) => return call.refuse(record, &why, Errno::ECONNREFUSED),
@@ -236,13 +235,15 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: &[u8], payload: Pa
         Err(e) => return call.answer(Err(e)),
     };
     let target_vm = route.target.as_deref();
-    let resolved = match address::resolve(target_vm.map(|t| t.pid), &route.dest) {
+    let root = match root_for(target_vm, &route.dest) {
+        Ok(r) => r,
+        Err(e) => return call.refuse(record, &format!("the target's root: {e}"), e),
+    };
+    // Looked up as the caller, as it would be there (see `connect::connect_own`).
+    let resolved = match as_caller(&info, || address::resolve(root.as_ref(), &route.dest)) {
         Ok(r) => r,
         Err(e) => return call.refuse(record, &format!("no such address in the target: {e}"), e),
     };
-    if target_vm.is_some_and(|t| !t.alive()) {
-        return call.refuse(record, "the target VM stopped", Errno::ECONNREFUSED);
-    }
     // Which socket the datagram leaves from (see the module documentation).
     let already_there = target_vm.is_some_and(|t| sock.netns().ok() == Some(t.net_inode));
     let (sender, lend): (Option<OwnedFd>, bool) = if !route.dest.needs_netns() || already_there {
@@ -280,7 +281,14 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: &[u8], payload: Pa
     }
     let via = sender.as_ref().unwrap_or(&sock.sock);
     let sent = as_caller(&info, || {
-        send_bounded(via, &data, &*resolved.addr, flags, !sock.nonblocking())
+        send_bounded(
+            via,
+            &data,
+            &*resolved.addr,
+            flags,
+            !sock.nonblocking(),
+            call,
+        )
     });
     match sent {
         Ok(n) => call.crossed(n as i64),
@@ -355,13 +363,15 @@ fn read_payload(call: &Call<'_>, payload: Payload) -> Result<Option<Vec<u8>>, Er
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// sendto(2) that never blocks a mediator for long: a blocking caller's datagram waits for
-/// room up to [`SEND_TIMEOUT`], then fails with EAGAIN.
+/// room up to [`SEND_TIMEOUT`], then fails with EAGAIN. Before waiting, the mediator gives its
+/// turn at the listener to another receiver.
 fn send_bounded(
     sock: &OwnedFd,
     data: &[u8],
     addr: &dyn SockaddrLike,
     flags: i32,
     blocking: bool,
+    call: &Call<'_>,
 ) -> Result<usize, Errno> {
     let deadline = Instant::now() + SEND_TIMEOUT;
     let flags =
@@ -369,6 +379,7 @@ fn send_bounded(
     loop {
         match sendto(sock.as_raw_fd(), data, addr, flags) {
             Err(Errno::EAGAIN) if blocking && Instant::now() < deadline => {
+                call.release_turn();
                 let mut fds = [nix::poll::PollFd::new(
                     sock.as_fd(),
                     nix::poll::PollFlags::POLLOUT,

@@ -35,9 +35,10 @@ mod datagram;
 mod mq;
 mod target;
 
+use std::cell::RefCell;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Mutex, MutexGuard, Once};
 
 use nix::errno::Errno;
 use shuttle_audit::{AuditRecord, Outcome};
@@ -116,10 +117,12 @@ impl MediationState {
 pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
     let listener = Arc::new(listener);
     if let Err(e) = unotify::prefer_synchronous_wakeups(listener.as_fd()) {
-        tracing::debug!(error = %e, "synchronous seccomp wake-ups unavailable");
+        // Kernels before 6.6: correct, only slower (two cross-CPU wake-ups per call).
+        tracing::info!(error = %e, "synchronous seccomp wake-ups unavailable");
     }
     let mediators = Arc::new(Mediators {
         extra_receivers: Once::new(),
+        receiving: Mutex::new(()),
         listener: Arc::clone(&listener),
         ctx: Arc::clone(&ctx),
     });
@@ -127,9 +130,19 @@ pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
 }
 
 /// Receives and answers notifications until the listener fails (the VM is gone).
+///
+/// One receiver at a time waits on the listener (it holds its *turn*, `Mediators::receiving`):
+/// the kernel wakes every thread waiting there for each notification, so several waiting
+/// receivers would all be woken, onto the caller's CPU, for every call. A receiver gives its
+/// turn up only before it may wait (on a slow target, or an operator's answer), so a mediated
+/// call that does not wait costs no hand-over either.
 fn receive_forever(listener: &OwnedFd, ctx: &ApiContext, mediators: &Arc<Mediators>) {
     target::drop_supplementary_groups();
     loop {
+        let turn = mediators
+            .receiving
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let n = match unotify::receive(listener.as_fd()) {
             Ok(n) => n,
             // The caller died before we could read the notification.
@@ -143,6 +156,7 @@ fn receive_forever(listener: &OwnedFd, ctx: &ApiContext, mediators: &Arc<Mediato
             listener: listener.as_fd(),
             ctx,
             n,
+            turn: RefCell::new(Some(turn)),
         };
         match i64::from(n.nr) {
             libc::SYS_connect => connect::on_connect(&call, mediators),
@@ -161,9 +175,16 @@ pub(super) struct Call<'a> {
     listener: BorrowedFd<'a>,
     ctx: &'a ApiContext,
     n: Notification,
+    /// The receiving thread's turn at the listener (see [`receive_forever`]).
+    turn: RefCell<Option<MutexGuard<'a, ()>>>,
 }
 
 impl Call<'_> {
+    /// Lets another receiver take the listener: call before anything that may wait.
+    fn release_turn(&self) {
+        self.turn.borrow_mut().take();
+    }
+
     fn arg(&self, i: usize) -> u64 {
         self.n.args[i]
     }
@@ -259,6 +280,8 @@ type Job = Box<dyn FnOnce(&Call<'_>) + Send>;
 /// because most VMs never make one.
 pub(super) struct Mediators {
     extra_receivers: Once,
+    /// Held by the one receiver waiting on the listener (see [`receive_forever`]).
+    receiving: Mutex<()>,
     listener: Arc<OwnedFd>,
     ctx: Arc<ApiContext>,
 }
@@ -295,12 +318,13 @@ enum Judgement<'p> {
 
 /// Routes `object` for the calling VM and audits every refusal before it takes effect.
 fn judge<'p>(
-    ctx: &ApiContext,
+    call: &Call<'_>,
     policy: &'p Policy,
     op: Op,
     object: &str,
     mut record: AuditRecord,
 ) -> Judgement<'p> {
+    let ctx = call.ctx;
     let local_after = |record: AuditRecord| {
         ctx.mediation.counts.refused.fetch_add(1, Ordering::Relaxed);
         if vm_api::journal(ctx, record) {
@@ -327,6 +351,8 @@ fn judge<'p>(
     match (decision.action, decision.rule) {
         (Action::Allow, _) => record.result = Outcome::Allow,
         (Action::Ask, Some(rule)) => {
+            // An operator may take a while to answer.
+            call.release_turn();
             let (allow, how) = vm_api::ask(ctx, policy, rule, &record);
             record.result = if allow {
                 Outcome::AskAllow

@@ -40,9 +40,13 @@ fn mediate(call: &Call<'_>, name: &str, object: &str) {
     let Some(info) = CallerInfo::of(call.n.pid, &call.ctx.mediation) else {
         return call.answer(Err(Errno::EACCES));
     };
+    // Only while the call is pending is the thread read above known to be the caller.
+    if !call.still_pending() {
+        return;
+    }
     let policy = call.policy();
     let record = call.record("mq", object, &info);
-    let (target, mut record) = match judge(call.ctx, &policy, Op::Mq, object, record) {
+    let (target, mut record) = match judge(call, &policy, Op::Mq, object, record) {
         Judgement::Local => return call.stay_local(),
         Judgement::Refuse => return call.answer(Err(Errno::EACCES)),
         Judgement::Allowed { target, record, .. } => (target, *record),

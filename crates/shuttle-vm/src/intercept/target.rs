@@ -229,22 +229,52 @@ pub(super) fn drop_supplementary_groups() {
 /// target whose backlog stays full must not hold them for long.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a connect may wait before the mediator gives its turn at the listener to another
+/// receiver (see `receive_forever`): a target that accepts at once never costs a hand-over.
+const QUICK_CONNECT: Duration = Duration::from_millis(2);
+
 /// connect(2) that gives up after [`CONNECT_TIMEOUT`] (ETIMEDOUT): a blocking connect bounded
 /// by SO_SNDTIMEO, which TCP (the handshake) and unix sockets (a listener's full backlog) both
-/// honour, so that the common case costs one call. The socket's own timeout is restored.
-pub(super) fn connect_bounded(sock: &OwnedFd, addr: &dyn SockaddrLike) -> Result<(), Errno> {
+/// honour, so that the common case costs one call. A connect still waiting after
+/// [`QUICK_CONNECT`] calls `release_turn` first. The socket's own timeout is restored.
+pub(super) fn connect_bounded(
+    sock: &OwnedFd,
+    addr: &dyn SockaddrLike,
+    release_turn: &dyn Fn(),
+) -> Result<(), Errno> {
     let own_timeout = getsockopt(sock, sockopt::SendTimeout)?;
-    let limit = TimeVal::new(CONNECT_TIMEOUT.as_secs() as _, 0);
-    setsockopt(sock, sockopt::SendTimeout, &limit)?;
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    let quick = TimeVal::new(0, QUICK_CONNECT.as_micros() as _);
+    setsockopt(sock, sockopt::SendTimeout, &quick)?;
     let result = match connect(sock.as_raw_fd(), addr) {
-        // The timeout ran out: TCP says EINPROGRESS, a unix listener's full backlog EAGAIN.
-        Err(Errno::EINPROGRESS | Errno::EAGAIN) => Err(Errno::ETIMEDOUT),
-        // A signal interrupted the wait; the handshake goes on: wait for it here.
-        Err(Errno::EINTR) => wait_connected(sock, Instant::now() + CONNECT_TIMEOUT),
+        // A unix listener's backlog is full: nothing was started, so try again, for longer.
+        Err(Errno::EAGAIN) => {
+            release_turn();
+            let rest = CONNECT_TIMEOUT - QUICK_CONNECT;
+            setsockopt(
+                sock,
+                sockopt::SendTimeout,
+                &TimeVal::new(rest.as_secs() as _, 0),
+            )
+            .and_then(|()| match connect(sock.as_raw_fd(), addr) {
+                Err(Errno::EAGAIN) => Err(Errno::ETIMEDOUT),
+                other => other,
+            })
+        }
+        // The TCP handshake goes on (slow, or a signal came): wait for it here.
+        Err(Errno::EINPROGRESS | Errno::EINTR) => {
+            release_turn();
+            wait_connected(sock, deadline)
+        }
         other => other,
     };
-    setsockopt(sock, sockopt::SendTimeout, &own_timeout)?;
-    result
+    // Restoring the socket's own timeout cannot undo a connection made: a failure to restore
+    // must not report a connected socket as failed.
+    let restored = setsockopt(sock, sockopt::SendTimeout, &own_timeout);
+    result.and(restored.or_else(|e| {
+        tracing::warn!(error = %e, "cannot restore a mediated socket's send timeout");
+        Ok(())
+    }))
 }
 
 fn wait_connected(sock: &OwnedFd, deadline: Instant) -> Result<(), Errno> {
