@@ -372,3 +372,78 @@ action = "allow"
         );
     }
 }
+
+/// A target whose listener never accepts holds up only the connect waiting for it: another
+/// mediated connect and the VM's own connects go on at once (each mediator gives up its turn
+/// at the listener before it waits), and the waiting one fails after the bound (ETIMEDOUT).
+#[test]
+fn a_target_that_never_accepts_holds_up_nothing_else() {
+    let Some(env) = Env::new() else { return };
+    for vm in ["db", "app"] {
+        env.create(vm, &[]);
+    }
+    let server = r#"
+import os, socket, sys, time
+if os.fork(): sys.exit(0)
+os.setsid()
+null = os.open("/dev/null", os.O_RDWR)
+for fd in (0, 1, 2): os.dup2(null, fd)
+full = socket.socket(socket.AF_UNIX); full.bind("/run/full.sock"); full.listen(0)
+# Fill its backlog from inside db: connects that nobody will ever accept.
+held = []
+while True:
+    c = socket.socket(socket.AF_UNIX); c.setblocking(False)
+    try:
+        c.connect("/run/full.sock"); held.append(c)
+    except BlockingIOError:
+        break
+ok = socket.socket(socket.AF_UNIX); ok.bind("/run/ok.sock"); ok.listen(8)
+open("/run/ready", "w").close()
+while True:
+    c, _ = ok.accept(); c.sendall(b"ok\n"); c.close()
+"#;
+    assert_success(&env.exec("db", &["python3", "-c", server]), "server");
+    env.py_ok(
+        "db",
+        "import os,time\nwhile not os.path.exists('/run/ready'): time.sleep(0.02)",
+    );
+    load(
+        &env,
+        r#"
+[[rule]]
+op = "connect"
+from = "app"
+to = "db"
+object = "unix:/run/*.sock"
+action = "allow"
+"#,
+    );
+    let client = r#"
+import os, socket, threading, time
+res = {}
+def stuck():
+    s = socket.socket(socket.AF_UNIX); t = time.monotonic()
+    try:
+        s.connect("/run/full.sock"); res["full"] = "connected"
+    except OSError as e:
+        res["full"] = "errno %d after %.1f s" % (e.errno, time.monotonic() - t)
+th = threading.Thread(target=stuck); th.start()
+time.sleep(0.5)
+local = socket.socket(socket.AF_UNIX); local.bind("/tmp/local.sock"); local.listen(1)
+t = time.monotonic()
+c = socket.socket(socket.AF_UNIX); c.connect("/tmp/local.sock")
+s = socket.socket(socket.AF_UNIX); s.connect("/run/ok.sock"); got = s.recv(10).decode().strip()
+print("others", got, "in %.2f s" % (time.monotonic() - t), "while waiting" if th.is_alive() else "after")
+th.join()
+print("full", res["full"])
+"#;
+    let out = env.py_ok("app", client);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let others: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(&others[..2], ["others", "ok"], "{out}");
+    let secs: f64 = others[3].parse().unwrap();
+    assert!(secs < 1.0, "a stuck target held up other connects: {out}");
+    assert!(lines[0].ends_with("while waiting"), "{out}");
+    assert!(lines[1].starts_with("full errno 110 after"), "{out}");
+}
