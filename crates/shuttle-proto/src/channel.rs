@@ -18,13 +18,13 @@ pub enum ChannelError {
     #[error("could not connect to {path}: {errno}")]
     Connect { path: String, errno: Errno },
     #[error("could not create a socket: {0}")]
-    Socket(#[source] Errno),
+    Socket(Errno),
     #[error(transparent)]
     Transfer(#[from] FdPassError),
     #[error("malformed message from peer: {0}")]
-    Decode(#[source] serde_json::Error),
+    Decode(serde_json::Error),
     #[error("could not encode message: {0}")]
-    Encode(#[source] serde_json::Error),
+    Encode(serde_json::Error),
     #[error("message too large: {0} bytes (limit {MAX_MESSAGE_BYTES})")]
     TooLarge(usize),
     #[error("peer speaks protocol version {theirs}, this program speaks {ours}; use matching shuttle binaries")]

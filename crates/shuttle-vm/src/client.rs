@@ -16,6 +16,8 @@ use crate::store::{self, StoreError};
 /// The hidden CLI subcommand that runs the monitor role.
 pub const MONITOR_SUBCOMMAND: &str = "__monitor";
 
+/// Each message carries its cause's text itself, so no variant also reports it as `source()`:
+/// a chain printed with `{:#}` would say it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(transparent)]
@@ -30,15 +32,12 @@ pub enum ClientError {
         message: String,
         log: PathBuf,
     },
-    #[error("talking to the monitor of VM {name}: {source}")]
-    Channel { name: String, source: ChannelError },
+    #[error("talking to the monitor of VM {name}: {cause}")]
+    Channel { name: String, cause: ChannelError },
     #[error("{message}")]
     CommandFailed { message: String, exit_code: i32 },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
     #[error("the monitor of VM {name} answered unexpectedly: {reply}")]
     Protocol { name: String, reply: String },
 }
@@ -46,7 +45,7 @@ pub enum ClientError {
 fn chan_err(name: &str) -> impl FnOnce(ChannelError) -> ClientError + '_ {
     move |source| ClientError::Channel {
         name: name.to_owned(),
-        source,
+        cause: source,
     }
 }
 
@@ -59,13 +58,13 @@ pub fn start(layout: &Layout, name: &str, shuttle_exe: &Path) -> Result<(), Clie
     let runtime = layout.runtime_vms_dir();
     fs::create_dir_all(&runtime).map_err(|source| ClientError::Io {
         what: format!("creating {}", runtime.display()),
-        source,
+        cause: source,
     })?;
     let log_path = layout.monitor_log(name);
     let answer = crate::detach::spawn_detached(shuttle_exe, &[MONITOR_SUBCOMMAND, name], &log_path)
         .map_err(|source| ClientError::Io {
             what: format!("starting the monitor {}", shuttle_exe.display()),
-            source,
+            cause: source,
         })?;
     if answer == "ok" {
         return Ok(());

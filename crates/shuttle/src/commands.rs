@@ -113,7 +113,7 @@ pub fn dispatch(cli: Cli) -> i32 {
                 Some(ClientError::CommandFailed { exit_code, .. }) => *exit_code,
                 _ => EXIT_SHUTTLE_FAILED,
             };
-            eprintln!("shuttle: {e:#}");
+            eprintln!("shuttle: {}", crate::report::error_line(&e));
             code
         }
     }

@@ -70,7 +70,7 @@ pub fn xdg_open_main() -> i32 {
     match open(target) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("shuttle: {e:#}");
+            eprintln!("shuttle: {}", crate::report::error_line(&e));
             EXIT_SHUTTLE_FAILED
         }
     }
@@ -82,7 +82,7 @@ pub fn stub_main(program: String) -> i32 {
     match invoke(program, args) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("shuttle: {e:#}");
+            eprintln!("shuttle: {}", crate::report::error_line(&e));
             EXIT_SHUTTLE_FAILED
         }
     }

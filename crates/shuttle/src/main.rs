@@ -10,6 +10,7 @@ mod commands;
 mod graph_cmd;
 mod invoke_cmd;
 mod policy_cmd;
+mod report;
 mod supervise;
 mod system_cmd;
 mod terminal_io;
