@@ -129,21 +129,22 @@ pub(super) struct Resolved {
     _path_fd: Option<OwnedFd>,
 }
 
-/// The root a unix path is looked up in: the target VM's (through `/proc/PID/root` of its init,
-/// which takes the monitor's privileges to open) or, for `None`, the host's.
-pub(super) fn open_root(target_init: Option<i32>) -> Result<OwnedFd, Errno> {
-    let root_path = match target_init {
-        Some(pid) => format!("/proc/{pid}/root"),
-        None => "/".to_owned(),
-    };
-    nix::fcntl::open(
-        Path::new(&root_path),
-        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-        Mode::empty(),
-    )
+/// The host's root, where unix paths routed to the host are looked up (opened once: the
+/// monitor's root never changes).
+pub(super) fn host_root() -> Result<&'static OwnedFd, Errno> {
+    static ROOT: std::sync::OnceLock<Result<OwnedFd, Errno>> = std::sync::OnceLock::new();
+    ROOT.get_or_init(|| {
+        nix::fcntl::open(
+            Path::new("/"),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+    })
+    .as_ref()
+    .map_err(|e| *e)
 }
 
-/// Resolves `dest` in a target. A unix path is looked up in `root` (from [`open_root`]) with
+/// Resolves `dest` in a target. A unix path is looked up in `root` (the target's) with
 /// the calling thread's credentials: run this as the caller, so that the directories on the
 /// way are searched as the caller could search them there.
 pub(super) fn resolve(root: Option<&OwnedFd>, dest: &Destination) -> Result<Resolved, Errno> {

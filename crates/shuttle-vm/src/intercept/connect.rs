@@ -240,7 +240,7 @@ fn connect_in(
     }
     let root = root_for(target, dest)?;
     as_caller(info, || {
-        let resolved = address::resolve(root.as_ref(), dest)?;
+        let resolved = address::resolve(root, dest)?;
         connect_bounded(&sock, &*resolved.addr, &|| call.release_turn())
     })?;
     Ok(sock)
@@ -260,7 +260,7 @@ fn connect_own(
     // Looked up and connected as the caller: directory and socket permissions in the target
     // apply as they would to the caller there.
     as_caller(info, || {
-        let resolved = address::resolve(root.as_ref(), dest)?;
+        let resolved = address::resolve(root, dest)?;
         if nonblocking {
             connect(sock.sock.as_raw_fd(), &*resolved.addr)
         } else {
@@ -270,21 +270,17 @@ fn connect_own(
 }
 
 /// Where `dest` is looked up in the target (`None`: the host): for a unix path, the target's
-/// root, opened with the monitor's privileges (see [`address::open_root`]).
-pub(super) fn root_for(
-    target: Option<&TargetVm>,
+/// root (opened when the target was looked up, with the monitor's privileges: the caller's
+/// identity could not open `/proc/PID/root`).
+pub(super) fn root_for<'t>(
+    target: Option<&'t TargetVm>,
     dest: &Destination,
-) -> Result<Option<OwnedFd>, Errno> {
-    let root = match dest {
-        Destination::UnixPath(_) => Some(address::open_root(target.map(|t| t.pid))?),
+) -> Result<Option<&'t OwnedFd>, Errno> {
+    Ok(match (dest, target) {
+        (Destination::UnixPath(_), Some(t)) => Some(&t.root),
+        (Destination::UnixPath(_), None) => Some(address::host_root()?),
         _ => None,
-    };
-    // The target's root was reached through /proc/PID: PID must still be the target's init
-    // (alive, so its number cannot have been reused meanwhile).
-    if target.is_some_and(|t| !t.alive()) {
-        return Err(Errno::ECONNREFUSED);
-    }
-    Ok(root)
+    })
 }
 
 /// The TCP options a client may set before `connect` that a socket made in its place must

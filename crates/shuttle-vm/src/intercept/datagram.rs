@@ -240,7 +240,7 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: &[u8], payload: Pa
         Err(e) => return call.refuse(record, &format!("the target's root: {e}"), e),
     };
     // Looked up as the caller, as it would be there (see `connect::connect_own`).
-    let resolved = match as_caller(&info, || address::resolve(root.as_ref(), &route.dest)) {
+    let resolved = match as_caller(&info, || address::resolve(root, &route.dest)) {
         Ok(r) => r,
         Err(e) => return call.refuse(record, &format!("no such address in the target: {e}"), e),
     };

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::sys::socket::{connect, getsockopt, setsockopt, sockopt, SockaddrLike};
-use nix::sys::stat::Mode;
+use nix::sys::stat::{fstat, Mode};
 use nix::sys::time::TimeVal;
 use shuttle_sys::unotify;
 
@@ -18,14 +18,15 @@ use super::caller::CallerInfo;
 use crate::cgroup::VmCgroup;
 use crate::vm_api::{self, ApiContext};
 
-/// A running VM that calls are carried into: its init, and the namespaces they need, opened
-/// once and checked to be that init's.
+/// A running VM that calls are carried into: its init, its root and the namespaces calls
+/// need, opened once and checked to be that init's.
 #[derive(Debug)]
 pub(super) struct TargetVm {
-    /// The init's pid on the host; its root (`/proc/PID/root`) is opened per call, so that no
-    /// monitor pins another VM's filesystem after that VM stops.
-    pub pid: i32,
+    /// The init, whose pid the descriptors below were opened through.
     pidfd: OwnedFd,
+    /// The VM's root directory (`O_PATH`), where unix paths are looked up. Holding it holds the
+    /// VM's file system: [`Targets`] lets go of a stopped VM within a second.
+    pub root: OwnedFd,
     net: OwnedFd,
     ipc: OwnedFd,
     pub net_inode: u64,
@@ -80,19 +81,39 @@ impl TargetVm {
     }
 }
 
-/// The running VMs a monitor has carried calls into, by name.
+/// The running VMs a monitor has carried calls into, by name. A sweeper thread (started with
+/// the first) drops those whose init has exited every second, so that no monitor holds a
+/// stopped VM's root and namespaces for longer, calls or not.
 #[derive(Debug, Default)]
-pub struct Targets(Mutex<HashMap<String, Arc<TargetVm>>>);
+pub struct Targets {
+    cache: Arc<Mutex<HashMap<String, Arc<TargetVm>>>>,
+    sweeper: OnceLock<()>,
+}
+
+impl Targets {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<TargetVm>>> {
+        self.cache.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn sweep_every_second(&self) {
+        self.sweeper.get_or_init(|| {
+            let cache = Arc::clone(&self.cache);
+            std::thread::spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                cache
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .retain(|_, t| t.alive());
+            });
+        });
+    }
+}
 
 /// The running VM `name`, from the cache while its init lives, else looked up anew (a
 /// restarted VM has a new init).
 pub(super) fn running_vm(ctx: &ApiContext, name: &str) -> Option<Arc<TargetVm>> {
-    let mut cache = ctx
-        .mediation
-        .targets
-        .0
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
+    let targets = &ctx.mediation.targets;
+    let mut cache = targets.lock();
     if let Some(t) = cache.get(name) {
         if t.alive() {
             return Some(Arc::clone(t));
@@ -109,9 +130,21 @@ pub(super) fn running_vm(ctx: &ApiContext, name: &str) -> Option<Arc<TargetVm>> 
     let open_ns = |kind: &str| open_read_only(&format!("/proc/{pid}/ns/{kind}")).ok();
     let (net, ipc) = (open_ns("net")?, open_ns("ipc")?);
     let net_inode = unotify::namespace_inode(net.as_fd()).ok()?;
+    let root = nix::fcntl::open(
+        Path::new(&format!("/proc/{pid}/root")),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .ok()?;
+    // Until init has moved into the VM's root (pivot_root), its root is the host's: such a VM
+    // is still starting, and nothing in it can be reached yet.
+    let same = |a: &OwnedFd, b: &OwnedFd| matches!((fstat(a), fstat(b)), (Ok(x), Ok(y)) if (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino));
+    if same(&root, super::address::host_root().ok()?) {
+        return None;
+    }
     let target = TargetVm {
-        pid,
         pidfd,
+        root,
         net,
         ipc,
         net_inode,
@@ -125,6 +158,7 @@ pub(super) fn running_vm(ctx: &ApiContext, name: &str) -> Option<Arc<TargetVm>> 
     }
     let target = Arc::new(target);
     cache.insert(name.to_owned(), Arc::clone(&target));
+    targets.sweep_every_second();
     Some(target)
 }
 
