@@ -25,7 +25,7 @@ pub fn run(layout: &Layout, cmd: PolicyCommand) -> Result<i32> {
             json,
         } => {
             // Without --policy: the active policy, with the layers of running systems.
-            let parts = shuttle_vm::vm_api::active_policy_parts(layout);
+            let parts = shuttle_vm::vm_api::active_policy_parts(layout)?;
             let policy = match policy {
                 Some(file) => read_policy(&file)?,
                 None if !parts.is_empty() => shuttle_vm::vm_api::parse_parts(&parts)
