@@ -392,10 +392,21 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
             eprintln!("  {:<24} stopped", app.id());
         }
     }
-    // The system's rules go; every other rule stays.
-    if layer_file(layout, name).exists() {
-        crate::policy_cmd::remove_layer(layout, name)?;
-    }
+    // The system's rules go; every other rule stays. If they cannot go (the broker changes
+    // nothing when the rest of the policy cannot be built), the VMs still stop: a VM that
+    // is not running uses no rule, and `down` reports the failure at the end.
+    let layer_error = if layer_file(layout, name).exists() {
+        let e = crate::policy_cmd::remove_layer(layout, name).err();
+        if e.is_some() {
+            eprintln!(
+                "  system {name}'s rules could not be removed (see the error at the end); \
+                 stopping its VMs anyway"
+            );
+        }
+        e
+    } else {
+        None
+    };
     let record = read_up_record(layout, name);
     // VMs that other systems that are up declare stay for them.
     let others: Vec<(String, Vec<String>)> = systems(layout)
@@ -458,6 +469,13 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
         eprintln!("  VM {:<21} stopped", vm.name);
     }
     let _ = fs::remove_file(up_record_file(layout, name));
+    if let Some(e) = layer_error {
+        bail!(
+            "{e:#}\nsystem {name} is down, but its rules are still part of the active policy: \
+             fix the error above and run `shuttle down {}` again",
+            file.display()
+        );
+    }
     eprintln!("system {name} is down");
     Ok(0)
 }
