@@ -348,6 +348,9 @@ impl Broker {
             }
         }
         tracing::info!(%what, rules = policy.len(), monitors, "policy changed");
+        for warning in policy_store::layer_conflicts(&self.layout).unwrap_or_default() {
+            tracing::warn!(%warning, "rules of two systems overlap");
+        }
         BrokerReply::PolicyLoaded {
             rules: policy.len(),
             monitors,

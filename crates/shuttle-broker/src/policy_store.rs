@@ -12,8 +12,8 @@ use std::path::Path;
 use shuttle_policy::{Policy, PolicyErrors};
 use shuttle_proto::PolicyText;
 use shuttle_vm::vm_api::{
-    active_policy_parts, layer_file, layer_names, parse_parts, read_layer, read_loaded_policy,
-    PolicyReadError,
+    active_policy_parts, layer_file, layer_names, parse_parts, read_active_sources, read_layer,
+    read_loaded_policy, PolicyReadError,
 };
 use shuttle_vm::Layout;
 
@@ -163,6 +163,74 @@ pub fn active_parts(layout: &Layout) -> Result<Vec<PolicyText>, PolicyStoreError
     Ok(active_policy_parts(layout)?)
 }
 
+/// Most conflicts [`layer_conflicts`] describes one by one.
+const MAX_CONFLICTS: usize = 20;
+
+/// Warnings about rules of different layers that may match the same requests with different
+/// actions. Layers apply in the order of their names, which says nothing about which system
+/// should win; so whenever that order decides between an allow and a deny (or an ask), say
+/// so, naming both rules. The loaded policy comes before every layer, by design, and is not
+/// compared.
+pub fn layer_conflicts(layout: &Layout) -> Result<Vec<String>, PolicyStoreError> {
+    let sources = read_active_sources(layout)?;
+    let policy = parse_parts(&sources.parts()).map_err(PolicyStoreError::Invalid)?;
+    // The layer of each rule, by position: each source parses on its own to as many rules
+    // as it has in the whole (it parsed in the whole).
+    let mut layer_at = Vec::with_capacity(policy.len());
+    if let Some(loaded) = &sources.loaded {
+        let n = parse_parts(std::slice::from_ref(loaded)).map_or(0, |p| p.len());
+        layer_at.extend(std::iter::repeat_n(None, n));
+    }
+    for (i, (_, parts)) in sources.layers.iter().enumerate() {
+        for part in parts {
+            let n = parse_parts(std::slice::from_ref(part)).map_or(0, |p| p.len());
+            layer_at.extend(std::iter::repeat_n(Some(i), n));
+        }
+    }
+    if layer_at.len() != policy.len() {
+        // Cannot happen (see above); say nothing rather than something wrong.
+        tracing::error!("counting the rules of each policy layer went wrong");
+        return Ok(Vec::new());
+    }
+    let layer = |r: &shuttle_policy::Rule| layer_at[r.position()];
+    let name = |r: &shuttle_policy::Rule| layer(r).map_or("", |i| sources.layers[i].0.as_str());
+    let describe = |r: &shuttle_policy::Rule| {
+        let loc = r.location();
+        format!(
+            "system {}'s {} at {}:{}:{} ({})",
+            name(r),
+            r.label(),
+            r.source(),
+            loc.line,
+            loc.column,
+            r.action().as_str()
+        )
+    };
+    let conflicts = policy.conflicts_between_groups(layer);
+    let mut out: Vec<String> = conflicts
+        .iter()
+        .take(MAX_CONFLICTS)
+        .map(|(earlier, later)| {
+            format!(
+                "{} and {} may match the same requests: for those, system {}'s rule decides \
+                 (systems' rules apply in the order of the systems' names) and the other never \
+                 applies; decide those requests in the loaded policy (it comes before every \
+                 system's rules) or narrow one of the two rules",
+                describe(earlier),
+                describe(later),
+                name(earlier)
+            )
+        })
+        .collect();
+    if conflicts.len() > MAX_CONFLICTS {
+        out.push(format!(
+            "and {} more such pair(s) of rules",
+            conflicts.len() - MAX_CONFLICTS
+        ));
+    }
+    Ok(out)
+}
+
 /// The file the active policy was loaded from, if any.
 pub fn active_source(layout: &Layout) -> Option<String> {
     fs::read_to_string(layout.active_policy_source())
@@ -275,5 +343,40 @@ mod tests {
         let err = remove_layer(&layout, "shop").unwrap_err();
         assert!(err.to_string().contains("zz.json"), "{err}");
         assert!(layer_file(&layout, "shop").exists(), "the layer must stay");
+    }
+
+    #[test]
+    fn rules_of_different_layers_that_overlap_with_different_actions_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::under(tmp.path());
+        // The loaded policy is not compared: it comes first by design.
+        activate(
+            &layout,
+            "base.toml",
+            &GOOD
+                .replace("from = \"a\"", "from = \"@any\"")
+                .replace("\"b\"", "\"z\""),
+        )
+        .unwrap();
+        let allow = GOOD.replace("from = \"a\"", "from = \"web\"");
+        let deny = GOOD
+            .replace("from = \"a\"", "from = \"@any\"")
+            .replace("allow", "deny");
+        set_layer(&layout, "alpha", &[text("alpha.toml", &allow)]).unwrap();
+        assert!(layer_conflicts(&layout).unwrap().is_empty());
+        set_layer(&layout, "beta", &[text("beta.toml", &deny)]).unwrap();
+        let warnings = layer_conflicts(&layout).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(
+                "system alpha's rule #1 at alpha.toml:1:1 (allow) and system beta's rule #1 at \
+                 beta.toml:1:1 (deny) may match the same requests: for those, system alpha's \
+                 rule decides"
+            ),
+            "{}",
+            warnings[0]
+        );
+        remove_layer(&layout, "alpha").unwrap();
+        assert!(layer_conflicts(&layout).unwrap().is_empty());
     }
 }

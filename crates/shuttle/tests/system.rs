@@ -921,6 +921,40 @@ fn down_stops_its_vms_when_its_rules_cannot_be_removed_and_says_so() {
     assert!(!layers.join("stuck.json").exists());
 }
 
+/// Systems' rules apply in the order of the systems' names, so where two systems' rules
+/// overlap with different actions, `up` (and `policy load`) say which one decides.
+#[test]
+fn overlapping_rules_of_two_systems_with_different_actions_are_a_warning_naming_both() {
+    let Some(env) = Env::new() else { return };
+    let system = |name: &str, from: &str, action: &str| {
+        format!("name = \"{name}\"\n[[rule]]\nop = \"signal\"\nfrom = \"{from}\"\nto = \"y\"\nobject = \"sleep\"\naction = \"{action}\"\n\n[vm.{name}-vm.app.a]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n")
+    };
+    let alpha = manifest(&env, "alpha", &system("alpha", "web", "allow"));
+    let beta = manifest(&env, "beta", &system("beta", "@any", "deny"));
+    let (_down_a, out) = up(&env, &alpha);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    let (_down_b, out) = up(&env, &beta);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let warning = format!(
+        "warning: system alpha's rule #1 at {}:2:1 (allow) and system beta's rule #1 at {}:2:1 (deny) may match the same requests: for those, system alpha's rule decides",
+        alpha.canonicalize().unwrap().display(),
+        beta.canonicalize().unwrap().display()
+    );
+    assert!(err.contains(&warning), "{err}");
+    // As warned: alpha's allow decides for web, beta's deny for the others.
+    assert!(explain_signal(&env, "web").contains("allow"));
+    assert!(explain_signal(&env, "other").contains("deny"));
+    let policy = env.path().join("p.toml");
+    std::fs::write(&policy, BASE_POLICY).unwrap();
+    let out = env.output(&["policy".as_ref(), "load".as_ref(), policy.as_os_str()]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&warning), "{err}");
+}
+
 #[test]
 fn changed_vm_options_are_an_error_that_says_how_to_recreate() {
     let Some(env) = Env::new() else { return };
