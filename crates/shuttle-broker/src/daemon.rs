@@ -227,11 +227,17 @@ impl Broker {
                     records: self.collect_all(),
                 },
                 Ok(BrokerRequest::Status) => {
-                    let policy = shuttle_vm::vm_api::load_active_policy(&self.layout);
+                    let rules = match shuttle_vm::vm_api::build_active_policy(&self.layout) {
+                        Ok(p) => p.len(),
+                        Err(e) => {
+                            tracing::error!(error = %e, "status: the active policy cannot be built");
+                            0
+                        }
+                    };
                     BrokerReply::Status {
                         pid: std::process::id() as i32,
                         policy_source: policy_store::active_source(&self.layout),
-                        rules: policy.len(),
+                        rules,
                         audit_records: self.audit.lock().map(|a| a.len().unwrap_or(0)).unwrap_or(0),
                     }
                 }

@@ -42,6 +42,12 @@ fn layer_file(layout: &Layout, system: &str) -> PathBuf {
     layout.policy_layers_dir().join(format!("{system}.json"))
 }
 
+/// Whether `path` exists or cannot be told not to (`Path::exists` says no on any error, which
+/// would skip removing a system's rules).
+fn may_exist(path: &Path) -> bool {
+    !matches!(path.try_exists(), Ok(false))
+}
+
 pub fn up_record_file(layout: &Layout, system: &str) -> PathBuf {
     supervise::runtime_dir(layout, system).join("up.json")
 }
@@ -198,7 +204,7 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
             // change nothing.
             crate::policy_cmd::set_layer(layout, &name, parts)?;
             layer_set = true;
-        } else if layer_file(layout, &name).exists() {
+        } else if may_exist(&layer_file(layout, &name)) {
             // Rules of an earlier version of the manifest whose `down` never ran.
             crate::policy_cmd::remove_layer(layout, &name)?;
         }
@@ -395,7 +401,7 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
     // The system's rules go; every other rule stays. If they cannot go (the broker changes
     // nothing when the rest of the policy cannot be built), the VMs still stop: a VM that
     // is not running uses no rule, and `down` reports the failure at the end.
-    let layer_error = if layer_file(layout, name).exists() {
+    let layer_error = if may_exist(&layer_file(layout, name)) {
         let e = crate::policy_cmd::remove_layer(layout, name).err();
         if e.is_some() {
             eprintln!(
