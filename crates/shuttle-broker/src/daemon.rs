@@ -217,7 +217,7 @@ impl Broker {
                 }
                 Ok(BrokerRequest::ReapplyPolicy { vms }) => {
                     self.change_policy("reapplied", Some(&vms), || {
-                        let parts = policy_store::active_parts(&self.layout);
+                        let parts = policy_store::active_parts(&self.layout)?;
                         let policy = shuttle_vm::vm_api::parse_parts(&parts)
                             .map_err(PolicyStoreError::Invalid)?;
                         Ok((policy, parts))
@@ -227,11 +227,17 @@ impl Broker {
                     records: self.collect_all(),
                 },
                 Ok(BrokerRequest::Status) => {
-                    let policy = shuttle_vm::vm_api::load_active_policy(&self.layout);
+                    let rules = match shuttle_vm::vm_api::build_active_policy(&self.layout) {
+                        Ok(p) => p.len(),
+                        Err(e) => {
+                            tracing::error!(error = %e, "status: the active policy cannot be built");
+                            0
+                        }
+                    };
                     BrokerReply::Status {
                         pid: std::process::id() as i32,
                         policy_source: policy_store::active_source(&self.layout),
-                        rules: policy.len(),
+                        rules,
                         audit_records: self.audit.lock().map(|a| a.len().unwrap_or(0)).unwrap_or(0),
                     }
                 }
@@ -260,9 +266,15 @@ impl Broker {
                 Ok(BrokerRequest::VmCreate(spec)) => {
                     self.lifecycle(|| crate::lifecycle::create(&self.layout, spec))
                 }
-                Ok(BrokerRequest::VmStart { name }) => {
-                    self.lifecycle(|| crate::lifecycle::start(&self.layout, &name))
-                }
+                Ok(BrokerRequest::VmStart { name }) => self.lifecycle(|| {
+                    // A monitor that cannot build the active policy whole runs its VM with no
+                    // cross-VM rules at all (see `load_active_policy`); say why here instead
+                    // of starting a VM whose interactions fail for no visible reason.
+                    shuttle_vm::vm_api::build_active_policy(&self.layout).map_err(|e| {
+                        format!("VM {name} not started: the active policy cannot be built: {e}")
+                    })?;
+                    crate::lifecycle::start(&self.layout, &name)
+                }),
                 Ok(BrokerRequest::VmStop { name, grace_ms }) => self.lifecycle(|| {
                     crate::lifecycle::stop(&self.layout, &name, Duration::from_millis(grace_ms))
                 }),
@@ -342,6 +354,9 @@ impl Broker {
             }
         }
         tracing::info!(%what, rules = policy.len(), monitors, "policy changed");
+        for warning in policy_store::layer_conflicts(&self.layout).unwrap_or_default() {
+            tracing::warn!(%warning, "rules of two systems overlap");
+        }
         BrokerReply::PolicyLoaded {
             rules: policy.len(),
             monitors,
@@ -352,7 +367,14 @@ impl Broker {
     /// Makes every running VM's monitor enforce the active policy, in case a load happened
     /// while it could not be reached.
     fn reattach(&self) {
-        let parts = policy_store::active_parts(&self.layout);
+        // Never a partial policy: monitors keep the last one they were given instead.
+        let parts = match policy_store::active_parts(&self.layout) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "re-attaching: the active policy cannot be read; monitors keep theirs");
+                return;
+            }
+        };
         if parts.is_empty() {
             return;
         }

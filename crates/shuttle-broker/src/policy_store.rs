@@ -11,13 +11,18 @@ use std::path::Path;
 
 use shuttle_policy::{Policy, PolicyErrors};
 use shuttle_proto::PolicyText;
-use shuttle_vm::vm_api::{active_policy_parts, parse_parts};
+use shuttle_vm::vm_api::{
+    active_policy_parts, layer_file, layer_names, parse_parts, read_active_sources, read_layer,
+    read_loaded_policy, PolicyReadError,
+};
 use shuttle_vm::Layout;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyStoreError {
     #[error("{0}")]
     Invalid(PolicyErrors),
+    #[error(transparent)]
+    Read(#[from] PolicyReadError),
     #[error("invalid policy layer name {0:?}: use lower-case letters, digits and '-'")]
     LayerName(String),
     #[error("writing {path}: {source}")]
@@ -52,24 +57,21 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), PolicyStoreError> {
 }
 
 /// The active policy's sources with the loaded policy replaced by `base` (`None`: kept) and
-/// layer `layer` replaced by `parts` (`None`: removed), in the order monitors use.
+/// layer `layer` replaced by `parts` (`None`: removed), in the order monitors use. Every
+/// source kept must be read whole: one that cannot be is an error naming it, never left out
+/// (a layer's deny rules may be all that stops a later layer's allow). The layer being
+/// replaced or removed is not read, so a damaged one can still be replaced or removed.
 fn with_changes(
     layout: &Layout,
     base: Option<PolicyText>,
     layer: Option<(&str, Option<&[PolicyText]>)>,
-) -> Vec<PolicyText> {
+) -> Result<Vec<PolicyText>, PolicyStoreError> {
     let mut out = Vec::new();
     match base {
         Some(b) => out.push(b),
-        None => {
-            if let Ok(text) = fs::read_to_string(layout.active_policy()) {
-                let source = active_source(layout)
-                    .unwrap_or_else(|| layout.active_policy().display().to_string());
-                out.push(PolicyText { source, text });
-            }
-        }
+        None => out.extend(read_loaded_policy(layout)?),
     }
-    let mut names: Vec<String> = layer_names(layout);
+    let mut names: Vec<String> = layer_names(layout)?;
     if let Some((name, Some(_))) = layer {
         if !names.iter().any(|n| n == name) {
             names.push(name.to_owned());
@@ -80,37 +82,10 @@ fn with_changes(
         match layer {
             Some((l, Some(parts))) if l == name => out.extend(parts.iter().cloned()),
             Some((l, None)) if l == name => {}
-            _ => out.extend(read_layer(layout, &name)),
+            _ => out.extend(read_layer(layout, &name)?),
         }
     }
-    out
-}
-
-fn layer_file(layout: &Layout, name: &str) -> std::path::PathBuf {
-    layout.policy_layers_dir().join(format!("{name}.json"))
-}
-
-fn layer_names(layout: &Layout) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(layout.policy_layers_dir())
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()
-                .and_then(|n| n.strip_suffix(".json"))
-                .map(str::to_owned)
-        })
-        .collect();
-    names.sort();
-    names
-}
-
-fn read_layer(layout: &Layout, name: &str) -> Vec<PolicyText> {
-    fs::read(layer_file(layout, name))
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or_default()
+    Ok(out)
 }
 
 /// Validates `text` with the layers that follow it and makes it the loaded policy. A policy
@@ -124,7 +99,7 @@ pub fn activate(
         source: source.to_owned(),
         text: text.to_owned(),
     };
-    let parts = with_changes(layout, Some(base), None);
+    let parts = with_changes(layout, Some(base), None)?;
     let policy = parse_parts(&parts).map_err(PolicyStoreError::Invalid)?;
     // Source first: a crash between the two leaves the old policy with a newer name at worst,
     // and the name is only used in messages and for SIGHUP.
@@ -143,15 +118,21 @@ pub fn set_layer(
     if !shuttle_policy::is_valid_vm_name(name) {
         return Err(PolicyStoreError::LayerName(name.to_owned()));
     }
-    let parts = with_changes(layout, None, Some((name, Some(layer))));
+    let parts = with_changes(layout, None, Some((name, Some(layer))))?;
     let policy = parse_parts(&parts).map_err(PolicyStoreError::Invalid)?;
-    let bytes = serde_json::to_vec_pretty(layer).unwrap_or_default();
+    let bytes = serde_json::to_vec_pretty(layer).map_err(|e| PolicyStoreError::Write {
+        path: layer_file(layout, name).display().to_string(),
+        source: std::io::Error::other(e),
+    })?;
     write_atomically(&layer_file(layout, name), &bytes)?;
     Ok((policy, parts))
 }
 
-/// Removes layer `name` (nothing to do if there is none). Taking rules away never makes the
-/// rest invalid; a rest that was already invalid on disk is reported.
+/// Removes layer `name` (nothing to do if there is none). The rest is built and checked
+/// first, and a rest that cannot be built (a source damaged on disk) changes nothing: the
+/// layer stays, on disk and in every monitor, so the two never disagree. Removing a layer
+/// is not always narrowing (its deny rules go too), so monitors must not be left with a
+/// partial view either way.
 pub fn remove_layer(
     layout: &Layout,
     name: &str,
@@ -159,7 +140,8 @@ pub fn remove_layer(
     if !shuttle_policy::is_valid_vm_name(name) {
         return Err(PolicyStoreError::LayerName(name.to_owned()));
     }
-    let parts = with_changes(layout, None, Some((name, None)));
+    let parts = with_changes(layout, None, Some((name, None)))?;
+    let policy = parse_parts(&parts).map_err(PolicyStoreError::Invalid)?;
     let file = layer_file(layout, name);
     match fs::remove_file(&file) {
         Ok(()) => {
@@ -173,13 +155,80 @@ pub fn remove_layer(
             })
         }
     }
-    let policy = parse_parts(&parts).map_err(PolicyStoreError::Invalid)?;
     Ok((policy, parts))
 }
 
-/// The active policy's sources as monitors read them.
-pub fn active_parts(layout: &Layout) -> Vec<PolicyText> {
-    active_policy_parts(layout)
+/// The active policy's sources as monitors read them, all or none.
+pub fn active_parts(layout: &Layout) -> Result<Vec<PolicyText>, PolicyStoreError> {
+    Ok(active_policy_parts(layout)?)
+}
+
+/// Most conflicts [`layer_conflicts`] describes one by one.
+const MAX_CONFLICTS: usize = 20;
+
+/// Warnings about rules of different layers that may match the same requests with different
+/// actions. Layers apply in the order of their names, which says nothing about which system
+/// should win; so whenever that order decides between an allow and a deny (or an ask), say
+/// so, naming both rules. The loaded policy comes before every layer, by design, and is not
+/// compared.
+pub fn layer_conflicts(layout: &Layout) -> Result<Vec<String>, PolicyStoreError> {
+    let sources = read_active_sources(layout)?;
+    let policy = parse_parts(&sources.parts()).map_err(PolicyStoreError::Invalid)?;
+    // The layer of each rule, by position: each source parses on its own to as many rules
+    // as it has in the whole (it parsed in the whole).
+    let mut layer_at = Vec::with_capacity(policy.len());
+    if let Some(loaded) = &sources.loaded {
+        let n = parse_parts(std::slice::from_ref(loaded)).map_or(0, |p| p.len());
+        layer_at.extend(std::iter::repeat_n(None, n));
+    }
+    for (i, (_, parts)) in sources.layers.iter().enumerate() {
+        for part in parts {
+            let n = parse_parts(std::slice::from_ref(part)).map_or(0, |p| p.len());
+            layer_at.extend(std::iter::repeat_n(Some(i), n));
+        }
+    }
+    if layer_at.len() != policy.len() {
+        // Cannot happen (see above); say nothing rather than something wrong.
+        tracing::error!("counting the rules of each policy layer went wrong");
+        return Ok(Vec::new());
+    }
+    let layer = |r: &shuttle_policy::Rule| layer_at[r.position()];
+    let name = |r: &shuttle_policy::Rule| layer(r).map_or("", |i| sources.layers[i].0.as_str());
+    let describe = |r: &shuttle_policy::Rule| {
+        let loc = r.location();
+        format!(
+            "system {}'s {} at {}:{}:{} ({})",
+            name(r),
+            r.label(),
+            r.source(),
+            loc.line,
+            loc.column,
+            r.action().as_str()
+        )
+    };
+    let conflicts = policy.conflicts_between_groups(layer);
+    let mut out: Vec<String> = conflicts
+        .iter()
+        .take(MAX_CONFLICTS)
+        .map(|(earlier, later)| {
+            format!(
+                "{} and {} may match the same requests: for those, system {}'s rule decides \
+                 (systems' rules apply in the order of the systems' names) and the other never \
+                 applies; decide those requests in the loaded policy (it comes before every \
+                 system's rules) or narrow one of the two rules",
+                describe(earlier),
+                describe(later),
+                name(earlier)
+            )
+        })
+        .collect();
+    if conflicts.len() > MAX_CONFLICTS {
+        out.push(format!(
+            "and {} more such pair(s) of rules",
+            conflicts.len() - MAX_CONFLICTS
+        ));
+    }
+    Ok(out)
 }
 
 /// The file the active policy was loaded from, if any.
@@ -222,7 +271,7 @@ mod tests {
         let sys = GOOD.replace("from = \"a\"", "from = \"c\"");
         let (p, parts) = set_layer(&layout, "shop", &[text("shop.toml", &sys)]).unwrap();
         assert_eq!(p.len(), 2);
-        assert_eq!(parts, active_parts(&layout));
+        assert_eq!(parts, active_parts(&layout).unwrap());
         assert_eq!(p.rules()[1].source(), "shop.toml");
         // Loading another policy keeps the layer; a layer the loaded policy shadows is refused.
         let (p, _) = activate(&layout, "other.toml", &GOOD.replace("sleep", "true")).unwrap();
@@ -246,5 +295,88 @@ mod tests {
         assert_eq!(p.len(), 1);
         assert_eq!(parts[0].source, "other.toml");
         assert!(set_layer(&layout, "../x", &[]).is_err());
+    }
+
+    #[test]
+    fn a_damaged_layer_refuses_every_change_but_its_own_removal() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::under(tmp.path());
+        activate(&layout, "base.toml", GOOD).unwrap();
+        let deny = GOOD
+            .replace("from = \"a\"", "from = \"c\"")
+            .replace("allow", "deny");
+        set_layer(&layout, "guard", &[text("guard.toml", &deny)]).unwrap();
+        let damaged = layout.policy_layers_dir().join("guard.json");
+        fs::write(&damaged, b"{ damaged").unwrap();
+        // Without guard's deny, this allow would decide c's requests: refused, not partial.
+        let allow = GOOD.replace("from = \"a\"", "from = \"@any\"");
+        let err = set_layer(&layout, "shop", &[text("shop.toml", &allow)]).unwrap_err();
+        assert!(matches!(err, PolicyStoreError::Read(_)), "{err:?}");
+        assert!(err.to_string().contains("guard.json"), "{err}");
+        assert!(!layer_file(&layout, "shop").exists());
+        let err = activate(&layout, "other.toml", &allow).unwrap_err();
+        assert!(err.to_string().contains("guard.json"), "{err}");
+        assert_eq!(active_source(&layout).as_deref(), Some("base.toml"));
+        assert!(active_parts(&layout).is_err());
+        // The damaged layer itself can still be replaced or removed.
+        set_layer(&layout, "guard", &[text("guard.toml", &deny)]).unwrap();
+        fs::write(&damaged, b"{ damaged").unwrap();
+        let (p, _) = remove_layer(&layout, "guard").unwrap();
+        assert_eq!(p.len(), 1);
+    }
+
+    #[test]
+    fn removing_a_layer_from_a_policy_that_cannot_be_built_changes_nothing() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::under(tmp.path());
+        activate(&layout, "base.toml", GOOD).unwrap();
+        let sys = GOOD.replace("from = \"a\"", "from = \"c\"");
+        set_layer(&layout, "shop", &[text("shop.toml", &sys)]).unwrap();
+        // The loaded policy damaged on disk: the rest cannot be built.
+        fs::write(layout.active_policy(), "[[rule]]\nop = \"fly\"\n").unwrap();
+        let err = remove_layer(&layout, "shop").unwrap_err();
+        assert!(matches!(err, PolicyStoreError::Invalid(_)), "{err:?}");
+        assert!(layer_file(&layout, "shop").exists(), "the layer must stay");
+        // Another damaged layer: the same.
+        activate(&layout, "base.toml", GOOD).unwrap();
+        fs::write(layout.policy_layers_dir().join("zz.json"), b"[").unwrap();
+        let err = remove_layer(&layout, "shop").unwrap_err();
+        assert!(err.to_string().contains("zz.json"), "{err}");
+        assert!(layer_file(&layout, "shop").exists(), "the layer must stay");
+    }
+
+    #[test]
+    fn rules_of_different_layers_that_overlap_with_different_actions_are_named() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::under(tmp.path());
+        // The loaded policy is not compared: it comes first by design.
+        activate(
+            &layout,
+            "base.toml",
+            &GOOD
+                .replace("from = \"a\"", "from = \"@any\"")
+                .replace("\"b\"", "\"z\""),
+        )
+        .unwrap();
+        let allow = GOOD.replace("from = \"a\"", "from = \"web\"");
+        let deny = GOOD
+            .replace("from = \"a\"", "from = \"@any\"")
+            .replace("allow", "deny");
+        set_layer(&layout, "alpha", &[text("alpha.toml", &allow)]).unwrap();
+        assert!(layer_conflicts(&layout).unwrap().is_empty());
+        set_layer(&layout, "beta", &[text("beta.toml", &deny)]).unwrap();
+        let warnings = layer_conflicts(&layout).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with(
+                "system alpha's rule #1 at alpha.toml:1:1 (allow) and system beta's rule #1 at \
+                 beta.toml:1:1 (deny) may match the same requests: for those, system alpha's \
+                 rule decides"
+            ),
+            "{}",
+            warnings[0]
+        );
+        remove_layer(&layout, "alpha").unwrap();
+        assert!(layer_conflicts(&layout).unwrap().is_empty());
     }
 }

@@ -170,6 +170,13 @@ impl Glob {
         }
     }
 
+    /// Whether some string may be matched by both `self` and `other`. Conservative: `false`
+    /// only when that is certain (their literal prefixes disagree).
+    pub fn may_overlap(&self, other: &Glob) -> bool {
+        let (a, b) = (self.literal_prefix(), other.literal_prefix());
+        a.starts_with(b) || b.starts_with(a)
+    }
+
     /// Whether every string matched by `other` is matched by `self`.
     ///
     /// Conservative: `true` only when that is certain (identical patterns, or `self` is a

@@ -450,6 +450,17 @@ impl ObjectPattern {
         }
     }
 
+    /// Whether some object may be matched by both patterns (conservative: `false` only when
+    /// certain).
+    pub(crate) fn may_overlap(&self, other: &ObjectPattern) -> bool {
+        match (&self.glob, &other.glob) {
+            (None, None) => self.text == other.text,
+            (Some(g), None) => g.matches(&other.text),
+            (None, Some(h)) => h.matches(&self.text),
+            (Some(g), Some(h)) => g.may_overlap(h),
+        }
+    }
+
     /// Whether every object `other` matches is certainly matched by `self` (conservative).
     pub(crate) fn covers(&self, other: &ObjectPattern) -> bool {
         match (&self.glob, &other.glob) {

@@ -238,6 +238,31 @@ impl Policy {
         })
     }
 
+    /// Pairs of rules `(earlier, later)` from different groups that may match a common
+    /// request with different actions: for such requests the earlier decides and the later
+    /// never applies. `group_of` gives a rule's group (`None`: left out of the comparison),
+    /// e.g. the layer it came from. Conservative: a pair is reported unless it certainly
+    /// cannot overlap.
+    pub fn conflicts_between_groups(
+        &self,
+        group_of: impl Fn(&Rule) -> Option<usize>,
+    ) -> Vec<(&Rule, &Rule)> {
+        let grouped: Vec<(usize, &Rule)> = self
+            .rules
+            .iter()
+            .filter_map(|r| group_of(r).map(|g| (g, r)))
+            .collect();
+        let mut out = Vec::new();
+        for (i, (g, earlier)) in grouped.iter().enumerate() {
+            for (h, later) in &grouped[i + 1..] {
+                if g != h && earlier.action != later.action && earlier.may_overlap(later) {
+                    out.push((*earlier, *later));
+                }
+            }
+        }
+        out
+    }
+
     /// The source name given to [`Policy::parse`] (the sources joined with ` + ` for
     /// [`Policy::parse_layered`]); each rule knows its own ([`Rule::source`]).
     pub fn source_name(&self) -> &str {
@@ -354,5 +379,32 @@ mod tests {
         // Names are a file's own: the same name in two layers is fine.
         let named = SYSTEM.replace("from = \"c\"", "from = \"d\"");
         assert!(Policy::parse_layered(&[("one.toml", SYSTEM), ("two.toml", &named)]).is_ok());
+    }
+
+    #[test]
+    fn conflicts_between_groups_are_overlaps_with_different_actions() {
+        let rule = |from: &str, object: &str, action: &str| {
+            format!("[[rule]]\nop = \"connect\"\nfrom = \"{from}\"\nto = \"b\"\nobject = \"{object}\"\naction = \"{action}\"\n")
+        };
+        let a = rule("web-1", "tcp:80", "allow");
+        let b = rule("web-*", "tcp:80", "deny") + &rule("@tag:x", "tcp:443", "deny");
+        let c = rule("db", "tcp:80", "deny") + &rule("@host", "tcp:80", "deny");
+        let p = Policy::parse_layered(&[("a.toml", &a), ("b.toml", &b), ("c.toml", &c)]).unwrap();
+        let group = |r: &Rule| Some(usize::from(r.source().as_bytes()[0]));
+        let found: Vec<(String, String)> = p
+            .conflicts_between_groups(group)
+            .into_iter()
+            .map(|(e, l)| {
+                (
+                    format!("{}:{}", e.source(), e.number()),
+                    format!("{}:{}", l.source(), l.number()),
+                )
+            })
+            .collect();
+        // web-1 and web-* meet on tcp:80; db and @host never meet them; tcp:443 is another object.
+        assert_eq!(found, [("a.toml:1".to_owned(), "b.toml:1".to_owned())]);
+        // Rules of one group are never compared.
+        assert!(p.conflicts_between_groups(|_| Some(0)).is_empty());
+        assert!(p.conflicts_between_groups(|_| None).is_empty());
     }
 }

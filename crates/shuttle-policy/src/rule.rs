@@ -294,6 +294,19 @@ impl Rule {
         why
     }
 
+    /// Whether some request may be matched by both rules (conservative: `false` only when
+    /// certain). For ops that route, `to` is left out: a routed request names no peer.
+    pub fn may_overlap(&self, other: &Rule) -> bool {
+        self.op == other.op
+            && self.from.may_overlap(&other.from)
+            && (self.op.routes_to_target() || self.to.may_overlap(&other.to))
+            && self.object.may_overlap(&other.object)
+            && match (self.params.signals(), other.params.signals()) {
+                (Some(a), Some(b)) => a.iter().any(|s| b.contains(s)),
+                _ => true,
+            }
+    }
+
     /// Whether every request this rule could match is certainly matched by `earlier` when
     /// routing (ignoring `to`) — i.e. this rule can never decide a routed request.
     pub(crate) fn covered_ignoring_to(&self, earlier: &Rule) -> bool {

@@ -131,6 +131,22 @@ impl Selector {
         }
     }
 
+    /// Whether some VM (or the host) may be matched by both selectors (conservative: `false`
+    /// only when certain; tags are not known here, so a tag may match any VM).
+    pub(crate) fn may_overlap(&self, other: &Selector) -> bool {
+        match (self, other) {
+            (Selector::Any, _) | (_, Selector::Any) => true,
+            (Selector::Host, Selector::Host) => true,
+            (Selector::Host, _) | (_, Selector::Host) => false,
+            (Selector::Vm(a), Selector::Vm(b)) => a == b,
+            (Selector::Glob(g), Selector::Vm(n)) | (Selector::Vm(n), Selector::Glob(g)) => {
+                g.matches(n)
+            }
+            (Selector::Glob(g), Selector::Glob(h)) => g.may_overlap(h),
+            (Selector::Tag(_), _) | (_, Selector::Tag(_)) => true,
+        }
+    }
+
     /// Whether everything `other` matches is certainly matched by `self` (conservative).
     pub(crate) fn covers(&self, other: &Selector) -> bool {
         match (self, other) {
@@ -177,6 +193,13 @@ impl SelectorSet {
     /// Whether any selector matches `id`. Never allocates.
     pub fn matches(&self, id: &VmIdentity<'_>) -> bool {
         self.0.iter().any(|s| s.matches(id))
+    }
+
+    /// Whether some VM (or the host) may be matched by both sets (conservative).
+    pub(crate) fn may_overlap(&self, other: &SelectorSet) -> bool {
+        self.0
+            .iter()
+            .any(|s| other.0.iter().any(|o| s.may_overlap(o)))
     }
 
     /// Whether everything `other` matches is certainly matched by `self` (conservative).

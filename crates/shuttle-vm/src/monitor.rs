@@ -755,6 +755,10 @@ fn serve_client(shared: &Arc<Shared>, chan: Channel) -> Result<(), ChannelError>
             r
         }
         MonitorRequest::SetPolicy { parts } => {
+            // The broker sends only a policy it built whole. One this monitor cannot build
+            // (a broker of another version, say) is refused and the last good one stays: it
+            // is what the VM ran with until now, whereas a subset of the new one could be
+            // wider than both. The broker reports this VM as not having taken the change.
             match crate::vm_api::parse_parts(&parts) {
                 Ok(p) => {
                     let rules = p.len();

@@ -29,38 +29,115 @@ use crate::store;
 /// The policy a monitor enforces: swapped whole on every load, read without blocking loads.
 pub type SharedPolicy = Arc<RwLock<Arc<Policy>>>;
 
-/// The sources of the active policy, in order: the policy last loaded with `policy load`
-/// (if any), then each layer of `state/policy/layers/` by name. A layer that cannot be read
-/// is logged and left out (its rules only ever allow more).
-pub fn active_policy_parts(layout: &Layout) -> Vec<PolicyText> {
-    let mut parts = Vec::new();
-    let path = layout.active_policy();
-    if let Ok(text) = std::fs::read_to_string(&path) {
-        let source = std::fs::read_to_string(layout.active_policy_source())
-            .map(|s| s.trim().to_owned())
-            .unwrap_or_else(|_| path.display().to_string());
-        parts.push(PolicyText { source, text });
+/// Why the active policy's sources could not all be read. Never worked around by leaving a
+/// source out: a layer may hold deny rules that a later layer's allow would otherwise get
+/// past, so a partial policy can be wider than the whole.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyReadError {
+    #[error(
+        "cannot read policy source {path}: {message}; restore or remove it (a system's layer \
+         goes with `shuttle down MANIFEST`) and try again"
+    )]
+    Read { path: String, message: String },
+}
+
+fn read_error(path: &Path, message: impl std::fmt::Display) -> PolicyReadError {
+    PolicyReadError::Read {
+        path: path.display().to_string(),
+        message: message.to_string(),
     }
-    let mut layers: Vec<std::path::PathBuf> = std::fs::read_dir(layout.policy_layers_dir())
-        .into_iter()
-        .flatten()
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "json"))
-        .collect();
-    layers.sort();
-    for layer in layers {
-        let read = std::fs::read(&layer)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<Vec<PolicyText>>(&b).map_err(|e| e.to_string()));
-        match read {
-            Ok(p) => parts.extend(p),
-            Err(e) => {
-                tracing::error!(layer = %layer.display(), error = %e, "cannot read a policy layer; left out");
-            }
+}
+
+/// The policy last loaded with `policy load`, if any. Only a missing file means "none".
+pub fn read_loaded_policy(layout: &Layout) -> Result<Option<PolicyText>, PolicyReadError> {
+    let path = layout.active_policy();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(read_error(&path, e)),
+    };
+    // The source's name is only used in messages: a missing one falls back to the path.
+    let source = std::fs::read_to_string(layout.active_policy_source())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| path.display().to_string());
+    Ok(Some(PolicyText { source, text }))
+}
+
+/// The names of the layers in `state/policy/layers/`, in the order they apply (by name).
+/// Anything there that is not a layer file (`NAME.json`) or a temporary file of a write in
+/// progress is an error rather than skipped.
+pub fn layer_names(layout: &Layout) -> Result<Vec<String>, PolicyReadError> {
+    let dir = layout.policy_layers_dir();
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(read_error(&dir, e)),
+    };
+    let mut names = Vec::new();
+    for entry in entries {
+        let entry = entry.map_err(|e| read_error(&dir, e))?;
+        let file_name = entry.file_name();
+        let Some(file_name) = file_name.to_str() else {
+            return Err(read_error(&entry.path(), "not a policy layer file name"));
+        };
+        if file_name.contains(".tmp-") {
+            continue;
+        }
+        match file_name.strip_suffix(".json") {
+            Some(name) if shuttle_policy::is_valid_vm_name(name) => names.push(name.to_owned()),
+            _ => return Err(read_error(&entry.path(), "not a policy layer file name")),
         }
     }
-    parts
+    names.sort();
+    Ok(names)
+}
+
+/// The file of layer `name`.
+pub fn layer_file(layout: &Layout, name: &str) -> std::path::PathBuf {
+    layout.policy_layers_dir().join(format!("{name}.json"))
+}
+
+/// The sources of layer `name`.
+pub fn read_layer(layout: &Layout, name: &str) -> Result<Vec<PolicyText>, PolicyReadError> {
+    let path = layer_file(layout, name);
+    let bytes = std::fs::read(&path).map_err(|e| read_error(&path, e))?;
+    serde_json::from_slice(&bytes).map_err(|e| read_error(&path, e))
+}
+
+/// The active policy's sources, grouped: the loaded policy (if any), then each layer by
+/// name with its sources.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ActiveSources {
+    pub loaded: Option<PolicyText>,
+    pub layers: Vec<(String, Vec<PolicyText>)>,
+}
+
+impl ActiveSources {
+    /// Every source in the order monitors use.
+    pub fn parts(&self) -> Vec<PolicyText> {
+        self.loaded
+            .iter()
+            .cloned()
+            .chain(self.layers.iter().flat_map(|(_, p)| p.iter().cloned()))
+            .collect()
+    }
+}
+
+/// Reads the active policy's sources, all of them or none (see [`PolicyReadError`]).
+pub fn read_active_sources(layout: &Layout) -> Result<ActiveSources, PolicyReadError> {
+    let loaded = read_loaded_policy(layout)?;
+    let layers = layer_names(layout)?
+        .into_iter()
+        .map(|name| read_layer(layout, &name).map(|parts| (name, parts)))
+        .collect::<Result<_, _>>()?;
+    Ok(ActiveSources { loaded, layers })
+}
+
+/// The sources of the active policy, in order: the policy last loaded with `policy load`
+/// (if any), then each layer of `state/policy/layers/` by name. A source that cannot be read
+/// is an error, never left out.
+pub fn active_policy_parts(layout: &Layout) -> Result<Vec<PolicyText>, PolicyReadError> {
+    read_active_sources(layout).map(|s| s.parts())
 }
 
 /// Parses policy sources in order (see [`Policy::parse_layered`]).
@@ -72,17 +149,26 @@ pub fn parse_parts(parts: &[PolicyText]) -> Result<Policy, shuttle_policy::Polic
     Policy::parse_layered(&pairs)
 }
 
-/// Reads the active policy. Nothing loaded means no rules (everything cross-VM denied); a
-/// damaged one is logged and also means no rules: fail closed.
-pub fn load_active_policy(layout: &Layout) -> Arc<Policy> {
-    let parts = active_policy_parts(layout);
+/// Builds the active policy from disk, or says why it cannot (a source unreadable or invalid).
+pub fn build_active_policy(layout: &Layout) -> Result<Policy, String> {
+    let parts = active_policy_parts(layout).map_err(|e| e.to_string())?;
     if parts.is_empty() {
-        return Arc::new(Policy::empty("(no policy loaded)"));
+        return Ok(Policy::empty("(no policy loaded)"));
     }
-    match parse_parts(&parts) {
+    parse_parts(&parts).map_err(|e| format!("{e}\nthe active policy is invalid"))
+}
+
+/// Reads the active policy for a monitor that is starting. Nothing loaded means no rules
+/// (everything cross-VM denied). A policy that cannot be built whole — a source unreadable or
+/// invalid — also means no rules: a starting monitor has no last good policy to keep, and
+/// every part of a policy could be narrowing the rest, so any subset might be wider than the
+/// whole. The broker refuses to start a VM while this is so (see its `VmStart`), so this is
+/// the backstop for a file damaged in between.
+pub fn load_active_policy(layout: &Layout) -> Arc<Policy> {
+    match build_active_policy(layout) {
         Ok(p) => Arc::new(p),
         Err(e) => {
-            tracing::error!(errors = %e, "active policy is invalid; denying everything");
+            tracing::error!(error = %e, "the active policy cannot be built; denying everything");
             Arc::new(Policy::empty(&layout.active_policy().display().to_string()))
         }
     }
@@ -444,4 +530,65 @@ pub(crate) fn ask(
         timeout_ms: rule.params().ask_timeout().as_millis() as u64,
     };
     ask_broker(&ctx.layout, question)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn rule(from: &str, action: &str) -> String {
+        format!(
+            "[[rule]]\nop = \"signal\"\nfrom = \"{from}\"\nto = \"b\"\nobject = \"sleep\"\naction = \"{action}\"\n"
+        )
+    }
+
+    fn write_layer(layout: &Layout, name: &str, text: &str) {
+        std::fs::create_dir_all(layout.policy_layers_dir()).unwrap();
+        let parts = vec![PolicyText {
+            source: format!("{name}.toml"),
+            text: text.to_owned(),
+        }];
+        std::fs::write(
+            layer_file(layout, name),
+            serde_json::to_vec(&parts).unwrap(),
+        )
+        .unwrap();
+    }
+
+    fn allowed(policy: &Policy, from: &str) -> bool {
+        let req = Request::new(Op::Signal, VmIdentity::vm(from, &[]), "sleep")
+            .to(VmIdentity::vm("b", &[]));
+        policy.decide(&req).is_allowed()
+    }
+
+    #[test]
+    fn a_damaged_layer_is_never_left_out() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::under(tmp.path());
+        // Layer "a" denies what layer "b" allows: without "a", the allow would get through.
+        write_layer(&layout, "a", &rule("a", "deny"));
+        write_layer(&layout, "b", &rule("@any", "allow"));
+        let whole = load_active_policy(&layout);
+        assert!(!allowed(&whole, "a"));
+        assert!(allowed(&whole, "c"));
+        std::fs::write(layer_file(&layout, "a"), b"{ not json").unwrap();
+        let err = active_policy_parts(&layout).unwrap_err().to_string();
+        assert!(err.contains("a.json"), "{err}");
+        let policy = load_active_policy(&layout);
+        assert!(policy.is_empty(), "a damaged layer means no rules at all");
+        assert!(!allowed(&policy, "a"));
+        assert!(build_active_policy(&layout).is_err());
+    }
+
+    #[test]
+    fn stray_files_among_layers_are_errors_and_temporaries_are_not() {
+        let tmp = tempfile::tempdir().unwrap();
+        let layout = Layout::under(tmp.path());
+        write_layer(&layout, "a", &rule("a", "allow"));
+        std::fs::write(layout.policy_layers_dir().join("a.tmp-1-0"), b"").unwrap();
+        assert_eq!(layer_names(&layout).unwrap(), ["a"]);
+        std::fs::write(layout.policy_layers_dir().join("Bad Name.json"), b"[]").unwrap();
+        assert!(layer_names(&layout).is_err());
+    }
 }

@@ -355,9 +355,7 @@ pub fn graph(layout: &Layout, args: &GraphArgs) -> Result<i32> {
         Some(p) => Some(
             Policy::parse(&p.path.display().to_string(), &p.text).map_err(|e| anyhow!("{e}"))?,
         ),
-        None => {
-            shuttle_vm::vm_api::parse_parts(&shuttle_vm::vm_api::active_policy_parts(layout)).ok()
-        }
+        None => Some(shuttle_vm::vm_api::build_active_policy(layout).map_err(|e| anyhow!("{e}"))?),
     };
     let counts = audit_counts(layout)?;
     let mut g = build(&manifest, policy.as_ref(), &counts);

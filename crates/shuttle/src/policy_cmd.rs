@@ -25,7 +25,7 @@ pub fn run(layout: &Layout, cmd: PolicyCommand) -> Result<i32> {
             json,
         } => {
             // Without --policy: the active policy, with the layers of running systems.
-            let parts = shuttle_vm::vm_api::active_policy_parts(layout);
+            let parts = shuttle_vm::vm_api::active_policy_parts(layout)?;
             let policy = match policy {
                 Some(file) => read_policy(&file)?,
                 None if !parts.is_empty() => shuttle_vm::vm_api::parse_parts(&parts)
@@ -181,6 +181,7 @@ pub(crate) fn load(layout: &Layout, file: &Path) -> Result<i32> {
             eprintln!(
                 "policy {source} loaded: {rules} rules, enforced now by {monitors} running VM(s)"
             );
+            warn_about_layer_conflicts(layout);
             if !unreached.is_empty() {
                 eprintln!(
                     "warning: VM(s) {} did not answer; they use the new policy when restarted",
@@ -214,6 +215,7 @@ fn change(layout: &Layout, request: &BrokerRequest, what: &str) -> Result<()> {
             unreached,
         } => {
             eprintln!("{what}: the active policy has {rules} rules, enforced now by {monitors} running VM(s)");
+            warn_about_layer_conflicts(layout);
             if !unreached.is_empty() {
                 eprintln!(
                     "warning: VM(s) {} did not answer; they use the new policy when restarted",
@@ -229,6 +231,20 @@ fn change(layout: &Layout, request: &BrokerRequest, what: &str) -> Result<()> {
             bail!("the broker could not change the policy: {message}")
         }
         other => bail!("the broker answered unexpectedly: {other:?}"),
+    }
+}
+
+/// Says which rules of different systems overlap with different actions, since the order
+/// between systems (their names) is what decides between them (see
+/// `shuttle_broker::policy_store::layer_conflicts`).
+fn warn_about_layer_conflicts(layout: &Layout) {
+    match shuttle_broker::policy_store::layer_conflicts(layout) {
+        Ok(warnings) => {
+            for w in warnings {
+                eprintln!("warning: {w}");
+            }
+        }
+        Err(e) => eprintln!("warning: cannot compare the rules of running systems: {e}"),
     }
 }
 

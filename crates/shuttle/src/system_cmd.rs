@@ -42,6 +42,12 @@ fn layer_file(layout: &Layout, system: &str) -> PathBuf {
     layout.policy_layers_dir().join(format!("{system}.json"))
 }
 
+/// Whether `path` exists or cannot be told not to (`Path::exists` says no on any error, which
+/// would skip removing a system's rules).
+fn may_exist(path: &Path) -> bool {
+    !matches!(path.try_exists(), Ok(false))
+}
+
 pub fn up_record_file(layout: &Layout, system: &str) -> PathBuf {
     supervise::runtime_dir(layout, system).join("up.json")
 }
@@ -198,7 +204,7 @@ pub fn up(layout: &Layout, file: &Path) -> Result<i32> {
             // change nothing.
             crate::policy_cmd::set_layer(layout, &name, parts)?;
             layer_set = true;
-        } else if layer_file(layout, &name).exists() {
+        } else if may_exist(&layer_file(layout, &name)) {
             // Rules of an earlier version of the manifest whose `down` never ran.
             crate::policy_cmd::remove_layer(layout, &name)?;
         }
@@ -392,10 +398,21 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
             eprintln!("  {:<24} stopped", app.id());
         }
     }
-    // The system's rules go; every other rule stays.
-    if layer_file(layout, name).exists() {
-        crate::policy_cmd::remove_layer(layout, name)?;
-    }
+    // The system's rules go; every other rule stays. If they cannot go (the broker changes
+    // nothing when the rest of the policy cannot be built), the VMs still stop: a VM that
+    // is not running uses no rule, and `down` reports the failure at the end.
+    let layer_error = if may_exist(&layer_file(layout, name)) {
+        let e = crate::policy_cmd::remove_layer(layout, name).err();
+        if e.is_some() {
+            eprintln!(
+                "  system {name}'s rules could not be removed (see the error at the end); \
+                 stopping its VMs anyway"
+            );
+        }
+        e
+    } else {
+        None
+    };
     let record = read_up_record(layout, name);
     // VMs that other systems that are up declare stay for them.
     let others: Vec<(String, Vec<String>)> = systems(layout)
@@ -458,6 +475,13 @@ pub fn down(layout: &Layout, file: &Path) -> Result<i32> {
         eprintln!("  VM {:<21} stopped", vm.name);
     }
     let _ = fs::remove_file(up_record_file(layout, name));
+    if let Some(e) = layer_error {
+        bail!(
+            "{e:#}\nsystem {name} is down, but its rules are still part of the active policy: \
+             fix the error above and run `shuttle down {}` again",
+            file.display()
+        );
+    }
     eprintln!("system {name} is down");
     Ok(0)
 }

@@ -876,6 +876,85 @@ fn a_systems_rules_are_a_layer_and_down_stops_only_what_up_started() {
     assert_eq!(env.state("fresh"), "stopped");
 }
 
+/// A policy source damaged on disk: nothing that would need the policy without it goes
+/// ahead (a load, a VM start), yet `down` still stops the system's VMs and says that its
+/// rules stayed; once the damage is gone, `down` again removes them.
+#[test]
+fn down_stops_its_vms_when_its_rules_cannot_be_removed_and_says_so() {
+    let Some(env) = Env::new() else { return };
+    let text = "name = \"stuck\"\n[[rule]]\nop = \"signal\"\nfrom = \"stk\"\nto = \"y\"\nobject = \"sleep\"\naction = \"allow\"\n\n[vm.stk.app.a]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n";
+    let file = manifest(&env, "stuck", text);
+    let (_down, out) = up(&env, &file);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let layers = env.path().join("state/policy/layers");
+    let damaged = layers.join("zz.json");
+    std::fs::write(&damaged, "[").unwrap();
+
+    let policy = env.path().join("p.toml");
+    std::fs::write(&policy, BASE_POLICY).unwrap();
+    let out = env.output(&["policy".as_ref(), "load".as_ref(), policy.as_os_str()]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("zz.json"), "{err}");
+
+    let out = env.output(&["down".as_ref(), file.as_os_str()]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("zz.json"), "{err}");
+    assert!(
+        err.contains("system stuck is down, but its rules are still part of the active policy"),
+        "{err}"
+    );
+    assert_eq!(env.state("stk"), "stopped");
+    assert!(layers.join("stuck.json").exists());
+    assert_nothing_runs(&env, "stuck");
+    // A VM does not start with a policy that cannot be built whole.
+    let out = env.output(&["vm", "start", "stk"]);
+    let err = stderr(&out);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the active policy cannot be built"), "{err}");
+    assert_eq!(env.state("stk"), "stopped");
+
+    std::fs::remove_file(&damaged).unwrap();
+    let out = env.output(&["down".as_ref(), file.as_os_str()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(!layers.join("stuck.json").exists());
+}
+
+/// Systems' rules apply in the order of the systems' names, so where two systems' rules
+/// overlap with different actions, `up` (and `policy load`) say which one decides.
+#[test]
+fn overlapping_rules_of_two_systems_with_different_actions_are_a_warning_naming_both() {
+    let Some(env) = Env::new() else { return };
+    let system = |name: &str, from: &str, action: &str| {
+        format!("name = \"{name}\"\n[[rule]]\nop = \"signal\"\nfrom = \"{from}\"\nto = \"y\"\nobject = \"sleep\"\naction = \"{action}\"\n\n[vm.{name}-vm.app.a]\ncommand = [\"sleep\", \"1000\"]\nstop_timeout = \"1s\"\n")
+    };
+    let alpha = manifest(&env, "alpha", &system("alpha", "web", "allow"));
+    let beta = manifest(&env, "beta", &system("beta", "@any", "deny"));
+    let (_down_a, out) = up(&env, &alpha);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(!err.contains("warning"), "{err}");
+    let (_down_b, out) = up(&env, &beta);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    let warning = format!(
+        "warning: system alpha's rule #1 at {}:2:1 (allow) and system beta's rule #1 at {}:2:1 (deny) may match the same requests: for those, system alpha's rule decides",
+        alpha.canonicalize().unwrap().display(),
+        beta.canonicalize().unwrap().display()
+    );
+    assert!(err.contains(&warning), "{err}");
+    // As warned: alpha's allow decides for web, beta's deny for the others.
+    assert!(explain_signal(&env, "web").contains("allow"));
+    assert!(explain_signal(&env, "other").contains("deny"));
+    let policy = env.path().join("p.toml");
+    std::fs::write(&policy, BASE_POLICY).unwrap();
+    let out = env.output(&["policy".as_ref(), "load".as_ref(), policy.as_os_str()]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&warning), "{err}");
+}
+
 #[test]
 fn changed_vm_options_are_an_error_that_says_how_to_recreate() {
     let Some(env) = Env::new() else { return };
