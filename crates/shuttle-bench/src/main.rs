@@ -3,7 +3,8 @@
 //!
 //! Usage (as root, after `cargo build --release`):
 //!   target/release/shuttle-bench [--runs N] [--fleet N]
-//!   target/release/shuttle-bench --connect [--connects N]   (what mediation adds to connect)
+//!   target/release/shuttle-bench --connect [--connects N] [--rounds N]
+//!                                 (what mediation adds to connect)
 //!   target/release/shuttle-bench --throughput [--mib N] [--rounds N]
 //!                                 (bulk data: mediated vs direct vs a socat relay)
 //!   target/release/shuttle-bench --invoke [--runs N] [--rounds N]
@@ -171,7 +172,11 @@ fn main() -> Result<()> {
         root: tempfile::Builder::new().prefix("shb").tempdir_in("/tmp")?,
     };
     let result = if args.iter().any(|a| a == "--connect") {
-        connect::run(&bench, arg(&args, "--connects", 2000)?)
+        connect::run(
+            &bench,
+            arg(&args, "--connects", 2000)?,
+            arg(&args, "--rounds", 3)?,
+        )
     } else if args.iter().any(|a| a == "--throughput") {
         throughput::run(
             &bench,
