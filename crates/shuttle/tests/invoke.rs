@@ -641,7 +641,7 @@ fn expose_dir_shows_the_other_files_of_the_directory_that_the_caller_can_open() 
     assert_code(&out, 125, "expose_dir on 300 files");
     assert!(!stdout(&out).contains("ran"));
     assert!(
-        stderr(&out).contains("holds more than 256 files"),
+        stderr(&out).contains("an invocation shows at most 256 files"),
         "{}",
         stderr(&out)
     );
@@ -651,6 +651,89 @@ fn expose_dir_shows_the_other_files_of_the_directory_that_the_caller_can_open() 
         && r["reason"]
             .as_str()
             .is_some_and(|s| s.contains("and the files of their directories read-only"))));
+}
+
+/// Refused invocations of a's programs in b, with the reason, and what b's /shuttle holds.
+fn refused(env: &Env, cmd: &str, why: &str) {
+    let out = env.run("a", cmd);
+    assert_code(&out, 125, cmd);
+    assert!(!stdout(&out).contains("ran"), "{cmd}: {}", stdout(&out));
+    assert!(
+        !stdout(&out).contains("b-content"),
+        "{cmd}: {}",
+        stdout(&out)
+    );
+    assert!(stderr(&out).contains(why), "{cmd}: {}", stderr(&out));
+    assert!(
+        invokes(env).iter().any(
+            |r| r["result"] == "error" && r["reason"].as_str().is_some_and(|s| s.contains(why))
+        ),
+        "{cmd}: not audited as an error"
+    );
+}
+
+#[test]
+fn a_file_that_cannot_be_shown_refuses_the_invocation() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(
+        &env,
+        &format!(
+            "{}{}",
+            rule("/usr/bin/head", ""),
+            rule("/usr/bin/bash", "expose_dir = true\n")
+        ),
+    );
+    env.run_ok(
+        "a",
+        "mkdir -p /srv/w /srv/v && echo a-content > /srv/w/doc && echo doc2 > /srv/v/doc2 \
+         && echo sib > /srv/v/sib",
+    );
+    env.run_ok("b", "mkdir -p /srv/w && echo b-content > /srv/w/doc");
+    assert_eq!(env.run_ok("a", "head -n 1 /srv/w/doc"), "a-content\n");
+    // Root in b puts something in the way of the mount points (its /shuttle is its own to
+    // spoil): the file cannot be shown, and the program must not run on b's /srv/w/doc.
+    env.run_ok(
+        "b",
+        "mkdir -p /shuttle/from/a/srv/w/doc /shuttle/from/a/srv/v/sib",
+    );
+    refused(&env, "head -n 1 /srv/w/doc", "cannot be shown in VM b");
+    // The same for a file of an exposed directory; the argument shown before it goes again.
+    refused(
+        &env,
+        "bash -c 'echo ran; cat \"$1\"' _ /srv/v/doc2",
+        "srv/v/sib cannot be shown in VM b",
+    );
+    assert_eq!(
+        env.run_ok("b", "find /shuttle/from/a -mindepth 1 -not -type d"),
+        "",
+        "a file shown before the failure stayed"
+    );
+    // At most 256 files per invocation, all exposed directories together.
+    env.run_ok(
+        "a",
+        "for d in m1 m2; do mkdir -p /srv/$d && (cd /srv/$d && for i in $(seq 1 200); do : > f$i; done); done",
+    );
+    refused(
+        &env,
+        "bash -c 'echo ran' _ /srv/m1/f1 /srv/m2/f1",
+        "an invocation shows at most 256",
+    );
+    // A file too deeply nested for the target's /shuttle (its inodes are bounded).
+    env.run_ok(
+        "a",
+        "d=/srv/deep; for i in $(seq 1 1100); do d=$d/d; done; mkdir -p $d && echo x > $d/f && ln -s $d /srv/deeplink",
+    );
+    refused(
+        &env,
+        "head -n 1 /srv/deeplink/f",
+        "more than the 1024 one invocation may use",
+    );
+    assert_eq!(
+        env.run_ok("b", "find /shuttle/from/a -mindepth 1 -not -type d"),
+        ""
+    );
 }
 
 #[test]
