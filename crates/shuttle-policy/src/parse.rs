@@ -524,7 +524,26 @@ fn parse_rule(
                 ([Selector::Host], [Selector::Host]) => Some("@host".to_string()),
                 _ => None,
             };
-            if let Some(a) = same {
+            // An invoke rule from a VM to itself is the one intra-VM rule: it lets processes
+            // of that VM start the program in it through `shuttle run` (a fresh child of the
+            // VM's init), which must be granted as explicitly as any crossing. It runs the
+            // VM's own program as its caller: the invocation parameters do not apply.
+            if let (Op::Invoke, Some(a)) = (op, same.as_deref().filter(|a| *a != "@host")) {
+                for key in ["files", "expose_dir", "env", "user"] {
+                    if let Some(f) = fields.get(key) {
+                        cx.err(
+                            ErrorKind::ParamNotForOp,
+                            f.value_at,
+                            format!(
+                                "`{key}` does not apply to an invoke rule from VM {a} to itself: \
+                                 `shuttle run` inside {a} runs {a}'s own program with the \
+                                 caller's own names, environment and identity"
+                            ),
+                            "remove it (or route the program to another VM)",
+                        );
+                    }
+                }
+            } else if let Some(a) = same {
                 cx.err(
                     ErrorKind::IntraVm,
                     to_at,

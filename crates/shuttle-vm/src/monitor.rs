@@ -585,6 +585,7 @@ impl Started {
         let api = Arc::new(crate::vm_api::ApiContext {
             layout: layout.clone(),
             vm: config.name.clone(),
+            init_pid: init_pid.as_raw(),
             tags: config.tags.clone(),
             policy: Arc::clone(&policy),
             journal: Arc::clone(&journal),

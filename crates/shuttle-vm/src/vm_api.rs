@@ -92,6 +92,9 @@ pub fn load_active_policy(layout: &Layout) -> Arc<Policy> {
 pub struct ApiContext {
     pub layout: Layout,
     pub vm: String,
+    /// The VM's init, on the host (the monitor's own child: its pid cannot be reused while
+    /// the monitor serves).
+    pub init_pid: i32,
     pub tags: Vec<String>,
     pub policy: SharedPolicy,
     pub journal: Arc<VmJournal>,

@@ -228,15 +228,9 @@ pub fn run_in_vm(
         bail!("name the command to run after --");
     };
     let mut call = Call::new(String::new(), args.to_vec());
-    call.program = match &vm {
-        // Named: as invoke rules name programs, an absolute path (the monitor runs this VM's
-        // own program by that path too when the name is this VM's).
-        Some(_) => program_path(first, &env)?,
-        None => first
-            .to_str()
-            .context("the command's name is not valid UTF-8")?
-            .to_owned(),
-    };
+    // As invoke rules name programs, an absolute path, found here (the monitor runs this VM's
+    // own program by that path too when the VM is this one: a rule must route it here).
+    call.program = program_path(first, &env)?;
     call.run_in = Some(vm.unwrap_or_default());
     call.user = user;
     call.env = Some(env);

@@ -795,6 +795,13 @@ fn option_values_that_name_files_cross_as_file_arguments() {
             .is_some_and(|s| s.contains("with 2 file argument(s) read-write"))));
 }
 
+/// An invoke rule from a to a itself: `shuttle run` inside a may start the program in a.
+fn self_rule(object: &str) -> String {
+    format!(
+        "[[rule]]\nop = \"invoke\"\nfrom = \"a\"\nto = \"a\"\nobject = \"{object}\"\naction = \"allow\"\n\n"
+    )
+}
+
 #[test]
 fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_routes() {
     let Some(env) = Env::new() else { return };
@@ -802,9 +809,31 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
         env.create(vm, &[]);
     }
     let run = |vm_args: &str, cmd: &str| format!("{IN_VM_SHUTTLE} run {vm_args} -- {cmd}");
+    env.run_ok("a", "echo a-only > /etc/a-marker");
+    // Not even in its own VM without a rule: a child of init holds none of its caller's
+    // restrictions, so it is granted explicitly.
+    let out = env.run("a", &run("", "hostname"));
+    assert_code(&out, 126, "shuttle run inside a without a rule");
+    assert!(
+        stderr(&out).contains(
+            "running /usr/bin/hostname in this VM (a) through shuttle run is not allowed by the \
+             policy (no rule routes it from VM a to VM a"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let own: String = [
+        "/usr/bin/hostname",
+        "/usr/bin/cat",
+        "/usr/bin/sh",
+        "/usr/bin/id",
+    ]
+    .iter()
+    .map(|p| self_rule(p))
+    .collect();
+    load(&env, &own);
     // No VM named, or its own name: in the caller's VM, a child of its init (not of the
     // caller), as the caller.
-    env.run_ok("a", "echo a-only > /etc/a-marker");
     assert_eq!(env.run_ok("a", &run("", "hostname")).trim(), "a");
     assert_eq!(
         env.run_ok("a", &run("a", "cat /etc/a-marker")).trim(),
@@ -819,21 +848,66 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
     let out = as_nobody(&run("", "id -u"));
     assert_success(&out, "shuttle run as nobody inside a");
     assert_eq!(stdout(&out).trim(), "65534");
-    // Only root in the VM may name another user.
+    // Only a caller holding CAP_SETUID and CAP_SETGID may name another user.
     let out = as_nobody(&run("-u root", "id -u"));
     assert_code(&out, 126, "nobody asking for root");
     assert!(
-        stderr(&out).contains("only root there may name another user"),
+        stderr(&out).contains("only a caller holding CAP_SETUID and CAP_SETGID there"),
         "{}",
         stderr(&out)
     );
     assert_eq!(env.run_ok("a", &run("-u nobody", "id -u")).trim(), "65534");
+    // The caller's own supplementary groups, not those a's /etc/group gives its uid.
+    assert_eq!(
+        env.run_ok(
+            "a",
+            &format!(
+                "setpriv --reuid=65534 --regid=65534 --groups=4,100 {}",
+                run("", "id -G")
+            )
+        )
+        .trim(),
+        "65534 4 100"
+    );
+    // A caller that restricted itself is refused: a narrower bounding set, a seccomp filter
+    // of its own (allow-all, installed under the VM's no_new_privs).
+    let out = env.run(
+        "a",
+        &format!("setpriv --bounding-set=-chown {}", run("", "id -u")),
+    );
+    assert_code(&out, 126, "a caller with a narrower bounding set");
+    assert!(
+        stderr(&out).contains("capability bounding set is narrower than the VM's"),
+        "{}",
+        stderr(&out)
+    );
+    let filtered = format!(
+        r#"
+import ctypes, os
+class F(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+class P(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(F))]
+f = (F * 1)(F(6, 0, 0, 0x7fff0000))
+p = P(1, ctypes.cast(f, ctypes.POINTER(F)))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(22, 2, ctypes.byref(p), 0, 0) == 0, ctypes.get_errno()
+os.execv("{IN_VM_SHUTTLE}", ["shuttle", "run", "--", "/usr/bin/id", "-u"])
+"#
+    );
+    let out = env.exec("a", &["python3", "-c", &filtered]);
+    assert_code(&out, 126, "a caller under a seccomp filter of its own");
+    assert!(
+        stderr(&out).contains("seccomp filter(s) of its own beyond the VM's"),
+        "{}",
+        stderr(&out)
+    );
     // Another VM: refused without a rule, whatever the name says.
-    let out = env.run("a", &run("b", "hostname"));
+    let out = env.run("a", &run("b", "uname"));
     assert_code(&out, 126, "shuttle run b inside a without a rule");
     assert!(
         stderr(&out).contains(
-            "running /usr/bin/hostname in VM b is not allowed by the policy (no invoke rule"
+            "running /usr/bin/uname in VM b is not allowed by the policy (no invoke rule"
         ),
         "{}",
         stderr(&out)
@@ -841,8 +915,12 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
     // A malformed name is refused (and audited as such).
     assert!(!env.run("a", &run("no-such-vm!", "true")).status.success());
     // With a rule routing the program to b: it runs in b; never in a VM the rule does not
-    // name.
-    load(&env, &rule("/usr/bin/hostname", ""));
+    // name; and no longer in a itself (its rule routes it to b).
+    let others: String = ["/usr/bin/cat", "/usr/bin/sh", "/usr/bin/id"]
+        .iter()
+        .map(|p| self_rule(p))
+        .collect();
+    load(&env, &format!("{}{others}", rule("/usr/bin/hostname", "")));
     assert_eq!(env.run_ok("a", &run("b", "hostname")).trim(), "b");
     let out = env.run("a", &run("c", "hostname"));
     assert_code(&out, 126, "shuttle run c with the rule routing to b");
@@ -851,6 +929,8 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
         "{}",
         stderr(&out)
     );
+    let out = env.run("a", &run("", "/usr/bin/hostname"));
+    assert_code(&out, 126, "shuttle run in a with the rule routing to b");
     // Every one audited, with the VM the caller named.
     let records = audit(&env);
     let seen: Vec<(&str, &str, &str)> = records
@@ -867,17 +947,27 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
     assert_eq!(
         seen,
         [
+            ("run", "a", "deny"),
             ("run", "a", "allow"),
             ("run", "a", "allow"),
             ("run", "a", "allow"),
             ("run", "a", "allow"),
             ("run", "a", "deny"),
             ("run", "a", "allow"),
+            ("run", "a", "allow"),
+            ("run", "a", "deny"),
+            ("run", "a", "deny"),
             ("invoke", "b", "deny"),
             ("invoke", "", "deny"),
             ("invoke", "b", "allow"),
             ("invoke", "c", "deny"),
+            ("run", "a", "deny"),
         ],
         "{records:?}"
     );
+    // The rule that allowed each run is named.
+    assert!(records
+        .iter()
+        .filter(|r| r["op"] == "run" && r["result"] == "allow")
+        .all(|r| !r["rule"].is_null()));
 }
