@@ -60,6 +60,30 @@ pub(crate) const PSEUDO_FS: &[i64] = &[
     0x4249_4e4d,            // binfmt_misc
 ];
 
+/// The names `/proc/self/mountinfo` gives the file systems of [`PSEUDO_FS`] (and `sysfs`'
+/// kin): a share whose tree holds a mount of one of them is refused.
+pub(crate) const PSEUDO_FS_NAMES: &[&str] = &[
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "devpts",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "bpf",
+    "nsfs",
+    "selinuxfs",
+    "smackfs",
+    "hugetlbfs",
+    "pstore",
+    "efivarfs",
+    "mqueue",
+    "configfs",
+    "fusectl",
+    "binfmt_misc",
+];
+
 /// Where the value starts in an option argument whose value may name a file: `--NAME=VALUE`
 /// (NAME of letters, digits, `-` and `_`) or `-XVALUE` (X one letter or digit), where VALUE
 /// looks like a path: absolute, or starting with `./` or `../`. The deliberate limit: a bare
