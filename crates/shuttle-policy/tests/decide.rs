@@ -278,3 +278,24 @@ fn an_invoke_rule_from_a_vm_to_itself_grants_shuttle_run_there() {
         .to_string()
         .contains("intra-VM traffic is never mediated"));
 }
+
+#[test]
+fn file_options_name_short_options_only() {
+    let rule = |v: &str| {
+        format!("[[rule]]\nop = \"invoke\"\nfrom = \"a\"\nto = \"b\"\nobject = \"/usr/bin/grep\"\nfile_options = {v}\naction = \"allow\"\n")
+    };
+    let p = Policy::parse("f.toml", &rule("[\"-f\", \"-o\"]")).unwrap();
+    let a = VmIdentity::vm("a", &[]);
+    let d = p.decide(&Request::new(Op::Invoke, a, "/usr/bin/grep"));
+    match &d.rule.unwrap().params().op {
+        OpParams::Invoke(i) => assert_eq!(i.short_file_options(), b"fo"),
+        other => panic!("{other:?}"),
+    }
+    let e = Policy::parse("f.toml", &rule("[\"--file\"]")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("f.toml:6:17: error: invalid short option `--file` in `file_options`"),
+        "{e}"
+    );
+    assert!(Policy::parse("f.toml", &rule("\"-f\"")).is_err());
+}

@@ -73,6 +73,7 @@ pub(crate) fn serve(
         Ok(d) => d,
         Err(refusal) => return chan.send(&refusal),
     };
+    let short = params.short_file_options();
     // File arguments are asked for only now that the invocation is allowed, and only when
     // the rule passes them.
     let files = if params.files == FileAccess::None
@@ -86,7 +87,18 @@ pub(crate) fn serve(
             .map_err(|e| e.to_string())
             .and_then(|()| receive_files(chan, &spec))
         {
-            Ok(f) => f,
+            // A `-XVALUE` the stub offered (it does not know the rule) counts only when the
+            // rule lists `-X` in `file_options`; otherwise the argument stays a string.
+            Ok(f) => {
+                f.into_iter()
+                    .filter(|f| {
+                        !spec.option_files.contains(&(f.index as u32))
+                            || spec.args.get(f.index).is_some_and(|a| {
+                                transfer::option_value(a.as_bytes(), &short).is_some()
+                            })
+                    })
+                    .collect()
+            }
             Err(why) => {
                 record.result = Outcome::Error;
                 record.reason = Some(format!("receiving the file arguments: {why}"));
@@ -178,7 +190,8 @@ pub(crate) fn serve(
                     if let Some(a) = spec.args.get_mut(index) {
                         // `--input=/srv/a.txt`: only the value is the file's name.
                         let prefix = if option {
-                            transfer::option_value(a.as_bytes()).map(|start| &a.as_bytes()[..start])
+                            transfer::option_value(a.as_bytes(), &short)
+                                .map(|start| &a.as_bytes()[..start])
                         } else {
                             None
                         };
@@ -846,10 +859,9 @@ fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     // it), once, and not also a whole file argument.
     let mut seen = std::collections::BTreeSet::new();
     for &i in &spec.option_files {
-        let is_option = spec
-            .args
-            .get(i as usize)
-            .is_some_and(|a| transfer::option_value(a.as_bytes()).is_some());
+        let is_option = spec.args.get(i as usize).is_some_and(|a| {
+            transfer::option_value(a.as_bytes(), transfer::ANY_SHORT_OPTION).is_some()
+        });
         if !is_option || spec.files.contains(&i) || !seen.insert(i) {
             return Err(format!("argument {i} is not an option with a file value"));
         }

@@ -84,14 +84,21 @@ pub(crate) const PSEUDO_FS_NAMES: &[&str] = &[
     "binfmt_misc",
 ];
 
+/// Every short option letter and digit: what the stub, which does not know the rule, announces
+/// as candidates.
+pub const ANY_SHORT_OPTION: &[u8] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
 /// Where the value starts in an option argument whose value may name a file: `--NAME=VALUE`
-/// (NAME of letters, digits, `-` and `_`) or `-XVALUE` (X one letter or digit), where VALUE
-/// looks like a path: absolute, or starting with `./` or `../`. The deliberate limit: a bare
-/// word (`--output=out.txt`, `-ofoo`) stays a string, since option values are far more often
-/// names, numbers or modes than files, and `-abc` clusters of flags must never be taken for a
-/// path. Used by the stub to announce candidates and by the monitor, which trusts only its own
-/// reading, to split the argument.
-pub fn option_value(arg: &[u8]) -> Option<usize> {
+/// (NAME of letters, digits, `-` and `_`), or `-XVALUE` where X is one of `short` (the rule's
+/// `file_options`: `grep -e/etc/passwd` is a pattern, `grep -f/etc/pats` a file, and only the
+/// rule can tell them apart), where VALUE looks like a path: absolute, or starting with `./`
+/// or `../`. The deliberate limit: a bare word (`--output=out.txt`, `-ofoo`) stays a string,
+/// since option values are far more often names, numbers or modes than files, and `-abc`
+/// clusters of flags must never be taken for a path. Used by the stub to announce candidates
+/// (with [`ANY_SHORT_OPTION`]) and by the monitor, which trusts only its own reading with the
+/// rule's options, to split the argument.
+pub fn option_value(arg: &[u8], short: &[u8]) -> Option<usize> {
     let pathlike = |v: &[u8]| v.starts_with(b"/") || v.starts_with(b"./") || v.starts_with(b"../");
     if let Some(rest) = arg.strip_prefix(b"--") {
         let eq = rest.iter().position(|b| *b == b'=')?;
@@ -104,7 +111,11 @@ pub fn option_value(arg: &[u8]) -> Option<usize> {
         return (valid && pathlike(&arg[start..])).then_some(start);
     }
     match arg {
-        [b'-', x, value @ ..] if x.is_ascii_alphanumeric() && pathlike(value) => Some(2),
+        [b'-', x, value @ ..]
+            if x.is_ascii_alphanumeric() && short.contains(x) && pathlike(value) =>
+        {
+            Some(2)
+        }
         _ => None,
     }
 }
@@ -888,11 +899,15 @@ mod tests {
 
     #[test]
     fn option_values_that_look_like_paths_are_found() {
-        assert_eq!(option_value(b"--input=/srv/a.txt"), Some(8));
-        assert_eq!(option_value(b"--files0-from=./list"), Some(14));
-        assert_eq!(option_value(b"--out_file=../x"), Some(11));
-        assert_eq!(option_value(b"-o/srv/out"), Some(2));
-        assert_eq!(option_value(b"-C./dir"), Some(2));
+        let any = super::ANY_SHORT_OPTION;
+        assert_eq!(option_value(b"--input=/srv/a.txt", b""), Some(8));
+        assert_eq!(option_value(b"--files0-from=./list", b""), Some(14));
+        assert_eq!(option_value(b"--out_file=../x", b""), Some(11));
+        assert_eq!(option_value(b"-o/srv/out", b"o"), Some(2));
+        assert_eq!(option_value(b"-C./dir", any), Some(2));
+        // Short options only where the rule lists them: `-e/etc/passwd` is grep's pattern.
+        assert_eq!(option_value(b"-e/etc/passwd", b"f"), None);
+        assert_eq!(option_value(b"-f/etc/pats", b"f"), Some(2));
         // Bare words, flags, clusters, odd names and plain paths are not options with files.
         for no in [
             &b"--output=out.txt"[..],
@@ -908,7 +923,12 @@ mod tests {
             b"/srv/a.txt",
             b"--input /srv/a",
         ] {
-            assert_eq!(option_value(no), None, "{}", String::from_utf8_lossy(no));
+            assert_eq!(
+                option_value(no, any),
+                None,
+                "{}",
+                String::from_utf8_lossy(no)
+            );
         }
     }
 }

@@ -111,14 +111,15 @@ const MAX_FILES: usize = 64;
 
 /// The path an argument names for the transfer: the whole argument, or the value of an
 /// option that looks like a path (`--input=/srv/a.txt`, `-o/srv/out`; see
-/// `shuttle_vm::transfer::option_value`, the monitor's own reading of it).
+/// `shuttle_vm::transfer::option_value`, the monitor's own reading of it with the rule's
+/// `file_options`: a candidate it does not take stays a string).
 fn named_path(arg: &OsString, option: bool) -> Option<&std::ffi::OsStr> {
     use std::os::unix::ffi::OsStrExt;
     if !option {
         return Some(arg.as_os_str());
     }
     let bytes = arg.as_bytes();
-    shuttle_vm::transfer::option_value(bytes)
+    shuttle_vm::transfer::option_value(bytes, shuttle_vm::transfer::ANY_SHORT_OPTION)
         .map(|start| std::ffi::OsStr::from_bytes(&bytes[start..]))
 }
 

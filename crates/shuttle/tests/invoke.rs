@@ -746,7 +746,7 @@ fn option_values_that_name_files_cross_as_file_arguments() {
         &format!(
             "{}{}{}",
             rule("/usr/bin/bash", ""),
-            rule("/usr/bin/grep", ""),
+            rule("/usr/bin/grep", "file_options = [\"-f\"]\n"),
             rule("/usr/bin/sort", "files = \"read-write\"\n"),
         ),
     );
@@ -755,15 +755,22 @@ fn option_values_that_name_files_cross_as_file_arguments() {
         "mkdir -p /srv/w && printf 'b\\nzz\\n' > /srv/w/pats && printf 'a\\nb\\nc\\nzz\\n' > /srv/w/data \
          && printf '3\\n1\\n2\\n' > /srv/w/in && : > /srv/w/out && : > /srv/w/ro-out",
     );
-    // Only the value is rewritten; a bare word stays a string (deliberately: see README).
+    // Only the value is rewritten; a bare word stays a string (deliberately: see README), and
+    // so does a short option the rule does not list in `file_options` (bash's lists none).
     assert_eq!(
         env.run_ok(
             "a",
             "cd /srv/w && bash -c 'echo \"$@\"' _ --input=/srv/w/pats -o/srv/w/pats --x=./pats --y=pats -la --z=/nonexistent"
         )
         .trim(),
-        "--input=/shuttle/from/a/srv/w/pats -o/shuttle/from/a/srv/w/pats \
+        "--input=/shuttle/from/a/srv/w/pats -o/srv/w/pats \
          --x=/shuttle/from/a/srv/w/pats --y=pats -la --z=/nonexistent"
+    );
+    // grep's rule lists -f, not -e: `-e/srv/w/pats` is a pattern, matched as written (in b).
+    env.run_ok("a", "echo /srv/w/pats >> /srv/w/data");
+    assert_eq!(
+        env.run_ok("a", "grep -e/srv/w/pats /srv/w/data"),
+        "/srv/w/pats\n"
     );
     // A real program reads a file named in an option, long and short.
     assert_eq!(
