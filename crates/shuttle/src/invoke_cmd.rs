@@ -399,6 +399,7 @@ fn invoke_with(call: Call) -> Result<i32> {
     }))?;
     match chan.recv::<VmReply>()? {
         VmReply::Hello { .. } => {}
+        VmReply::Failed { message } => bail!("{message}"),
         other => bail!("unexpected answer from the broker socket: {other:?}"),
     }
 

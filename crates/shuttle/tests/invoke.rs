@@ -978,3 +978,43 @@ os.execv("{IN_VM_SHUTTLE}", ["shuttle", "run", "--", "/usr/bin/id", "-u"])
         .filter(|r| r["op"] == "run" && r["result"] == "allow")
         .all(|r| !r["rule"].is_null()));
 }
+
+#[test]
+fn a_vm_holds_a_bounded_number_of_api_connections() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    // 128 idle connections held open: the next one is answered with an error at once (no
+    // host thread waits for it); once they close, requests are served again.
+    let code = format!(
+        r#"
+import socket, subprocess, time
+def attempt():
+    r = subprocess.run(["{IN_VM_SHUTTLE}", "run", "--", "/usr/bin/true"], capture_output=True, text=True)
+    return r.stderr.strip()
+held = []
+for i in range(128):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect("/run/shuttle/broker.sock")
+    held.append(s)
+time.sleep(0.3)
+print("full:", attempt())
+for s in held:
+    s.close()
+for i in range(50):
+    time.sleep(0.1)
+    answer = attempt()
+    if "connections to Shuttle open already" not in answer:
+        break
+print("after:", answer)
+"#
+    );
+    let out = env.py_ok("a", &code);
+    assert!(
+        out.contains("full: shuttle: VM a has 128 connections to Shuttle open already"),
+        "{out}"
+    );
+    assert!(
+        out.contains("after: shuttle: running /usr/bin/true in this VM (a) through shuttle run is not allowed"),
+        "{out}"
+    );
+}
