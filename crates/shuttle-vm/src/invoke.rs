@@ -152,7 +152,7 @@ pub(crate) fn serve(
         return chan.send(&fail(record, message));
     }
     let mut spec = spec;
-    let mut _exposed = None;
+    let mut exposed_files = None;
     // `expose_dir`: the files of each file argument's directory are opened with the caller's
     // credentials, all of them from the kernel (the groups too), never from the request.
     let dir_creds = match (params.expose_dir, ids) {
@@ -205,7 +205,7 @@ pub(crate) fn serve(
                         };
                     }
                 }
-                _exposed = Some(exposed);
+                exposed_files = Some(exposed);
             }
             Err(message) => {
                 return chan.send(&fail(record, format!("passing file arguments: {message}")))
@@ -213,20 +213,29 @@ pub(crate) fn serve(
         }
     }
     let command = command_for(ctx, &target, &params, user, &program, spec);
-    relay(ctx, chan, record, &target, &program, command, stdio)
+    relay(
+        ctx,
+        chan,
+        record,
+        (&target, &program),
+        command,
+        stdio,
+        exposed_files,
+    )
 }
 
 /// Runs `command` in VM `target` for the caller on `chan` (whose decision `record` is
 /// journaled already) and relays until it ends: the start (with a terminal's master side),
-/// the caller's signals, its death (the program is killed), the exit status.
+/// the caller's signals, its death (the program is killed), the exit status. The files shown
+/// for it (`exposed`) are taken away before the caller hears that the program ended.
 fn relay(
     ctx: &ApiContext,
     chan: &Channel,
     mut record: AuditRecord,
-    target: &str,
-    program: &str,
+    (target, program): (&str, &str),
     command: CommandSpec,
     stdio: Vec<OwnedFd>,
+    exposed: Option<transfer::Exposed>,
 ) -> Result<(), ChannelError> {
     let target = target.to_owned();
     let fds: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
@@ -254,6 +263,7 @@ fn relay(
                 "could not start {program} in VM {target}: {message}"
             ));
             let _ = vm_api::journal(ctx, record);
+            drop(exposed);
             return chan.send(&VmReply::InvokeFailed { message, exit_code });
         }
     };
@@ -311,6 +321,7 @@ fn relay(
         },
     };
     finished.store(true, Ordering::SeqCst);
+    drop(exposed);
     let r = chan.send(&reply);
     chan.shutdown();
     if let Some(f) = forwarder {
@@ -763,7 +774,7 @@ fn serve_own_vm(
         user: Some(user),
         terminal: spec.terminal,
     };
-    relay(ctx, chan, record, &vm, &program, command, stdio)
+    relay(ctx, chan, record, (&vm, &program), command, stdio, None)
 }
 
 /// The restrictions of the caller on `chan` (through a pidfd of it: `SO_PEERPIDFD`, or one
