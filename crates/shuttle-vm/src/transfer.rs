@@ -532,8 +532,12 @@ fn show(
             e.users += 1;
             exposed.keys.push(key);
         } else {
-            let mount = attach(&from, &path, &tree, id, writable)
-                .map_err(|e| format!("{} cannot be shown in VM {}: {e}", lossy(), target.vm))?;
+            let mount = attach(&from, &path, &tree, id, writable).map_err(|e| {
+                // The mount point and directories made for it go again where they are empty
+                // (the tmpfs's inodes are bounded).
+                remove_mount_point(&name);
+                format!("{} cannot be shown in VM {}: {e}", lossy(), target.vm)
+            })?;
             map.insert(
                 key.clone(),
                 Entry {
