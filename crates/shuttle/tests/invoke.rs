@@ -737,6 +737,34 @@ fn a_file_that_cannot_be_shown_refuses_the_invocation() {
 }
 
 #[test]
+fn a_vms_running_invocations_use_a_bounded_part_of_the_targets_shuttle() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(&env, &rule("/usr/bin/bash", ""));
+    // Files 1000 directories deep: about 1000 of b's /shuttle inodes each. Four running
+    // invocations hold about 4000; a fifth would pass a's limit of 4096 and is refused
+    // cleanly; once they end it runs.
+    let script = r#"
+deep() { d=/srv/p$1; for i in $(seq 1 1000); do d=$d/d; done; mkdir -p $d; echo $1 > $d/f; ln -sfn $d /srv/l$1; }
+for n in 1 2 3 4 5; do deep $n; done
+for n in 1 2 3 4; do bash -c 'sleep 6' _ /srv/l$n/f & done
+sleep 3
+bash -c 'cat "$1"' _ /srv/l5/f 2>&1; echo "exit $?"
+wait
+bash -c 'cat "$1"' _ /srv/l5/f
+"#;
+    let out = env.run_ok("a", script);
+    assert!(
+        out.contains("this VM's running invocations already show"),
+        "{out}"
+    );
+    assert!(out.contains("exit 125"), "{out}");
+    assert!(out.ends_with("5\n"), "{out}");
+    assert_eq!(env.run_ok("b", "find /shuttle/from/a -mindepth 1"), "");
+}
+
+#[test]
 fn option_values_that_name_files_cross_as_file_arguments() {
     let Some(env) = Env::new() else { return };
     env.create("a", &[]);
