@@ -46,6 +46,10 @@ pub struct InvokeParams {
     /// `None`: the caller's own uid and gid.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Short options (`-f`) whose glued value names a file (`-f./pats`, `-o/srv/out`): only
+    /// these are read that way; `--NAME=VALUE` always is.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub file_options: Vec<String>,
 }
 
 impl Default for InvokeParams {
@@ -55,11 +59,23 @@ impl Default for InvokeParams {
             expose_dir: false,
             env: DEFAULT_INVOKE_ENV.iter().map(|s| (*s).to_owned()).collect(),
             user: None,
+            file_options: Vec::new(),
         }
     }
 }
 
 impl InvokeParams {
+    /// The letters and digits X of the rule's `file_options` (`-X`).
+    pub fn short_file_options(&self) -> Vec<u8> {
+        self.file_options
+            .iter()
+            .filter_map(|o| match o.as_bytes() {
+                [b'-', x] => Some(*x),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Whether the environment variable `name` may be passed to the program.
     pub fn passes_env(&self, name: &[u8]) -> bool {
         self.env

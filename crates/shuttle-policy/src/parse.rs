@@ -16,7 +16,7 @@ use crate::selector::{Selector, SelectorSet};
 const COMMON_KEYS: [&str; 6] = ["name", "op", "from", "to", "object", "action"];
 
 /// Op parameters, with the ops that take them (`timeout` is for every op, with `ask`).
-const PARAM_KEYS: [(&str, &[Op]); 11] = [
+const PARAM_KEYS: [(&str, &[Op]); 12] = [
     ("target", &[Op::Connect]),
     ("mode", &[Op::Share]),
     ("at", &[Op::Share]),
@@ -25,6 +25,7 @@ const PARAM_KEYS: [(&str, &[Op]); 11] = [
     ("expose_dir", &[Op::Invoke, Op::Open]),
     ("env", &[Op::Invoke, Op::Open]),
     ("user", &[Op::Invoke, Op::Open]),
+    ("file_options", &[Op::Invoke, Op::Open]),
     ("handler", &[Op::Open]),
     ("signals", &[Op::Signal]),
     ("timeout", &Op::ALL),
@@ -524,7 +525,26 @@ fn parse_rule(
                 ([Selector::Host], [Selector::Host]) => Some("@host".to_string()),
                 _ => None,
             };
-            if let Some(a) = same {
+            // An invoke rule from a VM to itself is the one intra-VM rule: it lets processes
+            // of that VM start the program in it through `shuttle run` (a fresh child of the
+            // VM's init), which must be granted as explicitly as any crossing. It runs the
+            // VM's own program as its caller: the invocation parameters do not apply.
+            if let (Op::Invoke, Some(a)) = (op, same.as_deref().filter(|a| *a != "@host")) {
+                for key in ["files", "expose_dir", "env", "user", "file_options"] {
+                    if let Some(f) = fields.get(key) {
+                        cx.err(
+                            ErrorKind::ParamNotForOp,
+                            f.value_at,
+                            format!(
+                                "`{key}` does not apply to an invoke rule from VM {a} to itself: \
+                                 `shuttle run` inside {a} runs {a}'s own program with the \
+                                 caller's own names, environment and identity"
+                            ),
+                            "remove it (or route the program to another VM)",
+                        );
+                    }
+                }
+            } else if let Some(a) = same {
                 cx.err(
                     ErrorKind::IntraVm,
                     to_at,
@@ -920,6 +940,55 @@ fn parse_invoke(cx: &mut Ctx<'_>, fields: &HashMap<&str, Field<'_>>) -> Option<I
                         f.item.type_name()
                     ),
                     "write env = [\"LANG\", \"TZ\"]",
+                );
+            }
+        }
+    }
+    if let Some(f) = fields.get("file_options").copied() {
+        let hint = "write file_options = [\"-f\", \"-o\"]: each a dash and one letter or digit, \
+                    an option whose glued value (-f./patterns) names a file";
+        match f.item.as_array() {
+            Some(arr) => {
+                for v in arr.iter() {
+                    let at = value_offset(v).unwrap_or(f.value_at);
+                    match v.as_str() {
+                        Some(s) if matches!(s.as_bytes(), [b'-', x] if x.is_ascii_alphanumeric()) => {
+                            p.file_options.push(s.to_owned())
+                        }
+                        Some(s) => {
+                            ok = false;
+                            cx.err(
+                                ErrorKind::BadParam,
+                                at,
+                                format!("invalid short option `{s}` in `file_options`"),
+                                hint,
+                            );
+                        }
+                        None => {
+                            ok = false;
+                            cx.err(
+                                ErrorKind::WrongType,
+                                at,
+                                format!(
+                                    "elements of `file_options` must be strings, found {}",
+                                    v.type_name()
+                                ),
+                                hint,
+                            );
+                        }
+                    }
+                }
+            }
+            None => {
+                ok = false;
+                cx.err(
+                    ErrorKind::WrongType,
+                    f.value_at,
+                    format!(
+                        "`file_options` must be an array of strings, found {}",
+                        f.item.type_name()
+                    ),
+                    hint,
                 );
             }
         }

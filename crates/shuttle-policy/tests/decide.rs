@@ -251,3 +251,51 @@ fn host_to_host_is_rejected() {
          mediated\n  hint: remove this rule; applications inside one VM already interact directly"
     );
 }
+
+#[test]
+fn an_invoke_rule_from_a_vm_to_itself_grants_shuttle_run_there() {
+    let text = "[[rule]]\nop = \"invoke\"\nfrom = \"a\"\nto = \"a\"\nobject = \"/usr/bin/id\"\naction = \"allow\"\n";
+    let p = Policy::parse("s.toml", text).unwrap();
+    let a = VmIdentity::vm("a", &[]);
+    let (d, target) = p
+        .route(&Request::new(Op::Invoke, a, "/usr/bin/id"))
+        .unwrap();
+    assert_eq!(d.action, Action::Allow);
+    assert_eq!(target.map(ToString::to_string).as_deref(), Some("a"));
+    // The invocation parameters do not apply to it, and other ops stay intra-VM errors.
+    let with_user = text.replace("action", "user = \"0\"\naction");
+    let e = Policy::parse("s.toml", &with_user).unwrap_err();
+    assert!(
+        e.to_string().starts_with(
+            "s.toml:6:8: error: `user` does not apply to an invoke rule from VM a to itself"
+        ),
+        "{e}"
+    );
+    let mq =
+        "[[rule]]\nop = \"mq\"\nfrom = \"a\"\nto = \"a\"\nobject = \"mq:/q\"\naction = \"allow\"\n";
+    assert!(Policy::parse("s.toml", mq)
+        .unwrap_err()
+        .to_string()
+        .contains("intra-VM traffic is never mediated"));
+}
+
+#[test]
+fn file_options_name_short_options_only() {
+    let rule = |v: &str| {
+        format!("[[rule]]\nop = \"invoke\"\nfrom = \"a\"\nto = \"b\"\nobject = \"/usr/bin/grep\"\nfile_options = {v}\naction = \"allow\"\n")
+    };
+    let p = Policy::parse("f.toml", &rule("[\"-f\", \"-o\"]")).unwrap();
+    let a = VmIdentity::vm("a", &[]);
+    let d = p.decide(&Request::new(Op::Invoke, a, "/usr/bin/grep"));
+    match &d.rule.unwrap().params().op {
+        OpParams::Invoke(i) => assert_eq!(i.short_file_options(), b"fo"),
+        other => panic!("{other:?}"),
+    }
+    let e = Policy::parse("f.toml", &rule("[\"--file\"]")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("f.toml:6:17: error: invalid short option `--file` in `file_options`"),
+        "{e}"
+    );
+    assert!(Policy::parse("f.toml", &rule("\"-f\"")).is_err());
+}

@@ -227,8 +227,9 @@ pub struct InvokeSpec {
     #[serde(default)]
     pub files: Vec<u32>,
     /// Which of `args` are options whose value names a regular file (`--input=/srv/a.txt`,
-    /// `-o/srv/out`): the monitor finds the value itself (`shuttle_vm::transfer::option_value`)
-    /// and treats it as a file argument, rewriting only the value.
+    /// `-o/srv/out`): the monitor finds the value itself (`shuttle_vm::transfer::option_value`,
+    /// `-X` forms only where the rule's `file_options` lists them) and treats it as a file
+    /// argument, rewriting only the value.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub option_files: Vec<u32>,
     /// `shuttle open`: the objects of `open` rules this request may match, in the order to

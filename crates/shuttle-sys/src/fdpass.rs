@@ -137,6 +137,28 @@ pub fn own_inherited(fd: RawFd) -> Option<OwnedFd> {
     Some(owned)
 }
 
+/// A pidfd of the process at the other end of a connected unix socket, as it was when it
+/// connected (`SO_PEERPIDFD`, Linux 6.5; socket(7)): unlike the pid of `SO_PEERCRED`, it
+/// cannot come to name another process once that one has gone.
+pub fn peer_pidfd(sock: BorrowedFd<'_>) -> Result<OwnedFd, Errno> {
+    let mut fd: libc::c_int = -1;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is a live c_int and `len` its size; the kernel writes at most that.
+    let r = unsafe {
+        libc::getsockopt(
+            sock.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERPIDFD,
+            (&mut fd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(Errno::last());
+    }
+    own_accepted(fd).ok_or(Errno::EBADF)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -73,6 +73,7 @@ pub(crate) fn serve(
         Ok(d) => d,
         Err(refusal) => return chan.send(&refusal),
     };
+    let short = params.short_file_options();
     // File arguments are asked for only now that the invocation is allowed, and only when
     // the rule passes them.
     let files = if params.files == FileAccess::None
@@ -86,7 +87,18 @@ pub(crate) fn serve(
             .map_err(|e| e.to_string())
             .and_then(|()| receive_files(chan, &spec))
         {
-            Ok(f) => f,
+            // A `-XVALUE` the stub offered (it does not know the rule) counts only when the
+            // rule lists `-X` in `file_options`; otherwise the argument stays a string.
+            Ok(f) => {
+                f.into_iter()
+                    .filter(|f| {
+                        !spec.option_files.contains(&(f.index as u32))
+                            || spec.args.get(f.index).is_some_and(|a| {
+                                transfer::option_value(a.as_bytes(), &short).is_some()
+                            })
+                    })
+                    .collect()
+            }
             Err(why) => {
                 record.result = Outcome::Error;
                 record.reason = Some(format!("receiving the file arguments: {why}"));
@@ -140,7 +152,7 @@ pub(crate) fn serve(
         return chan.send(&fail(record, message));
     }
     let mut spec = spec;
-    let mut _exposed = None;
+    let mut exposed_files = None;
     // `expose_dir`: the files of each file argument's directory are opened with the caller's
     // credentials, all of them from the kernel (the groups too), never from the request.
     let dir_creds = match (params.expose_dir, ids) {
@@ -178,7 +190,8 @@ pub(crate) fn serve(
                     if let Some(a) = spec.args.get_mut(index) {
                         // `--input=/srv/a.txt`: only the value is the file's name.
                         let prefix = if option {
-                            transfer::option_value(a.as_bytes()).map(|start| &a.as_bytes()[..start])
+                            transfer::option_value(a.as_bytes(), &short)
+                                .map(|start| &a.as_bytes()[..start])
                         } else {
                             None
                         };
@@ -192,7 +205,7 @@ pub(crate) fn serve(
                         };
                     }
                 }
-                _exposed = Some(exposed);
+                exposed_files = Some(exposed);
             }
             Err(message) => {
                 return chan.send(&fail(record, format!("passing file arguments: {message}")))
@@ -200,20 +213,29 @@ pub(crate) fn serve(
         }
     }
     let command = command_for(ctx, &target, &params, user, &program, spec);
-    relay(ctx, chan, record, &target, &program, command, stdio)
+    relay(
+        ctx,
+        chan,
+        record,
+        (&target, &program),
+        command,
+        stdio,
+        exposed_files,
+    )
 }
 
 /// Runs `command` in VM `target` for the caller on `chan` (whose decision `record` is
 /// journaled already) and relays until it ends: the start (with a terminal's master side),
-/// the caller's signals, its death (the program is killed), the exit status.
+/// the caller's signals, its death (the program is killed), the exit status. The files shown
+/// for it (`exposed`) are taken away before the caller hears that the program ended.
 fn relay(
     ctx: &ApiContext,
     chan: &Channel,
     mut record: AuditRecord,
-    target: &str,
-    program: &str,
+    (target, program): (&str, &str),
     command: CommandSpec,
     stdio: Vec<OwnedFd>,
+    exposed: Option<transfer::Exposed>,
 ) -> Result<(), ChannelError> {
     let target = target.to_owned();
     let fds: Vec<BorrowedFd<'_>> = stdio.iter().map(AsFd::as_fd).collect();
@@ -241,6 +263,7 @@ fn relay(
                 "could not start {program} in VM {target}: {message}"
             ));
             let _ = vm_api::journal(ctx, record);
+            drop(exposed);
             return chan.send(&VmReply::InvokeFailed { message, exit_code });
         }
     };
@@ -298,6 +321,7 @@ fn relay(
         },
     };
     finished.store(true, Ordering::SeqCst);
+    drop(exposed);
     let r = chan.send(&reply);
     chan.shutdown();
     if let Some(f) = forwarder {
@@ -559,11 +583,16 @@ fn receive_files(chan: &Channel, spec: &InvokeSpec) -> Result<Vec<transfer::File
     }
 }
 
-/// `shuttle run [VM] -- CMD` inside VM a naming a itself (or no VM): CMD runs in a, a child of
-/// a's init like any `shuttle run`, as the caller's own uid and gid from the kernel (`-u`
-/// only for a caller that is root in a, who could become anyone there anyway), with the
-/// caller's environment and directory. Nothing crosses a VM boundary, so no rule is needed;
-/// it is audited (op `run`, from and to a) like every request.
+/// `shuttle run [VM] -- CMD` inside VM a naming a itself (or no VM): CMD runs in a, a fresh
+/// child of a's init like any `shuttle run`, only where an `invoke` rule routes the program
+/// from a to a itself (the one intra-VM rule: such a child holds init's capabilities and
+/// none of the restrictions its caller took on, so it is granted as explicitly as a
+/// crossing). It runs as the caller's uid, gid and supplementary groups from the kernel
+/// (`SO_PEERCRED`, `SO_PEERGROUPS`); `-u` only for a caller holding `CAP_SETUID` and
+/// `CAP_SETGID`, who could become anyone there anyway. A caller that restricted itself beyond
+/// its VM (seccomp filters of its own, no_new_privs, a narrower bounding set, or fewer
+/// effective capabilities than init when it would run as root) is refused. Audited as op
+/// `run`, from and to a.
 fn serve_own_vm(
     ctx: &ApiContext,
     chan: &Channel,
@@ -589,32 +618,141 @@ fn serve_own_vm(
     let malformed = check_run(&spec, stdio.len()).err().or_else(|| {
         (!spec.open.is_empty()).then(|| "open objects in a run in the caller's own VM".into())
     });
+    let malformed = malformed.or_else(|| {
+        (!spec.program.starts_with('/'))
+            .then(|| format!("program {:?} is not an absolute path", spec.program))
+    });
     if let Some(why) = malformed {
         record.reason = Some(format!("malformed request: {why}"));
         let message = format!("invalid run request: {why}");
         return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
     }
+    let vm = ctx.vm.clone();
+    let program = spec.program.clone();
+    // The policy: an invoke rule routing the program from this VM to this VM.
+    let policy = ctx.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
+    let me = VmIdentity::vm(&ctx.vm, &ctx.tags);
+    let routed = policy.route(&Request::new(Op::Invoke, me, &program));
+    let hint = format!(
+        "an invoke rule with from = \"{vm}\", to = \"{vm}\" and object = \"{program}\" allows \
+         it"
+    );
+    let Some((decision, target)) = routed else {
+        record.reason = Some("no rule matched: default deny".into());
+        let message = format!(
+            "running {program} in this VM ({vm}) through shuttle run is not allowed by the \
+             policy (no rule routes it from VM {vm} to VM {vm}; {hint})"
+        );
+        return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
+    };
+    let rule = decision.rule.expect("a routed decision comes from a rule");
+    record.rule = Some(vm_api::rule_ref(&policy, rule));
+    let loc = rule.location();
+    let rule_at = format!(
+        "{} at {}:{}:{}",
+        rule.label(),
+        rule.source(),
+        loc.line,
+        loc.column
+    );
+    let elsewhere = match target {
+        Some(Target::Vm(name)) if name.to_string() == vm => None,
+        Some(Target::Vm(name)) => Some(format!("VM {name}")),
+        _ => Some("the host".to_owned()),
+    };
+    if let Some(there) = elsewhere {
+        record.reason = Some(format!("{} routes it to {there}", rule.label()));
+        let message = format!(
+            "running {program} in this VM ({vm}) through shuttle run is not allowed by the \
+             policy ({rule_at} routes it to {there}; {hint})"
+        );
+        return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
+    }
+    if decision.action == Action::Deny {
+        record.reason = Some(format!("denied by {}", rule.label()));
+        let message = format!(
+            "running {program} in this VM ({vm}) through shuttle run is not allowed by the \
+             policy (denied by {rule_at})"
+        );
+        return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
+    }
+    // Who the caller is and what it holds, from the kernel.
     let Some((uid, gid)) = ids else {
         let message = "the caller's uid and gid are unknown (no peer credentials)".to_owned();
         record.result = Outcome::Error;
         record.reason = Some(message.clone());
         return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
     };
+    let held = caller_restrictions(ctx, chan, caller);
+    let (own, init) = match held {
+        Ok(r) => r,
+        Err(why) => {
+            record.result = Outcome::Error;
+            record.reason = Some(why.clone());
+            let message = format!("the caller's restrictions cannot be checked: {why}");
+            return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
+        }
+    };
+    const CAP_SETGID: u64 = 1 << 6;
+    const CAP_SETUID: u64 = 1 << 7;
+    let may_switch = own.cap_eff & (CAP_SETUID | CAP_SETGID) == CAP_SETUID | CAP_SETGID;
     let user = match &spec.user {
-        None => format!("{uid}:{gid}"),
-        Some(u) if uid == 0 => u.clone(),
+        None => {
+            let groups = match shuttle_sys::unotify::peer_groups(chan.as_fd()) {
+                Ok(g) => g,
+                Err(e) => {
+                    let message = format!("the caller's groups are unknown (SO_PEERGROUPS: {e})");
+                    record.result = Outcome::Error;
+                    record.reason = Some(message.clone());
+                    return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
+                }
+            };
+            let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+            format!("{uid}:{gid}:{}", list.join(","))
+        }
+        Some(u) if may_switch => u.clone(),
         Some(u) => {
-            record.reason = Some(format!("uid {uid} asked to run as {u}"));
+            record.reason = Some(format!(
+                "uid {uid} without CAP_SETUID and CAP_SETGID asked to run as {u}"
+            ));
             let message = format!(
-                "running as {u} is not allowed: a command started from inside VM {} runs as \
-                 its caller (uid {uid}); only root there may name another user",
-                ctx.vm
+                "running as {u} is not allowed: a command started from inside VM {vm} runs as \
+                 its caller (uid {uid}); only a caller holding CAP_SETUID and CAP_SETGID there \
+                 may name another user"
             );
             return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
         }
     };
-    record.result = Outcome::Allow;
-    record.reason = Some(format!("run as {user} in the caller's own VM {}", ctx.vm));
+    let as_root = spec.user.is_some() || uid == 0;
+    if let Some(why) = own.escapes(&init, as_root) {
+        record.reason = Some(format!("{why}: its command would not keep that"));
+        let message = format!(
+            "running {program} through shuttle run is refused: {why}, and a command started by \
+             VM {vm}'s init would not keep that restriction; run it directly"
+        );
+        return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
+    }
+    // An `ask` is put only once nothing else refuses.
+    let mut approval = String::new();
+    let mut allowed = Outcome::Allow;
+    if decision.action == Action::Ask {
+        let (allow, how) = vm_api::ask(ctx, &policy, rule, &record);
+        if !allow {
+            record.result = Outcome::AskDeny;
+            record.reason = Some(how.clone());
+            let message = format!(
+                "running {program} in this VM ({vm}) is not allowed by the policy (not \
+                 approved: {how})"
+            );
+            return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
+        }
+        allowed = Outcome::AskAllow;
+        approval = format!("; {how}");
+    }
+    record.result = allowed;
+    record.reason = Some(format!(
+        "run as {user} in the caller's own VM {vm}{approval}"
+    ));
     if !vm_api::journal(ctx, record.clone()) {
         return chan.send(&journal_failed());
     }
@@ -636,8 +774,33 @@ fn serve_own_vm(
         user: Some(user),
         terminal: spec.terminal,
     };
-    let (vm, program) = (ctx.vm.clone(), spec.program);
-    relay(ctx, chan, record, &vm, &program, command, stdio)
+    relay(ctx, chan, record, (&vm, &program), command, stdio, None)
+}
+
+/// The restrictions of the caller on `chan` (through a pidfd of it: `SO_PEERPIDFD`, or one
+/// opened from `SO_PEERCRED`'s pid on kernels without it) and of the VM's init.
+fn caller_restrictions(
+    ctx: &ApiContext,
+    chan: &Channel,
+    caller: &Caller,
+) -> Result<
+    (
+        crate::caller_state::Restrictions,
+        crate::caller_state::Restrictions,
+    ),
+    String,
+> {
+    let pidfd = match shuttle_sys::fdpass::peer_pidfd(chan.as_fd()) {
+        Ok(fd) => fd,
+        Err(_) => {
+            let pid = caller.pid_on_host.ok_or("the caller's pid is unknown")?;
+            shuttle_sys::process::pidfd_open(pid)
+                .map_err(|e| format!("a pidfd of the caller (pid {pid}): {e}"))?
+        }
+    };
+    let own = crate::caller_state::of_process(pidfd.as_fd())?;
+    let init = crate::caller_state::of_init(ctx.init_pid)?;
+    Ok((own, init))
 }
 
 /// The checks of [`check`] that every request shares: descriptors, terminal, sizes.
@@ -707,10 +870,9 @@ fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     // it), once, and not also a whole file argument.
     let mut seen = std::collections::BTreeSet::new();
     for &i in &spec.option_files {
-        let is_option = spec
-            .args
-            .get(i as usize)
-            .is_some_and(|a| transfer::option_value(a.as_bytes()).is_some());
+        let is_option = spec.args.get(i as usize).is_some_and(|a| {
+            transfer::option_value(a.as_bytes(), transfer::ANY_SHORT_OPTION).is_some()
+        });
         if !is_option || spec.files.contains(&i) || !seen.insert(i) {
             return Err(format!("argument {i} is not an option with a file value"));
         }

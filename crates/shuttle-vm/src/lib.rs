@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit_log;
+pub(crate) mod caller_state;
 pub mod cgroup;
 pub mod client;
 pub mod config;

@@ -547,6 +547,22 @@ impl Shared {
     }
 }
 
+/// The monitor holds a descriptor per file its VM's invocations show elsewhere (up to
+/// `transfer::MAX_CALLER_INODES`), per API connection and per mediated target: the soft
+/// limit on open files (often 1024) is raised to the hard one, at most 65536. Done once init
+/// is forked, so the VM's processes keep the limit they inherit.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let wanted = hard.min(65536);
+        if soft < wanted {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, wanted, hard) {
+                tracing::warn!(error = %e, "raising RLIMIT_NOFILE");
+            }
+        }
+    }
+}
+
 impl Started {
     fn serve(self) {
         let Started {
@@ -565,9 +581,11 @@ impl Started {
             stubs,
             shares,
         } = self;
+        raise_open_file_limit();
         let api = Arc::new(crate::vm_api::ApiContext {
             layout: layout.clone(),
             vm: config.name.clone(),
+            init_pid: init_pid.as_raw(),
             tags: config.tags.clone(),
             policy: Arc::clone(&policy),
             journal: Arc::clone(&journal),

@@ -550,12 +550,15 @@ impl Shares {
     }
 
     fn unapply(&self, at: &str, a: &Applied) -> Result<(), String> {
+        let base = at
+            .starts_with(HOST_KEY)
+            .then(|| self.layout.host_shares_dir(&self.vm));
         let (receiver, at) = match at.strip_prefix(HOST_KEY) {
             Some(host_at) => (self.host_ns.as_fd(), host_at),
             None => (self.mount_ns.as_fd(), at),
         };
         std::thread::scope(|s| {
-            s.spawn(|| unmount_share(receiver, at, a))
+            s.spawn(|| unmount_share(receiver, at, base.as_deref(), a))
                 .join()
                 .unwrap_or_else(|_| Err("the share thread panicked".into()))
         })
@@ -814,9 +817,48 @@ fn take_from_owner(
     if crate::transfer::PSEUDO_FS.contains(&(fs.filesystem_type().0 as i64)) {
         return Err(format!("{object} is on a kernel file system: never shared"));
     }
+    // The copy is recursive: a kernel file system mounted beneath the object (`/dev` holds
+    // devpts and mqueue) would come along. Looked at before and after the copy (a VM cannot
+    // mount, and the host's mounts change only by root's hand).
+    let submount = || kernel_submount(fds, &real_str);
+    if let Some(m) = submount()? {
+        return Err(format!(
+            "{object} holds a kernel file system at {m}: never shared"
+        ));
+    }
     let tree = shuttle_sys::vm_mount::clone_tree(source.as_fd())
         .map_err(errno("open_tree(OPEN_TREE_CLONE|AT_RECURSIVE) of", object))?;
+    if let Some(m) = submount()? {
+        return Err(format!(
+            "{object} holds a kernel file system at {m}: never shared"
+        ));
+    }
     Ok((tree, st, is_dir))
+}
+
+/// The first mount of a kernel file system strictly beneath `path` in the thread's mount
+/// namespace ("POINT (TYPE)"), read from its own mountinfo (through `fds`, the thread's host
+/// `/proc/thread-self/fd`: the file shows the namespace the thread is in when it is opened).
+fn kernel_submount(fds: &OwnedFd, path: &str) -> Result<Option<String>, String> {
+    use std::io::Read;
+    let file = openat(
+        fds,
+        Path::new("../mountinfo"),
+        OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno("opening", "/proc/thread-self/mountinfo"))?;
+    let mut text = String::new();
+    std::fs::File::from(file)
+        .read_to_string(&mut text)
+        .map_err(|e| format!("reading /proc/thread-self/mountinfo: {e}"))?;
+    let prefix = format!("{}/", path.trim_end_matches('/'));
+    Ok(text.lines().find_map(|line| {
+        let point = unescape_mountinfo(line.split(' ').nth(4)?);
+        let fstype = line.split_once(" - ")?.1.split(' ').next()?;
+        (point.starts_with(&prefix) && crate::transfer::PSEUDO_FS_NAMES.contains(&fstype))
+            .then(|| format!("{point} ({fstype})"))
+    }))
 }
 
 /// Takes away whatever is left of VM `vm`'s shares on the host (its monitor stopping, or a
@@ -835,7 +877,10 @@ pub fn clear_host_shares(layout: &Layout, vm: &str) {
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for p in &points {
-        if let Err(e) = nix::mount::umount2(Path::new(p), nix::mount::MntFlags::MNT_DETACH) {
+        // Never through a symbolic link at the last component (UMOUNT_NOFOLLOW); the
+        // directories above are Shuttle's own, made without following any.
+        let flags = nix::mount::MntFlags::MNT_DETACH | nix::mount::MntFlags::UMOUNT_NOFOLLOW;
+        if let Err(e) = nix::mount::umount2(Path::new(p), flags) {
             tracing::error!(vm, path = %p, error = %e, "taking a share away from the host");
         }
     }
@@ -949,8 +994,16 @@ fn split(path: &str) -> Option<(&str, &str)> {
     }
 }
 
-/// Runs on a thread of its own, which it moves into the receiver's mount namespace.
-fn unmount_share(receiver_ns: BorrowedFd<'_>, at: &str, a: &Applied) -> Result<(), String> {
+/// Runs on a thread of its own, which it moves into the receiver's mount namespace. `base`:
+/// on the host, the VM's `RUNTIME/shares/VM`, below which `at` lies; the mount point's
+/// directory is then opened from it without following any link or crossing any mount (a
+/// VM's share may hold links), never from `/`.
+fn unmount_share(
+    receiver_ns: BorrowedFd<'_>,
+    at: &str,
+    base: Option<&Path>,
+    a: &Applied,
+) -> Result<(), String> {
     let fds = own_fds()?;
     shuttle_sys::vm_mount::enter_mount_namespace_alone(receiver_ns)
         .map_err(errno("entering the mount namespace of the VM at", at))?;
@@ -969,14 +1022,44 @@ fn unmount_share(receiver_ns: BorrowedFd<'_>, at: &str, a: &Applied) -> Result<(
         return Ok(());
     }
     // The mount point Shuttle made goes too, if it is still empty.
-    let root = open_root()?;
     let Some((parent, name)) = split(at) else {
         return Ok(());
     };
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    if let Ok(dir) = openat2(&root, Path::new(parent.trim_start_matches('/')), how) {
+    let dir = match base {
+        Some(base) => {
+            let Ok(relative) = Path::new(parent).strip_prefix(base) else {
+                return Err(format!("{at} is not below {}", base.display()));
+            };
+            let base_fd = nix::fcntl::open(
+                base,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(errno("opening", &base.display().to_string()))?;
+            let relative = if relative.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                relative
+            };
+            let how = OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+                .resolve(
+                    ResolveFlag::RESOLVE_BENEATH
+                        | ResolveFlag::RESOLVE_NO_SYMLINKS
+                        | ResolveFlag::RESOLVE_NO_MAGICLINKS
+                        | ResolveFlag::RESOLVE_NO_XDEV,
+                );
+            openat2(&base_fd, relative, how)
+        }
+        None => {
+            let root = open_root()?;
+            let how = OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC)
+                .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+            openat2(&root, Path::new(parent.trim_start_matches('/')), how)
+        }
+    };
+    if let Ok(dir) = dir {
         match a.made {
             Made::Dir => {
                 let _ = nix::unistd::unlinkat(&dir, name, nix::unistd::UnlinkatFlags::RemoveDir);

@@ -60,14 +60,45 @@ pub(crate) const PSEUDO_FS: &[i64] = &[
     0x4249_4e4d,            // binfmt_misc
 ];
 
+/// The names `/proc/self/mountinfo` gives the file systems of [`PSEUDO_FS`] (and `sysfs`'
+/// kin): a share whose tree holds a mount of one of them is refused.
+pub(crate) const PSEUDO_FS_NAMES: &[&str] = &[
+    "proc",
+    "sysfs",
+    "cgroup",
+    "cgroup2",
+    "devpts",
+    "securityfs",
+    "debugfs",
+    "tracefs",
+    "bpf",
+    "nsfs",
+    "selinuxfs",
+    "smackfs",
+    "hugetlbfs",
+    "pstore",
+    "efivarfs",
+    "mqueue",
+    "configfs",
+    "fusectl",
+    "binfmt_misc",
+];
+
+/// Every short option letter and digit: what the stub, which does not know the rule, announces
+/// as candidates.
+pub const ANY_SHORT_OPTION: &[u8] =
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+
 /// Where the value starts in an option argument whose value may name a file: `--NAME=VALUE`
-/// (NAME of letters, digits, `-` and `_`) or `-XVALUE` (X one letter or digit), where VALUE
-/// looks like a path: absolute, or starting with `./` or `../`. The deliberate limit: a bare
-/// word (`--output=out.txt`, `-ofoo`) stays a string, since option values are far more often
-/// names, numbers or modes than files, and `-abc` clusters of flags must never be taken for a
-/// path. Used by the stub to announce candidates and by the monitor, which trusts only its own
-/// reading, to split the argument.
-pub fn option_value(arg: &[u8]) -> Option<usize> {
+/// (NAME of letters, digits, `-` and `_`), or `-XVALUE` where X is one of `short` (the rule's
+/// `file_options`: `grep -e/etc/passwd` is a pattern, `grep -f/etc/pats` a file, and only the
+/// rule can tell them apart), where VALUE looks like a path: absolute, or starting with `./`
+/// or `../`. The deliberate limit: a bare word (`--output=out.txt`, `-ofoo`) stays a string,
+/// since option values are far more often names, numbers or modes than files, and `-abc`
+/// clusters of flags must never be taken for a path. Used by the stub to announce candidates
+/// (with [`ANY_SHORT_OPTION`]) and by the monitor, which trusts only its own reading with the
+/// rule's options, to split the argument.
+pub fn option_value(arg: &[u8], short: &[u8]) -> Option<usize> {
     let pathlike = |v: &[u8]| v.starts_with(b"/") || v.starts_with(b"./") || v.starts_with(b"../");
     if let Some(rest) = arg.strip_prefix(b"--") {
         let eq = rest.iter().position(|b| *b == b'=')?;
@@ -80,7 +111,11 @@ pub fn option_value(arg: &[u8]) -> Option<usize> {
         return (valid && pathlike(&arg[start..])).then_some(start);
     }
     match arg {
-        [b'-', x, value @ ..] if x.is_ascii_alphanumeric() && pathlike(value) => Some(2),
+        [b'-', x, value @ ..]
+            if x.is_ascii_alphanumeric() && short.contains(x) && pathlike(value) =>
+        {
+            Some(2)
+        }
         _ => None,
     }
 }
@@ -168,10 +203,56 @@ fn shown() -> MutexGuard<'static, Option<HashMap<Key, Entry>>> {
 #[derive(Debug, Default)]
 pub(crate) struct Exposed {
     keys: Vec<Key>,
+    /// The inodes reserved for it in [`RESERVED_INODES`].
+    reserved: usize,
+}
+
+/// Inodes of targets' `/shuttle` tmpfs (mount points and the directories made for them) that
+/// this monitor's running invocations may need, counted before anything is made there.
+static RESERVED_INODES: Mutex<usize> = Mutex::new(0);
+
+/// Reserves `n` inodes for one invocation, or says why not.
+fn reserve_inodes(n: usize) -> Result<(), String> {
+    if n > MAX_SHOWN_INODES {
+        return Err(format!(
+            "the files to show need {n} files and directories in the target's {FROM_DIR}, more \
+             than the {MAX_SHOWN_INODES} one invocation may use: pass fewer or less deeply \
+             nested files"
+        ));
+    }
+    let mut reserved = RESERVED_INODES.lock().unwrap_or_else(|e| e.into_inner());
+    if *reserved + n > MAX_CALLER_INODES {
+        return Err(format!(
+            "this VM's running invocations already show {} files and directories in other VMs \
+             (at most {MAX_CALLER_INODES} at once): try again when some have ended",
+            *reserved
+        ));
+    }
+    *reserved += n;
+    Ok(())
+}
+
+/// How many inodes the paths need under `/shuttle/from/CALLER`: each distinct directory and
+/// file, at most (some may be there already).
+fn inodes_needed<'a>(paths: impl Iterator<Item = &'a [u8]>) -> usize {
+    let mut seen = std::collections::HashSet::new();
+    for path in paths {
+        for (i, b) in path.iter().enumerate().skip(1) {
+            if *b == b'/' {
+                seen.insert(&path[..i]);
+            }
+        }
+        seen.insert(path);
+    }
+    seen.len()
 }
 
 impl Drop for Exposed {
     fn drop(&mut self) {
+        if self.reserved > 0 {
+            let mut reserved = RESERVED_INODES.lock().unwrap_or_else(|e| e.into_inner());
+            *reserved = reserved.saturating_sub(self.reserved);
+        }
         if self.keys.is_empty() {
             return;
         }
@@ -231,7 +312,11 @@ fn qualifies(fd: &OwnedFd) -> Option<((u64, u64), bool)> {
 /// Shows `files` (of VM `caller`, whose mount namespace is `caller_ns`) in `target`, writable
 /// where `allow_write` and the caller opened them so. Returns each passed argument's new
 /// value (`/shuttle/from/CALLER/PATH`) by index, and the guard that takes them away. A file
-/// that does not qualify keeps its argument as it was.
+/// that does not qualify (not a regular file, unlinked, of a kernel file system) keeps its
+/// argument as it was; one that qualifies but cannot be shown (nor a qualifying file of an
+/// exposed directory) refuses the whole invocation, as do more than [`MAX_SHOWN_FILES`] files
+/// or more inodes than [`MAX_SHOWN_INODES`] (and [`MAX_CALLER_INODES`] for all running
+/// invocations) in the target's `/shuttle`.
 pub(crate) fn expose(
     layout: &Layout,
     caller: &str,
@@ -263,18 +348,31 @@ pub(crate) fn expose(
         .map_err(|(_, e)| format!("flock {}: {e}", lock_path.display()))?;
     let mut guard = shown();
     let map = guard.get_or_insert_with(HashMap::new);
-    let outcome = std::thread::scope(|s| {
-        s.spawn(|| show(caller, caller_ns, target, &files, allow_write, dirs, map))
-            .join()
-            .unwrap_or_else(|_| Err("the thread showing the files failed".to_owned()))
-    })?;
     let mut exposed = Exposed::default();
+    let outcome = std::thread::scope(|s| {
+        s.spawn(|| {
+            show(
+                caller,
+                caller_ns,
+                target,
+                &files,
+                allow_write,
+                dirs,
+                map,
+                &mut exposed,
+            )
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the thread showing the files failed".to_owned()))
+    });
+    // Failing closed: a file that could not be shown must not leave its argument naming the
+    // caller's path (which the target would resolve in its own VM), so nothing runs; what
+    // was shown already is taken away again (the registry released first: dropping takes it).
+    drop(guard);
+    let outcome = outcome?;
     let mut rewritten = Vec::new();
-    for (index, key) in outcome {
-        if let Some(index) = index {
-            rewritten.push((index, Bytes::from(std::ffi::OsStr::from_bytes(&key.2))));
-        }
-        exposed.keys.push(key);
+    for (index, name) in outcome {
+        rewritten.push((index, Bytes::from(std::ffi::OsStr::from_bytes(&name))));
     }
     Ok((rewritten, exposed))
 }
@@ -295,14 +393,31 @@ pub(crate) struct CallerCreds {
 /// A passed file in its directory: its name there and its (device, inode).
 type Passed = (Vec<u8>, (u64, u64));
 
-/// The most files of one directory that `expose_dir` shows (each is a mount in the target).
-pub(crate) const MAX_DIR_FILES: usize = 256;
+/// The most files one invocation shows in the target, file arguments and the files of exposed
+/// directories together: each is a mount there, and a descriptor of the monitor's while the
+/// program runs.
+pub(crate) const MAX_SHOWN_FILES: usize = 256;
+
+/// The most inodes of the target's `/shuttle` tmpfs (mount points and the directories made for
+/// them) one invocation may need.
+pub(crate) const MAX_SHOWN_INODES: usize = 1024;
+
+/// The most such inodes the running invocations of one VM may hold in other VMs at once (and
+/// so the most mount descriptors its monitor holds for them).
+pub(crate) const MAX_CALLER_INODES: usize = 4096;
+
+/// The size of each target's `/shuttle` tmpfs in inodes: eight callers at their limit. Past
+/// it, making a mount point fails and the invocation is refused.
+const SHUTTLE_TMPFS_INODES: usize = 8 * MAX_CALLER_INODES;
 
 /// On a thread of its own (it leaves the monitor's mount namespace for good): reads each file's
 /// path in the caller's VM, clones a mount of it there, and attaches it in the target VM.
 /// With `dirs` (the rule's `expose_dir`), the other regular files of each file's directory
-/// that the caller can open come along (see [`open_siblings`]). Returns (argument index, key)
-/// for each file shown (no index for a directory's other files).
+/// that the caller can open come along (see [`open_siblings`]). Returns (argument index, path
+/// in the target) for each passed file argument; every file shown goes into `exposed`, so that
+/// an error part way takes away what was shown before it. Any qualifying file that cannot be
+/// shown is an error: the invocation must not run with its argument unchanged.
+#[allow(clippy::too_many_arguments)]
 fn show(
     caller: &str,
     caller_ns: BorrowedFd<'_>,
@@ -311,7 +426,8 @@ fn show(
     allow_write: bool,
     dirs: Option<&CallerCreds>,
     map: &mut HashMap<Key, Entry>,
-) -> Result<Vec<(Option<usize>, Key)>, String> {
+    exposed: &mut Exposed,
+) -> Result<Vec<(usize, Vec<u8>)>, String> {
     let own_fds = nix::fcntl::open(
         Path::new("/proc/thread-self/fd"),
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
@@ -323,18 +439,23 @@ fn show(
     let mut trees = Vec::new();
     for (file, id, writable) in files {
         // The descriptor's path as the caller's VM sees it (the thread's root is its root).
-        let Ok(path) = nix::fcntl::readlinkat(&own_fds, file.fd.as_raw_fd().to_string().as_str())
-        else {
-            continue;
-        };
+        let path = nix::fcntl::readlinkat(&own_fds, file.fd.as_raw_fd().to_string().as_str())
+            .map_err(|e| {
+                format!(
+                    "the path of file argument {} in the caller's VM: {e}",
+                    file.index
+                )
+            })?;
         let path = path.as_bytes().to_vec();
         if !path.starts_with(b"/") || path.len() > 4000 {
-            continue;
+            return Err(format!(
+                "file argument {} has no path in the caller's VM that can be shown",
+                file.index
+            ));
         }
-        match shuttle_sys::vm_mount::clone_mount(file.fd.as_fd()) {
-            Ok(tree) => trees.push((Some(file.index), path, tree, *id, *writable)),
-            Err(e) => tracing::warn!(error = %e, "open_tree of a passed file"),
-        }
+        let tree = shuttle_sys::vm_mount::clone_mount(file.fd.as_fd())
+            .map_err(|e| format!("open_tree of file argument {}: {e}", file.index))?;
+        trees.push((Some(file.index), path, tree, *id, *writable));
     }
     if let Some(creds) = dirs {
         // Each directory once, with the names (and inodes) of the passed files in it.
@@ -350,14 +471,17 @@ fn show(
             }
         }
         for (dir, passed) in by_dir {
+            let room = MAX_SHOWN_FILES.saturating_sub(trees.len());
             // A thread of its own, spawned from this one so that it shares the caller's mount
             // namespace and root, takes the caller's credentials and dies with them.
             let opened = std::thread::scope(|s| {
-                s.spawn(|| open_siblings(&dir, &passed, creds, allow_write))
+                s.spawn(|| open_siblings(&dir, &passed, creds, allow_write, room))
                     .join()
                     .unwrap_or_else(|_| Err("the thread opening a directory's files failed".into()))
             })?;
             for (name, fd) in opened {
+                // Not a regular file of an ordinary file system (any more): not shown, and no
+                // argument names it.
                 let Some((id, writable)) = qualifies(&fd) else {
                     continue;
                 };
@@ -366,15 +490,26 @@ fn show(
                     path.push(b'/');
                 }
                 path.extend_from_slice(&name);
-                match shuttle_sys::vm_mount::clone_mount(fd.as_fd()) {
-                    Ok(tree) => trees.push((None, path, tree, id, writable && allow_write)),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "open_tree of a file of an exposed directory")
-                    }
-                }
+                let tree = shuttle_sys::vm_mount::clone_mount(fd.as_fd()).map_err(|e| {
+                    format!(
+                        "open_tree of {} (expose_dir): {e}",
+                        String::from_utf8_lossy(&path)
+                    )
+                })?;
+                trees.push((None, path, tree, id, writable && allow_write));
             }
         }
     }
+    if trees.len() > MAX_SHOWN_FILES {
+        return Err(format!(
+            "{} files to show: an invocation shows at most {MAX_SHOWN_FILES} (file arguments and \
+             the files of exposed directories together); pass fewer files",
+            trees.len()
+        ));
+    }
+    let needed = inodes_needed(trees.iter().map(|t| t.1.as_slice()));
+    reserve_inodes(needed)?;
+    exposed.reserved = needed;
     shuttle_sys::vm_mount::enter_mount_namespace_alone(target.mount_ns.as_fd())
         .map_err(errno("entering the target's mount namespace"))?;
     let from = from_dir(&own_fds, caller)?;
@@ -382,36 +517,41 @@ fn show(
     for (index, path, tree, id, writable) in trees {
         let mut name = format!("{FROM_DIR}/{caller}").into_bytes();
         name.extend_from_slice(&path);
-        let key: Key = (target.vm.clone(), target.init_pid, name);
+        let key: Key = (target.vm.clone(), target.init_pid, name.clone());
+        let lossy = || String::from_utf8_lossy(&path).into_owned();
         if let Some(e) = map.get_mut(&key) {
             // Already shown for a running invocation: the same file (and access) is shared;
-            // another one at that path (replaced in the caller's VM meanwhile) is not passed.
-            if e.id == id && e.writable == writable {
-                e.users += 1;
-                shown.push((index, key));
+            // another one at that path (replaced in the caller's VM meanwhile) cannot be.
+            if e.id != id || e.writable != writable {
+                return Err(format!(
+                    "{} cannot be shown: another file (or the same one with other access) is \
+                     shown at its place for a running invocation; try again when it has ended",
+                    lossy()
+                ));
             }
-            continue;
+            e.users += 1;
+            exposed.keys.push(key);
+        } else {
+            let mount = attach(&from, &path, &tree, id, writable).map_err(|e| {
+                // The mount point and directories made for it go again where they are empty
+                // (the tmpfs's inodes are bounded).
+                remove_mount_point(&name);
+                format!("{} cannot be shown in VM {}: {e}", lossy(), target.vm)
+            })?;
+            map.insert(
+                key.clone(),
+                Entry {
+                    users: 1,
+                    id,
+                    mount,
+                    writable,
+                    mount_ns: Arc::clone(&target.mount_ns),
+                },
+            );
+            exposed.keys.push(key);
         }
-        match attach(&from, &path, &tree, id, writable) {
-            Ok(mount) => {
-                map.insert(
-                    key.clone(),
-                    Entry {
-                        users: 1,
-                        id,
-                        mount,
-                        writable,
-                        mount_ns: Arc::clone(&target.mount_ns),
-                    },
-                );
-                shown.push((index, key));
-            }
-            Err(e) => tracing::warn!(
-                vm = %target.vm,
-                path = %String::from_utf8_lossy(&path),
-                error = %e,
-                "a passed file could not be shown"
-            ),
+        if let Some(index) = index {
+            shown.push((index, name));
         }
     }
     Ok(shown)
@@ -424,12 +564,14 @@ fn show(
 /// that each passed file is really in it, and opens its other regular files, for writing too
 /// when `write` and the caller may, else for reading. What the caller cannot open, mounts in
 /// the directory (masks of hidden paths among them: `RESOLVE_NO_XDEV`), links, directories and
-/// special files are left out. Refused with more than [`MAX_DIR_FILES`] files.
+/// special files are left out. Refused with more than `room` such files (what is left of
+/// [`MAX_SHOWN_FILES`]).
 fn open_siblings(
     dir: &[u8],
     passed: &[Passed],
     creds: &CallerCreds,
     write: bool,
+    room: usize,
 ) -> Result<Vec<(Vec<u8>, OwnedFd)>, String> {
     let shown = String::from_utf8_lossy(dir).into_owned();
     shuttle_sys::unotify::set_thread_groups(&creds.groups).map_err(errno("setgroups"))?;
@@ -489,10 +631,11 @@ fn open_siblings(
             continue;
         }
         names.push(name.to_vec());
-        if names.len() > MAX_DIR_FILES {
+        if names.len() > room {
             return Err(format!(
-                "the directory {shown} holds more than {MAX_DIR_FILES} files: too many to expose \
-                 (expose_dir); pass the files themselves"
+                "too many files to show: the directory {shown} holds more than {room} other \
+                 files, and an invocation shows at most {MAX_SHOWN_FILES} files (expose_dir); \
+                 pass the files themselves"
             ));
         }
     }
@@ -592,7 +735,7 @@ fn from_dir(own_fds: &OwnedFd, caller: &str) -> Result<OwnedFd, String> {
             Path::new(&top.as_raw_fd().to_string()),
             Some("tmpfs"),
             nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
-            Some("mode=0755,size=1m,nr_inodes=16384"),
+            Some(format!("mode=0755,size=1m,nr_inodes={SHUTTLE_TMPFS_INODES}").as_str()),
         )
         .map_err(errno("mounting a tmpfs at /shuttle in the target VM"))?;
         let top = open_top().map_err(errno("/shuttle in the target VM"))?;
@@ -731,16 +874,44 @@ fn remove_mount_point(path: &[u8]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
-    use super::option_value;
+    use super::{inodes_needed, option_value, reserve_inodes, Exposed, MAX_CALLER_INODES};
+
+    #[test]
+    fn inodes_are_counted_and_reserved_per_caller() {
+        let paths: [&[u8]; 3] = [b"/srv/w/a", b"/srv/w/b", b"/etc/x"];
+        // /srv, /srv/w, a, b, /etc, x
+        assert_eq!(inodes_needed(paths.into_iter()), 6);
+        assert!(
+            reserve_inodes(2000).is_err(),
+            "more than one invocation may use"
+        );
+        let held: Vec<Exposed> = (0..MAX_CALLER_INODES / 1000)
+            .map(|_| {
+                reserve_inodes(1000).unwrap();
+                Exposed {
+                    keys: Vec::new(),
+                    reserved: 1000,
+                }
+            })
+            .collect();
+        assert!(reserve_inodes(1000).is_err(), "past the caller's limit");
+        drop(held);
+        reserve_inodes(1000).unwrap();
+    }
 
     #[test]
     fn option_values_that_look_like_paths_are_found() {
-        assert_eq!(option_value(b"--input=/srv/a.txt"), Some(8));
-        assert_eq!(option_value(b"--files0-from=./list"), Some(14));
-        assert_eq!(option_value(b"--out_file=../x"), Some(11));
-        assert_eq!(option_value(b"-o/srv/out"), Some(2));
-        assert_eq!(option_value(b"-C./dir"), Some(2));
+        let any = super::ANY_SHORT_OPTION;
+        assert_eq!(option_value(b"--input=/srv/a.txt", b""), Some(8));
+        assert_eq!(option_value(b"--files0-from=./list", b""), Some(14));
+        assert_eq!(option_value(b"--out_file=../x", b""), Some(11));
+        assert_eq!(option_value(b"-o/srv/out", b"o"), Some(2));
+        assert_eq!(option_value(b"-C./dir", any), Some(2));
+        // Short options only where the rule lists them: `-e/etc/passwd` is grep's pattern.
+        assert_eq!(option_value(b"-e/etc/passwd", b"f"), None);
+        assert_eq!(option_value(b"-f/etc/pats", b"f"), Some(2));
         // Bare words, flags, clusters, odd names and plain paths are not options with files.
         for no in [
             &b"--output=out.txt"[..],
@@ -756,7 +927,12 @@ mod tests {
             b"/srv/a.txt",
             b"--input /srv/a",
         ] {
-            assert_eq!(option_value(no), None, "{}", String::from_utf8_lossy(no));
+            assert_eq!(
+                option_value(no, any),
+                None,
+                "{}",
+                String::from_utf8_lossy(no)
+            );
         }
     }
 }

@@ -50,12 +50,26 @@ fn supplementary_groups(group: &str, name: &str) -> Vec<u32> {
         .collect()
 }
 
-/// Resolves `spec` given the contents of passwd and group files.
+/// Resolves `spec` given the contents of passwd and group files. `UID:GID:G1,G2,...` (the
+/// last part possibly empty) names the supplementary groups itself instead of the group file:
+/// what a monitor asks for a caller whose groups it has from the kernel.
 pub fn resolve_in(spec: &str, passwd: &str, group: &str) -> Result<User, UserError> {
     let malformed = || UserError::Malformed(spec.to_owned());
-    let (user_part, group_part) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
+    let (spec_ids, explicit_groups) = match spec.splitn(3, ':').nth(2) {
+        Some(list) => {
+            let groups: Result<Vec<u32>, _> = list
+                .split(',')
+                .filter(|g| !g.is_empty())
+                .map(str::parse::<u32>)
+                .collect();
+            let cut = spec.len() - list.len() - 1;
+            (&spec[..cut], Some(groups.map_err(|_| malformed())?))
+        }
         None => (spec, None),
+    };
+    let (user_part, group_part) = match spec_ids.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec_ids, None),
     };
     if user_part.is_empty() {
         return Err(malformed());
@@ -94,6 +108,12 @@ pub fn resolve_in(spec: &str, passwd: &str, group: &str) -> Result<User, UserErr
     };
     if let Some(g) = explicit_gid {
         user.gid = g;
+    }
+    if let Some(groups) = explicit_groups {
+        if group_part.is_none() {
+            return Err(malformed());
+        }
+        user.groups = groups;
     }
     Ok(user)
 }
@@ -145,6 +165,14 @@ mod tests {
             resolve_in("0", PASSWD, GROUP).unwrap().home.as_deref(),
             Some("/root")
         );
+        // The groups given, not the group file's.
+        let g = resolve_in("105:110:5,7", PASSWD, GROUP).unwrap();
+        assert_eq!((g.uid, g.gid, g.groups), (105, 110, vec![5, 7]));
+        assert!(resolve_in("105:110:", PASSWD, GROUP)
+            .unwrap()
+            .groups
+            .is_empty());
+        assert!(resolve_in("105:110:x", PASSWD, GROUP).is_err());
     }
 
     #[test]

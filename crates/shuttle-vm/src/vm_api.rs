@@ -178,6 +178,9 @@ pub fn load_active_policy(layout: &Layout) -> Arc<Policy> {
 pub struct ApiContext {
     pub layout: Layout,
     pub vm: String,
+    /// The VM's init, on the host (the monitor's own child: its pid cannot be reused while
+    /// the monitor serves).
+    pub init_pid: i32,
     pub tags: Vec<String>,
     pub policy: SharedPolicy,
     pub journal: Arc<VmJournal>,
@@ -187,9 +190,43 @@ pub struct ApiContext {
     pub stubs: Option<Arc<crate::stubs::Stubs>>,
 }
 
-/// Accepts connections from inside the VM, one thread each. Returns when accept fails for
-/// good (the listener was closed).
+/// The most API connections (and so host threads) one VM may hold open at once: each
+/// invocation holds one while its program runs. One more is answered with an error and closed.
+pub const MAX_API_CONNECTIONS: usize = 128;
+
+/// One open API connection, counted while it lives.
+struct Counted(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Accepts connections from inside the VM, one thread each, at most
+/// [`MAX_API_CONNECTIONS`] at once. Returns when accept fails for good (the listener was
+/// closed).
 pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (refusals, refused) = std::sync::mpsc::sync_channel::<Channel>(32);
+    let vm = ctx.vm.clone();
+    thread::spawn(move || {
+        // The peer's hello is read first (waiting at most 200 ms): a socket closed with
+        // unread data resets the connection, and the peer would see that, not the reason.
+        let message = format!(
+            "VM {vm} has {MAX_API_CONNECTIONS} connections to Shuttle open already (the most at \
+             once): try again when some invocations have ended"
+        );
+        for chan in refused {
+            let timeout = nix::sys::time::TimeVal::new(0, 200_000);
+            let _ = nix::sys::socket::setsockopt(&chan.as_fd(), sockopt::ReceiveTimeout, &timeout);
+            let _ = nix::sys::socket::setsockopt(&chan.as_fd(), sockopt::SendTimeout, &timeout);
+            let _ = chan.recv_with_fds::<VmRequest>();
+            let _ = chan.send(&VmReply::Failed {
+                message: message.clone(),
+            });
+        }
+    });
     loop {
         let fd = match accept4(listener.as_raw_fd(), SockFlag::SOCK_CLOEXEC) {
             Ok(fd) => fd,
@@ -202,9 +239,18 @@ pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
         let Some(fd) = shuttle_sys::fdpass::own_accepted(fd) else {
             continue;
         };
+        let chan = Channel::from_fd(fd);
+        if open.fetch_add(1, std::sync::atomic::Ordering::SeqCst) >= MAX_API_CONNECTIONS {
+            open.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+            tracing::warn!(vm = %ctx.vm, "VM API connection refused: too many open");
+            // Told why by one thread of its own; when that one is busy, just closed.
+            let _ = refusals.try_send(chan);
+            continue;
+        }
+        let counted = Counted(Arc::clone(&open));
         let ctx = Arc::clone(&ctx);
         thread::spawn(move || {
-            let chan = Channel::from_fd(fd);
+            let _counted = counted;
             if let Err(e) = handle(&ctx, &chan) {
                 tracing::debug!(vm = %ctx.vm, error = %e, "VM API connection ended");
             }

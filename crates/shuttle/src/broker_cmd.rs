@@ -136,6 +136,7 @@ pub fn signal(vm: &str, program: &str, signal: &str) -> Result<i32> {
     }))?;
     match chan.recv::<VmReply>()? {
         VmReply::Hello { .. } => {}
+        VmReply::Failed { message } => bail!("{message}"),
         other => bail!("unexpected answer from the broker socket: {other:?}"),
     }
     chan.send(&VmRequest::Signal {

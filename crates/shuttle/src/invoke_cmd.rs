@@ -111,14 +111,15 @@ const MAX_FILES: usize = 64;
 
 /// The path an argument names for the transfer: the whole argument, or the value of an
 /// option that looks like a path (`--input=/srv/a.txt`, `-o/srv/out`; see
-/// `shuttle_vm::transfer::option_value`, the monitor's own reading of it).
+/// `shuttle_vm::transfer::option_value`, the monitor's own reading of it with the rule's
+/// `file_options`: a candidate it does not take stays a string).
 fn named_path(arg: &OsString, option: bool) -> Option<&std::ffi::OsStr> {
     use std::os::unix::ffi::OsStrExt;
     if !option {
         return Some(arg.as_os_str());
     }
     let bytes = arg.as_bytes();
-    shuttle_vm::transfer::option_value(bytes)
+    shuttle_vm::transfer::option_value(bytes, shuttle_vm::transfer::ANY_SHORT_OPTION)
         .map(|start| std::ffi::OsStr::from_bytes(&bytes[start..]))
 }
 
@@ -228,15 +229,9 @@ pub fn run_in_vm(
         bail!("name the command to run after --");
     };
     let mut call = Call::new(String::new(), args.to_vec());
-    call.program = match &vm {
-        // Named: as invoke rules name programs, an absolute path (the monitor runs this VM's
-        // own program by that path too when the name is this VM's).
-        Some(_) => program_path(first, &env)?,
-        None => first
-            .to_str()
-            .context("the command's name is not valid UTF-8")?
-            .to_owned(),
-    };
+    // As invoke rules name programs, an absolute path, found here (the monitor runs this VM's
+    // own program by that path too when the VM is this one: a rule must route it here).
+    call.program = program_path(first, &env)?;
     call.run_in = Some(vm.unwrap_or_default());
     call.user = user;
     call.env = Some(env);
@@ -404,6 +399,7 @@ fn invoke_with(call: Call) -> Result<i32> {
     }))?;
     match chan.recv::<VmReply>()? {
         VmReply::Hello { .. } => {}
+        VmReply::Failed { message } => bail!("{message}"),
         other => bail!("unexpected answer from the broker socket: {other:?}"),
     }
 

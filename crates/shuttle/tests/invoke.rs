@@ -641,7 +641,7 @@ fn expose_dir_shows_the_other_files_of_the_directory_that_the_caller_can_open() 
     assert_code(&out, 125, "expose_dir on 300 files");
     assert!(!stdout(&out).contains("ran"));
     assert!(
-        stderr(&out).contains("holds more than 256 files"),
+        stderr(&out).contains("an invocation shows at most 256 files"),
         "{}",
         stderr(&out)
     );
@@ -651,6 +651,117 @@ fn expose_dir_shows_the_other_files_of_the_directory_that_the_caller_can_open() 
         && r["reason"]
             .as_str()
             .is_some_and(|s| s.contains("and the files of their directories read-only"))));
+}
+
+/// Refused invocations of a's programs in b, with the reason, and what b's /shuttle holds.
+fn refused(env: &Env, cmd: &str, why: &str) {
+    let out = env.run("a", cmd);
+    assert_code(&out, 125, cmd);
+    assert!(!stdout(&out).contains("ran"), "{cmd}: {}", stdout(&out));
+    assert!(
+        !stdout(&out).contains("b-content"),
+        "{cmd}: {}",
+        stdout(&out)
+    );
+    assert!(stderr(&out).contains(why), "{cmd}: {}", stderr(&out));
+    assert!(
+        invokes(env).iter().any(
+            |r| r["result"] == "error" && r["reason"].as_str().is_some_and(|s| s.contains(why))
+        ),
+        "{cmd}: not audited as an error"
+    );
+}
+
+#[test]
+fn a_file_that_cannot_be_shown_refuses_the_invocation() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(
+        &env,
+        &format!(
+            "{}{}",
+            rule("/usr/bin/head", ""),
+            rule("/usr/bin/bash", "expose_dir = true\n")
+        ),
+    );
+    env.run_ok(
+        "a",
+        "mkdir -p /srv/w /srv/v && echo a-content > /srv/w/doc && echo doc2 > /srv/v/doc2 \
+         && echo sib > /srv/v/sib",
+    );
+    env.run_ok("b", "mkdir -p /srv/w && echo b-content > /srv/w/doc");
+    assert_eq!(env.run_ok("a", "head -n 1 /srv/w/doc"), "a-content\n");
+    // Root in b puts something in the way of the mount points (its /shuttle is its own to
+    // spoil): the file cannot be shown, and the program must not run on b's /srv/w/doc.
+    env.run_ok(
+        "b",
+        "mkdir -p /shuttle/from/a/srv/w/doc /shuttle/from/a/srv/v/sib",
+    );
+    refused(&env, "head -n 1 /srv/w/doc", "cannot be shown in VM b");
+    // The same for a file of an exposed directory; the argument shown before it goes again.
+    refused(
+        &env,
+        "bash -c 'echo ran; cat \"$1\"' _ /srv/v/doc2",
+        "srv/v/sib cannot be shown in VM b",
+    );
+    assert_eq!(
+        env.run_ok("b", "find /shuttle/from/a -mindepth 1 -not -type d"),
+        "",
+        "a file shown before the failure stayed"
+    );
+    // At most 256 files per invocation, all exposed directories together.
+    env.run_ok(
+        "a",
+        "for d in m1 m2; do mkdir -p /srv/$d && (cd /srv/$d && for i in $(seq 1 200); do : > f$i; done); done",
+    );
+    refused(
+        &env,
+        "bash -c 'echo ran' _ /srv/m1/f1 /srv/m2/f1",
+        "an invocation shows at most 256",
+    );
+    // A file too deeply nested for the target's /shuttle (its inodes are bounded).
+    env.run_ok(
+        "a",
+        "d=/srv/deep; for i in $(seq 1 1100); do d=$d/d; done; mkdir -p $d && echo x > $d/f && ln -s $d /srv/deeplink",
+    );
+    refused(
+        &env,
+        "head -n 1 /srv/deeplink/f",
+        "more than the 1024 one invocation may use",
+    );
+    assert_eq!(
+        env.run_ok("b", "find /shuttle/from/a -mindepth 1 -not -type d"),
+        ""
+    );
+}
+
+#[test]
+fn a_vms_running_invocations_use_a_bounded_part_of_the_targets_shuttle() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    load(&env, &rule("/usr/bin/bash", ""));
+    // Files 1000 directories deep: about 1000 of b's /shuttle inodes each. Four running
+    // invocations hold about 4000; a fifth would pass a's limit of 4096 and is refused
+    // cleanly; once they end it runs.
+    let script = r#"
+deep() { d=/srv/p$1; for i in $(seq 1 1000); do d=$d/d; done; mkdir -p $d; echo $1 > $d/f; ln -sfn $d /srv/l$1; }
+for n in 1 2 3 4 5; do deep $n; done
+for n in 1 2 3 4; do bash -c 'sleep 6' _ /srv/l$n/f & done
+sleep 3
+bash -c 'cat "$1"' _ /srv/l5/f 2>&1; echo "exit $?"
+wait
+bash -c 'cat "$1"' _ /srv/l5/f
+"#;
+    let out = env.run_ok("a", script);
+    assert!(
+        out.contains("this VM's running invocations already show"),
+        "{out}"
+    );
+    assert!(out.contains("exit 125"), "{out}");
+    assert!(out.ends_with("5\n"), "{out}");
+    assert_eq!(env.run_ok("b", "find /shuttle/from/a -mindepth 1"), "");
 }
 
 #[test]
@@ -663,7 +774,7 @@ fn option_values_that_name_files_cross_as_file_arguments() {
         &format!(
             "{}{}{}",
             rule("/usr/bin/bash", ""),
-            rule("/usr/bin/grep", ""),
+            rule("/usr/bin/grep", "file_options = [\"-f\"]\n"),
             rule("/usr/bin/sort", "files = \"read-write\"\n"),
         ),
     );
@@ -672,15 +783,22 @@ fn option_values_that_name_files_cross_as_file_arguments() {
         "mkdir -p /srv/w && printf 'b\\nzz\\n' > /srv/w/pats && printf 'a\\nb\\nc\\nzz\\n' > /srv/w/data \
          && printf '3\\n1\\n2\\n' > /srv/w/in && : > /srv/w/out && : > /srv/w/ro-out",
     );
-    // Only the value is rewritten; a bare word stays a string (deliberately: see README).
+    // Only the value is rewritten; a bare word stays a string (deliberately: see README), and
+    // so does a short option the rule does not list in `file_options` (bash's lists none).
     assert_eq!(
         env.run_ok(
             "a",
             "cd /srv/w && bash -c 'echo \"$@\"' _ --input=/srv/w/pats -o/srv/w/pats --x=./pats --y=pats -la --z=/nonexistent"
         )
         .trim(),
-        "--input=/shuttle/from/a/srv/w/pats -o/shuttle/from/a/srv/w/pats \
+        "--input=/shuttle/from/a/srv/w/pats -o/srv/w/pats \
          --x=/shuttle/from/a/srv/w/pats --y=pats -la --z=/nonexistent"
+    );
+    // grep's rule lists -f, not -e: `-e/srv/w/pats` is a pattern, matched as written (in b).
+    env.run_ok("a", "echo /srv/w/pats >> /srv/w/data");
+    assert_eq!(
+        env.run_ok("a", "grep -e/srv/w/pats /srv/w/data"),
+        "/srv/w/pats\n"
     );
     // A real program reads a file named in an option, long and short.
     assert_eq!(
@@ -712,6 +830,13 @@ fn option_values_that_name_files_cross_as_file_arguments() {
             .is_some_and(|s| s.contains("with 2 file argument(s) read-write"))));
 }
 
+/// An invoke rule from a to a itself: `shuttle run` inside a may start the program in a.
+fn self_rule(object: &str) -> String {
+    format!(
+        "[[rule]]\nop = \"invoke\"\nfrom = \"a\"\nto = \"a\"\nobject = \"{object}\"\naction = \"allow\"\n\n"
+    )
+}
+
 #[test]
 fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_routes() {
     let Some(env) = Env::new() else { return };
@@ -719,9 +844,31 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
         env.create(vm, &[]);
     }
     let run = |vm_args: &str, cmd: &str| format!("{IN_VM_SHUTTLE} run {vm_args} -- {cmd}");
+    env.run_ok("a", "echo a-only > /etc/a-marker");
+    // Not even in its own VM without a rule: a child of init holds none of its caller's
+    // restrictions, so it is granted explicitly.
+    let out = env.run("a", &run("", "hostname"));
+    assert_code(&out, 126, "shuttle run inside a without a rule");
+    assert!(
+        stderr(&out).contains(
+            "running /usr/bin/hostname in this VM (a) through shuttle run is not allowed by the \
+             policy (no rule routes it from VM a to VM a"
+        ),
+        "{}",
+        stderr(&out)
+    );
+    let own: String = [
+        "/usr/bin/hostname",
+        "/usr/bin/cat",
+        "/usr/bin/sh",
+        "/usr/bin/id",
+    ]
+    .iter()
+    .map(|p| self_rule(p))
+    .collect();
+    load(&env, &own);
     // No VM named, or its own name: in the caller's VM, a child of its init (not of the
     // caller), as the caller.
-    env.run_ok("a", "echo a-only > /etc/a-marker");
     assert_eq!(env.run_ok("a", &run("", "hostname")).trim(), "a");
     assert_eq!(
         env.run_ok("a", &run("a", "cat /etc/a-marker")).trim(),
@@ -736,21 +883,66 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
     let out = as_nobody(&run("", "id -u"));
     assert_success(&out, "shuttle run as nobody inside a");
     assert_eq!(stdout(&out).trim(), "65534");
-    // Only root in the VM may name another user.
+    // Only a caller holding CAP_SETUID and CAP_SETGID may name another user.
     let out = as_nobody(&run("-u root", "id -u"));
     assert_code(&out, 126, "nobody asking for root");
     assert!(
-        stderr(&out).contains("only root there may name another user"),
+        stderr(&out).contains("only a caller holding CAP_SETUID and CAP_SETGID there"),
         "{}",
         stderr(&out)
     );
     assert_eq!(env.run_ok("a", &run("-u nobody", "id -u")).trim(), "65534");
+    // The caller's own supplementary groups, not those a's /etc/group gives its uid.
+    assert_eq!(
+        env.run_ok(
+            "a",
+            &format!(
+                "setpriv --reuid=65534 --regid=65534 --groups=4,100 {}",
+                run("", "id -G")
+            )
+        )
+        .trim(),
+        "65534 4 100"
+    );
+    // A caller that restricted itself is refused: a narrower bounding set, a seccomp filter
+    // of its own (allow-all, installed under the VM's no_new_privs).
+    let out = env.run(
+        "a",
+        &format!("setpriv --bounding-set=-chown {}", run("", "id -u")),
+    );
+    assert_code(&out, 126, "a caller with a narrower bounding set");
+    assert!(
+        stderr(&out).contains("capability bounding set is narrower than the VM's"),
+        "{}",
+        stderr(&out)
+    );
+    let filtered = format!(
+        r#"
+import ctypes, os
+class F(ctypes.Structure):
+    _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte), ("k", ctypes.c_uint)]
+class P(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(F))]
+f = (F * 1)(F(6, 0, 0, 0x7fff0000))
+p = P(1, ctypes.cast(f, ctypes.POINTER(F)))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(22, 2, ctypes.byref(p), 0, 0) == 0, ctypes.get_errno()
+os.execv("{IN_VM_SHUTTLE}", ["shuttle", "run", "--", "/usr/bin/id", "-u"])
+"#
+    );
+    let out = env.exec("a", &["python3", "-c", &filtered]);
+    assert_code(&out, 126, "a caller under a seccomp filter of its own");
+    assert!(
+        stderr(&out).contains("seccomp filter(s) of its own beyond the VM's"),
+        "{}",
+        stderr(&out)
+    );
     // Another VM: refused without a rule, whatever the name says.
-    let out = env.run("a", &run("b", "hostname"));
+    let out = env.run("a", &run("b", "uname"));
     assert_code(&out, 126, "shuttle run b inside a without a rule");
     assert!(
         stderr(&out).contains(
-            "running /usr/bin/hostname in VM b is not allowed by the policy (no invoke rule"
+            "running /usr/bin/uname in VM b is not allowed by the policy (no invoke rule"
         ),
         "{}",
         stderr(&out)
@@ -758,8 +950,12 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
     // A malformed name is refused (and audited as such).
     assert!(!env.run("a", &run("no-such-vm!", "true")).status.success());
     // With a rule routing the program to b: it runs in b; never in a VM the rule does not
-    // name.
-    load(&env, &rule("/usr/bin/hostname", ""));
+    // name; and no longer in a itself (its rule routes it to b).
+    let others: String = ["/usr/bin/cat", "/usr/bin/sh", "/usr/bin/id"]
+        .iter()
+        .map(|p| self_rule(p))
+        .collect();
+    load(&env, &format!("{}{others}", rule("/usr/bin/hostname", "")));
     assert_eq!(env.run_ok("a", &run("b", "hostname")).trim(), "b");
     let out = env.run("a", &run("c", "hostname"));
     assert_code(&out, 126, "shuttle run c with the rule routing to b");
@@ -768,6 +964,8 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
         "{}",
         stderr(&out)
     );
+    let out = env.run("a", &run("", "/usr/bin/hostname"));
+    assert_code(&out, 126, "shuttle run in a with the rule routing to b");
     // Every one audited, with the VM the caller named.
     let records = audit(&env);
     let seen: Vec<(&str, &str, &str)> = records
@@ -784,17 +982,67 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
     assert_eq!(
         seen,
         [
+            ("run", "a", "deny"),
             ("run", "a", "allow"),
             ("run", "a", "allow"),
             ("run", "a", "allow"),
             ("run", "a", "allow"),
             ("run", "a", "deny"),
             ("run", "a", "allow"),
+            ("run", "a", "allow"),
+            ("run", "a", "deny"),
+            ("run", "a", "deny"),
             ("invoke", "b", "deny"),
             ("invoke", "", "deny"),
             ("invoke", "b", "allow"),
             ("invoke", "c", "deny"),
+            ("run", "a", "deny"),
         ],
         "{records:?}"
+    );
+    // The rule that allowed each run is named.
+    assert!(records
+        .iter()
+        .filter(|r| r["op"] == "run" && r["result"] == "allow")
+        .all(|r| !r["rule"].is_null()));
+}
+
+#[test]
+fn a_vm_holds_a_bounded_number_of_api_connections() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    // 128 idle connections held open: the next one is answered with an error at once (no
+    // host thread waits for it); once they close, requests are served again.
+    let code = format!(
+        r#"
+import socket, subprocess, time
+def attempt():
+    r = subprocess.run(["{IN_VM_SHUTTLE}", "run", "--", "/usr/bin/true"], capture_output=True, text=True)
+    return r.stderr.strip()
+held = []
+for i in range(128):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect("/run/shuttle/broker.sock")
+    held.append(s)
+time.sleep(0.3)
+print("full:", attempt())
+for s in held:
+    s.close()
+for i in range(50):
+    time.sleep(0.1)
+    answer = attempt()
+    if "connections to Shuttle open already" not in answer:
+        break
+print("after:", answer)
+"#
+    );
+    let out = env.py_ok("a", &code);
+    assert!(
+        out.contains("full: shuttle: VM a has 128 connections to Shuttle open already"),
+        "{out}"
+    );
+    assert!(
+        out.contains("after: shuttle: running /usr/bin/true in this VM (a) through shuttle run is not allowed"),
+        "{out}"
     );
 }

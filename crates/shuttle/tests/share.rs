@@ -416,3 +416,41 @@ fn a_directory_of_a_vm_is_shown_on_the_host_read_only_noexec_and_never_following
         "a killed monitor's share outlived the VM's removal"
     );
 }
+
+#[test]
+fn kernel_file_systems_beneath_a_shared_directory_are_never_shared() {
+    let Some(env) = Env::new() else { return };
+    env.create("a", &[]);
+    env.create("b", &[]);
+    env.run_ok("b", "true");
+    // a's /dev holds its devpts and mqueue mounts: the recursive copy would bring them along
+    // (b would reach a's terminals and queues, the host its devpts).
+    assert!(
+        env.run_ok("a", "grep -c ' /dev/pts ' /proc/self/mountinfo")
+            .trim()
+            != "0"
+    );
+    load(
+        &env,
+        &(share("b", "a", "/dev", "at = \"/mnt/adev\"\n") + &share("@host", "a", "/dev", "")),
+    );
+    assert!(!exists_in(&env, "b", "/mnt/adev/pts/ptmx"));
+    assert!(!exists_in(&env, "b", "/mnt/adev/null"));
+    assert!(!env.path().join("run/shares/a/dev/pts").exists());
+    let refused: Vec<Value> = shares(&env)
+        .into_iter()
+        .filter(|r| {
+            r["result"] == "error"
+                && r["object"] == "/dev"
+                && r["reason"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("holds a kernel file system at /dev/"))
+        })
+        .collect();
+    assert_eq!(
+        refused.len(),
+        2,
+        "into b and onto the host: {:?}",
+        shares(&env)
+    );
+}
