@@ -514,7 +514,10 @@ fn decide(
 /// it accepts commands.
 fn ensure_running(layout: &Layout, vm: &str) -> Result<(), String> {
     if store::is_running(layout, vm) {
-        return Ok(());
+        // Running may still mean starting (another invocation's start, say): wait until its
+        // monitor answers, or what follows finds no VM to show files in.
+        return client::wait_until_ready(layout, vm, std::time::Duration::from_secs(60))
+            .map_err(|e| e.to_string());
     }
     let exchange = || -> Result<BrokerReply, ChannelError> {
         let chan = Channel::connect(&layout.broker_socket())?;

@@ -744,12 +744,16 @@ fn a_vms_running_invocations_use_a_bounded_part_of_the_targets_shuttle() {
     load(&env, &rule("/usr/bin/bash", ""));
     // Files 1000 directories deep: about 1000 of b's /shuttle inodes each. Four running
     // invocations hold about 4000; a fifth would pass a's limit of 4096 and is refused
-    // cleanly; once they end it runs.
+    // cleanly; once they end it runs. The fifth starts only once the four run in b.
     let script = r#"
 deep() { d=/srv/p$1; for i in $(seq 1 1000); do d=$d/d; done; mkdir -p $d; echo $1 > $d/f; ln -sfn $d /srv/l$1; }
 for n in 1 2 3 4 5; do deep $n; done
-for n in 1 2 3 4; do bash -c 'sleep 6' _ /srv/l$n/f & done
-sleep 3
+for n in 1 2 3 4; do bash -c 'echo up; sleep 6' _ /srv/l$n/f > /tmp/up$n & done
+# Each prints "up" once it runs in b, that is once its file is shown there (the time that
+# takes varies with the machine's load).
+for n in 1 2 3 4; do
+  for t in $(seq 1 600); do grep -q up /tmp/up$n 2>/dev/null && break; sleep 0.1; done
+done
 bash -c 'cat "$1"' _ /srv/l5/f 2>&1; echo "exit $?"
 wait
 bash -c 'cat "$1"' _ /srv/l5/f
