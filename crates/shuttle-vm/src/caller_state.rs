@@ -4,8 +4,9 @@
 //!
 //! `shuttle run` inside a VM into the VM itself starts a fresh child of the VM's init: it
 //! must not become a way out of restrictions the caller took on (a seccomp filter of its own,
-//! no_new_privs, a smaller capability bounding set, dropped capabilities), so such callers are
-//! refused (see `invoke::serve_own_vm`).
+//! no_new_privs, a smaller capability bounding set, dropped capabilities, a chroot), so such
+//! callers are refused (see `invoke::serve_own_vm`). Not seen: a Landlock domain (nothing in
+//! /proc shows one) and LSM labels.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
@@ -18,6 +19,8 @@ pub(crate) struct Restrictions {
     pub seccomp_filters: u32,
     pub cap_eff: u64,
     pub cap_bnd: u64,
+    /// Some thread has a root directory other than the VM's (it chrooted itself).
+    pub own_root: bool,
 }
 
 impl Restrictions {
@@ -28,6 +31,7 @@ impl Restrictions {
             seccomp_filters: self.seccomp_filters.max(other.seccomp_filters),
             cap_eff: self.cap_eff & other.cap_eff,
             cap_bnd: self.cap_bnd & other.cap_bnd,
+            own_root: self.own_root || other.own_root,
         }
     }
 
@@ -35,6 +39,9 @@ impl Restrictions {
     /// than the caller (`init`'s restrictions): `None` when it would not. `as_root`: the
     /// command may run as uid 0 (then it gets init's effective capabilities).
     pub fn escapes(&self, init: &Restrictions, as_root: bool) -> Option<String> {
+        if self.own_root && !init.own_root {
+            return Some("the caller runs in a root directory of its own (chroot)".into());
+        }
         if self.no_new_privs && !init.no_new_privs {
             return Some("the caller set no_new_privs".into());
         }
@@ -80,6 +87,7 @@ pub(crate) fn parse_status(text: &str) -> Option<Restrictions> {
         seccomp_filters,
         cap_eff: hex("CapEff")?,
         cap_bnd: hex("CapBnd")?,
+        own_root: false,
     })
 }
 
@@ -102,7 +110,8 @@ fn pidfd_pid(pidfd: BorrowedFd<'_>) -> Result<i32, String> {
 /// each; then the pidfd is checked to name a live process still, so that the pid read was
 /// not reused meanwhile (a dead process's pid can be reused only once it has been reaped,
 /// after which signalling the pidfd fails).
-pub(crate) fn of_process(pidfd: BorrowedFd<'_>) -> Result<Restrictions, String> {
+pub(crate) fn of_process(pidfd: BorrowedFd<'_>, init_pid: i32) -> Result<Restrictions, String> {
+    let vm_root = root_of(&format!("/proc/{init_pid}/root"))?;
     let pid = pidfd_pid(pidfd)?;
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task"))
         .map_err(|e| format!("the caller's threads (/proc/{pid}/task): {e}"))?;
@@ -116,12 +125,28 @@ pub(crate) fn of_process(pidfd: BorrowedFd<'_>) -> Result<Restrictions, String> 
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => return Err(format!("{}: {e}", path.display())),
         };
-        let r = parse_status(&text).ok_or_else(|| format!("{} is unreadable", path.display()))?;
+        let mut r =
+            parse_status(&text).ok_or_else(|| format!("{} is unreadable", path.display()))?;
+        let root = task.path().join("root");
+        r.own_root = match root_of(&root.to_string_lossy()) {
+            Ok(id) => id != vm_root,
+            // Ended meanwhile; anything else is unknown, and unknown counts as restricted.
+            Err(_) if !task.path().exists() => continue,
+            Err(_) => true,
+        };
         all = Some(all.map_or(r, |a| a.stricter(r)));
     }
     shuttle_sys::process::pidfd_send_signal(pidfd.as_fd(), 0)
         .map_err(|e| format!("the caller has gone ({e})"))?;
     all.ok_or_else(|| "the caller has no threads".into())
+}
+
+/// The device and inode of the directory `path` leads to (a `/proc/.../root` link).
+fn root_of(path: &str) -> Result<(u64, u64), String> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .map(|m| (m.dev(), m.ino()))
+        .map_err(|e| format!("{path}: {e}"))
 }
 
 /// The restrictions of the VM's init (pid on the host; the monitor's own child).
@@ -167,6 +192,12 @@ mod tests {
             ..init
         };
         assert!(init.escapes(&nnp, false).unwrap().contains("no_new_privs"));
+        let chrooted = Restrictions {
+            own_root: true,
+            ..init
+        };
+        assert!(chrooted.escapes(&init, false).unwrap().contains("chroot"));
+        assert!(init.stricter(chrooted).own_root);
         // Threads combine to the stricter.
         assert_eq!(init.stricter(filtered).seccomp_filters, 2);
         assert_eq!(init.stricter(fewer_caps).cap_eff, 0);

@@ -632,23 +632,37 @@ fn serve_own_vm(
     }
     let vm = ctx.vm.clone();
     let program = spec.program.clone();
-    // The policy: an invoke rule routing the program from this VM to this VM.
+    // The policy: an invoke rule written for exactly this VM to itself (`from` and `to` both
+    // naming it), the first that speaks to the request. A rule for other VMs (`@any`, a tag,
+    // another `to`) never grants a run here, though an earlier deny that matches still refuses.
     let policy = ctx.policy.read().unwrap_or_else(|e| e.into_inner()).clone();
     let me = VmIdentity::vm(&ctx.vm, &ctx.tags);
-    let routed = policy.route(&Request::new(Op::Invoke, me, &program));
+    let only_me = |set: &shuttle_policy::SelectorSet| matches!(set.selectors(), [shuttle_policy::Selector::Vm(n)] if **n == *vm);
     let hint = format!(
         "an invoke rule with from = \"{vm}\", to = \"{vm}\" and object = \"{program}\" allows \
          it"
     );
-    let Some((decision, target)) = routed else {
-        record.reason = Some("no rule matched: default deny".into());
+    let deciding = policy.rules().iter().find(|r| {
+        r.op() == Op::Invoke
+            && r.from().matches(&me)
+            && r.object().matches(&program)
+            && (r.action() == Action::Deny
+                || (only_me(r.from())
+                    && only_me(r.to())
+                    && matches!(r.target(), Some(Target::Vm(t)) if **t == *vm)))
+    });
+    let Some(rule) = deciding else {
+        record.reason = Some("no rule for this VM to itself matched: default deny".into());
         let message = format!(
             "running {program} in this VM ({vm}) through shuttle run is not allowed by the \
-             policy (no rule routes it from VM {vm} to VM {vm}; {hint})"
+             policy (no rule allows it from VM {vm} to VM {vm}; {hint})"
         );
         return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
     };
-    let rule = decision.rule.expect("a routed decision comes from a rule");
+    let decision = shuttle_policy::Decision {
+        action: rule.action(),
+        rule: Some(rule),
+    };
     record.rule = Some(vm_api::rule_ref(&policy, rule));
     let loc = rule.location();
     let rule_at = format!(
@@ -658,19 +672,6 @@ fn serve_own_vm(
         loc.line,
         loc.column
     );
-    let elsewhere = match target {
-        Some(Target::Vm(name)) if name.to_string() == vm => None,
-        Some(Target::Vm(name)) => Some(format!("VM {name}")),
-        _ => Some("the host".to_owned()),
-    };
-    if let Some(there) = elsewhere {
-        record.reason = Some(format!("{} routes it to {there}", rule.label()));
-        let message = format!(
-            "running {program} in this VM ({vm}) through shuttle run is not allowed by the \
-             policy ({rule_at} routes it to {there}; {hint})"
-        );
-        return chan.send(&refuse(ctx, record, VmReply::Denied { message }));
-    }
     if decision.action == Action::Deny {
         record.reason = Some(format!("denied by {}", rule.label()));
         let message = format!(
@@ -686,7 +687,7 @@ fn serve_own_vm(
         record.reason = Some(message.clone());
         return chan.send(&refuse(ctx, record, VmReply::Failed { message }));
     };
-    let held = caller_restrictions(ctx, chan, caller);
+    let held = caller_restrictions(ctx, chan);
     let (own, init) = match held {
         Ok(r) => r,
         Err(why) => {
@@ -780,12 +781,11 @@ fn serve_own_vm(
     relay(ctx, chan, record, (&vm, &program), command, stdio, None)
 }
 
-/// The restrictions of the caller on `chan` (through a pidfd of it: `SO_PEERPIDFD`, or one
-/// opened from `SO_PEERCRED`'s pid on kernels without it) and of the VM's init.
+/// The restrictions of the caller on `chan` (through a pidfd of it from `SO_PEERPIDFD`) and of
+/// the VM's init.
 fn caller_restrictions(
     ctx: &ApiContext,
     chan: &Channel,
-    caller: &Caller,
 ) -> Result<
     (
         crate::caller_state::Restrictions,
@@ -793,15 +793,16 @@ fn caller_restrictions(
     ),
     String,
 > {
-    let pidfd = match shuttle_sys::fdpass::peer_pidfd(chan.as_fd()) {
-        Ok(fd) => fd,
-        Err(_) => {
-            let pid = caller.pid_on_host.ok_or("the caller's pid is unknown")?;
-            shuttle_sys::process::pidfd_open(pid)
-                .map_err(|e| format!("a pidfd of the caller (pid {pid}): {e}"))?
-        }
-    };
-    let own = crate::caller_state::of_process(pidfd.as_fd())?;
+    // Only SO_PEERPIDFD names the connecting process for sure: the pid SO_PEERCRED gives may
+    // have been reused once that process exited (while a child holding the socket lives on),
+    // so there is no fallback to it.
+    let pidfd = shuttle_sys::fdpass::peer_pidfd(chan.as_fd()).map_err(|e| {
+        format!(
+            "the process that connected cannot be identified (SO_PEERPIDFD: {e}; it has \
+             exited, or the kernel is older than 6.5)"
+        )
+    })?;
+    let own = crate::caller_state::of_process(pidfd.as_fd(), ctx.init_pid)?;
     let init = crate::caller_state::of_init(ctx.init_pid)?;
     Ok((own, init))
 }

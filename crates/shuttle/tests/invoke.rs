@@ -856,7 +856,7 @@ fn shuttle_run_inside_a_vm_runs_there_and_elsewhere_only_where_an_invoke_rule_ro
     assert!(
         stderr(&out).contains(
             "running /usr/bin/hostname in this VM (a) through shuttle run is not allowed by the \
-             policy (no rule routes it from VM a to VM a"
+             policy (no rule allows it from VM a to VM a"
         ),
         "{}",
         stderr(&out)
@@ -970,6 +970,20 @@ os.execv("{IN_VM_SHUTTLE}", ["shuttle", "run", "--", "/usr/bin/id", "-u"])
     );
     let out = env.run("a", &run("", "/usr/bin/hostname"));
     assert_code(&out, 126, "shuttle run in a with the rule routing to b");
+    // A rule for other VMs never grants a run in the caller's own: b is among `@any` here,
+    // and the rule routes to b, yet b may not run hostname in itself without a rule of its own.
+    let any = "[[rule]]\nop = \"invoke\"\nfrom = \"@any\"\nto = \"b\"\nobject = \"/usr/bin/uname\"\naction = \"allow\"\n\n";
+    load(
+        &env,
+        &format!("{}{others}{any}", rule("/usr/bin/hostname", "")),
+    );
+    let out = env.run("b", &run("", "uname"));
+    assert_code(&out, 126, "shuttle run uname inside b under an @any rule");
+    assert!(
+        stderr(&out).contains("no rule allows it from VM b to VM b"),
+        "{}",
+        stderr(&out)
+    );
     // Every one audited, with the VM the caller named.
     let records = audit(&env);
     let seen: Vec<(&str, &str, &str)> = records

@@ -132,16 +132,18 @@ pub(super) struct Resolved {
 /// The host's root, where unix paths routed to the host are looked up (opened once: the
 /// monitor's root never changes).
 pub(super) fn host_root() -> Result<&'static OwnedFd, Errno> {
-    static ROOT: std::sync::OnceLock<Result<OwnedFd, Errno>> = std::sync::OnceLock::new();
-    ROOT.get_or_init(|| {
-        nix::fcntl::open(
-            Path::new("/"),
-            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-    })
-    .as_ref()
-    .map_err(|e| *e)
+    // Only a success is kept: one failed open (out of descriptors, say) must not leave the
+    // monitor without the host's root for the rest of its life.
+    static ROOT: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(root) = ROOT.get() {
+        return Ok(root);
+    }
+    let root = nix::fcntl::open(
+        Path::new("/"),
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )?;
+    Ok(ROOT.get_or_init(|| root))
 }
 
 /// Resolves `dest` in a target. A unix path is looked up in `root` (the target's) with

@@ -288,7 +288,7 @@ pub(super) fn connect_bounded(
             setsockopt(
                 sock,
                 sockopt::SendTimeout,
-                &TimeVal::new(rest.as_secs() as _, 0),
+                &TimeVal::new(rest.as_secs() as _, rest.subsec_micros() as _),
             )
             .and_then(|()| match connect(sock.as_raw_fd(), addr) {
                 Err(Errno::EAGAIN) => Err(Errno::ETIMEDOUT),
