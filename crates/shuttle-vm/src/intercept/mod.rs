@@ -35,10 +35,10 @@ mod datagram;
 mod mq;
 mod target;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Once};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use nix::errno::Errno;
 use shuttle_audit::{AuditRecord, Outcome};
@@ -121,8 +121,9 @@ pub fn serve(listener: OwnedFd, ctx: Arc<ApiContext>) {
         tracing::info!(error = %e, "synchronous seccomp wake-ups unavailable");
     }
     let mediators = Arc::new(Mediators {
-        extra_receivers: Once::new(),
         receiving: Mutex::new(()),
+        receivers: AtomicUsize::new(1),
+        away: AtomicUsize::new(0),
         listener: Arc::clone(&listener),
         ctx: Arc::clone(&ctx),
     });
@@ -157,6 +158,8 @@ fn receive_forever(listener: &OwnedFd, ctx: &ApiContext, mediators: &Arc<Mediato
             ctx,
             n,
             turn: RefCell::new(Some(turn)),
+            mediators,
+            away: Cell::new(false),
         };
         match i64::from(n.nr) {
             libc::SYS_connect => connect::on_connect(&call, mediators),
@@ -166,6 +169,9 @@ fn receive_forever(listener: &OwnedFd, ctx: &ApiContext, mediators: &Arc<Mediato
             libc::SYS_mq_open => mq::on_mq_open(&call, mediators),
             // The filter sends nothing else; continuing is what the VM would get without us.
             _ => call.stay_local(),
+        }
+        if call.away.get() {
+            mediators.away.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }
@@ -177,12 +183,18 @@ pub(super) struct Call<'a> {
     n: Notification,
     /// The receiving thread's turn at the listener (see [`receive_forever`]).
     turn: RefCell<Option<MutexGuard<'a, ()>>>,
+    mediators: &'a Arc<Mediators>,
+    /// Whether this thread gave its turn up to wait (and so counts as away).
+    away: Cell<bool>,
 }
 
 impl Call<'_> {
     /// Lets another receiver take the listener: call before anything that may wait.
     fn release_turn(&self) {
-        self.turn.borrow_mut().take();
+        if self.turn.borrow_mut().take().is_some() {
+            self.away.set(true);
+            self.mediators.going_away();
+        }
     }
 
     fn arg(&self, i: usize) -> u64 {
@@ -275,30 +287,45 @@ type Job = Box<dyn FnOnce(&Call<'_>) + Send>;
 
 /// Mediation runs on the thread that received the call: no hand-off between threads, which
 /// would cost a wake-up and a cold cache on every mediated call. So that a slow target never
-/// holds up the VM's other calls, several threads receive from the same listener (the kernel
-/// gives each notification to one of them); the extra ones start at the first mediated call,
-/// because most VMs never make one.
+/// holds up the VM's other calls, a mediator about to wait gives up its turn at the listener,
+/// and when every receiver is away waiting, another one starts (most VMs never need a second).
 pub(super) struct Mediators {
-    extra_receivers: Once,
     /// Held by the one receiver waiting on the listener (see [`receive_forever`]).
     receiving: Mutex<()>,
+    /// Receiver threads started, and how many of them are away (gave their turn up to wait).
+    receivers: AtomicUsize,
+    away: AtomicUsize,
     listener: Arc<OwnedFd>,
     ctx: Arc<ApiContext>,
 }
 
-/// Threads receiving a VM's notifications once it has made a mediated call: a few targets
-/// slow to accept (each given up on after 5 s) must not stall the rest.
-const RECEIVERS: usize = 4;
+/// The most receiver threads one VM gets: this many targets slow at once (each given up on
+/// after 5 s, an `ask` after its timeout) delay the VM's other calls until one returns.
+const MAX_RECEIVERS: usize = 16;
 
 impl Mediators {
     fn submit(self: &Arc<Self>, call: &Call<'_>, job: Job) {
-        self.extra_receivers.call_once(|| {
-            for _ in 1..RECEIVERS {
+        job(call);
+    }
+
+    /// A receiver gave up its turn to wait: if no receiver is left to take it, start one.
+    fn going_away(self: &Arc<Self>) {
+        self.away.fetch_add(1, Ordering::SeqCst);
+        loop {
+            let started = self.receivers.load(Ordering::SeqCst);
+            if self.away.load(Ordering::SeqCst) < started || started >= MAX_RECEIVERS {
+                return;
+            }
+            let more = started + 1;
+            if self
+                .receivers
+                .compare_exchange(started, more, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
                 let me = Arc::clone(self);
                 std::thread::spawn(move || receive_forever(&me.listener, &me.ctx, &me));
             }
-        });
-        job(call);
+        }
     }
 }
 
