@@ -269,7 +269,17 @@ fn handle(ctx: &ApiContext, chan: &Channel) -> Result<(), ChannelError> {
             .and_then(|c| std::fs::read_to_string(format!("/proc/{}/comm", c.pid())).ok())
             .map(|s| s.trim().to_owned()),
     };
-    match chan.recv::<VmRequest>()? {
+    // A connection that never says hello must not hold one of the VM's few API connections
+    // (see `MAX_API_CONNECTIONS`) for ever: it has ten seconds.
+    let hello_within = nix::sys::time::TimeVal::new(10, 0);
+    let no_limit = nix::sys::time::TimeVal::new(0, 0);
+    nix::sys::socket::setsockopt(&chan.as_fd(), sockopt::ReceiveTimeout, &hello_within)
+        .map_err(ChannelError::Socket)?;
+    let hello = chan.recv::<VmRequest>()?;
+    // Invocations keep the connection for as long as their program runs: no limit after.
+    nix::sys::socket::setsockopt(&chan.as_fd(), sockopt::ReceiveTimeout, &no_limit)
+        .map_err(ChannelError::Socket)?;
+    match hello {
         VmRequest::Hello(Hello { version }) if version == PROTOCOL_VERSION => {
             chan.send(&VmReply::Hello {
                 version: PROTOCOL_VERSION,
