@@ -327,11 +327,10 @@ pub fn peer_groups(fd: BorrowedFd<'_>) -> Result<Vec<u32>, Errno> {
     }
 }
 
-/// The domain, type and protocol of a socket (SO_DOMAIN, SO_TYPE, SO_PROTOCOL).
-pub fn socket_kind(fd: BorrowedFd<'_>) -> Result<(i32, i32, i32), Errno> {
+/// The domain and protocol of a socket (SO_DOMAIN, SO_PROTOCOL).
+pub fn socket_domain_and_protocol(fd: BorrowedFd<'_>) -> Result<(i32, i32), Errno> {
     Ok((
         int_socket_option(fd, libc::SO_DOMAIN)?,
-        socket_type(fd)?,
         int_socket_option(fd, libc::SO_PROTOCOL)?,
     ))
 }

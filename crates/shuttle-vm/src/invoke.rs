@@ -820,6 +820,12 @@ fn check_run(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     {
         return Err("an invalid user".into());
     }
+    check_stdio(spec, fds)
+}
+
+/// The caller's stdio as the request must bring it: three descriptors, or none with a
+/// terminal of a real size.
+fn check_stdio(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     let expected = if spec.terminal.is_some() { 0 } else { 3 };
     if fds != expected {
         return Err(format!(
@@ -856,15 +862,7 @@ fn check(spec: &InvokeSpec, fds: usize) -> Result<(), String> {
     if !spec.open.is_empty() && spec.args.len() != 1 {
         return Err("open takes one path or URL".into());
     }
-    let expected = if spec.terminal.is_some() { 0 } else { 3 };
-    if fds != expected {
-        return Err(format!(
-            "{fds} descriptors came with it, {expected} expected (stdin, stdout, stderr)"
-        ));
-    }
-    if spec.terminal.is_some_and(|(r, c)| r == 0 || c == 0) {
-        return Err("a terminal of size 0".into());
-    }
+    check_stdio(spec, fds)?;
     if spec.files.len() > spec.args.len()
         || spec.files.iter().any(|&i| i as usize >= spec.args.len())
     {

@@ -323,22 +323,7 @@ while True:
     for s in select.select(socks, [], [])[0]:
         c, _ = s.accept(); c.sendall(b"ok\n"); c.close()
 "#;
-    assert_success(&env.exec("db", &["python3", "-c", server]), "server");
-    env.py_ok(
-        "db",
-        "import os,time\nwhile not os.path.exists('/run/ready'): time.sleep(0.02)",
-    );
-    load(
-        &env,
-        r#"
-[[rule]]
-op = "connect"
-from = "app"
-to = "db"
-object = "unix:/run/*.sock"
-action = "allow"
-"#,
-    );
+    serve_in_db_for_app(&env, server);
     let connect_as = |groups: &str, path: &str| {
         let out = env.exec(
             "app",
@@ -403,22 +388,7 @@ open("/run/ready", "w").close()
 while True:
     c, _ = ok.accept(); c.sendall(b"ok\n"); c.close()
 "#;
-    assert_success(&env.exec("db", &["python3", "-c", server]), "server");
-    env.py_ok(
-        "db",
-        "import os,time\nwhile not os.path.exists('/run/ready'): time.sleep(0.02)",
-    );
-    load(
-        &env,
-        r#"
-[[rule]]
-op = "connect"
-from = "app"
-to = "db"
-object = "unix:/run/*.sock"
-action = "allow"
-"#,
-    );
+    serve_in_db_for_app(&env, server);
     let client = r#"
 import os, socket, threading, time
 res = {}
@@ -449,4 +419,25 @@ print("full", " ".join(sorted(res["full"])))
     assert!(secs < 1.0, "a stuck target held up other connects: {out}");
     assert!(lines[0].ends_with("while waiting"), "{out}");
     assert_eq!(lines[1], "full errno 110 after 5 s", "{out}");
+}
+
+/// Starts `server` (Python that creates /run/ready once it listens) in VM db, waits for it,
+/// and lets app connect to db's unix sockets under /run.
+fn serve_in_db_for_app(env: &Env, server: &str) {
+    assert_success(&env.exec("db", &["python3", "-c", server]), "server");
+    env.py_ok(
+        "db",
+        "import os,time\nwhile not os.path.exists('/run/ready'): time.sleep(0.02)",
+    );
+    load(
+        env,
+        r#"
+[[rule]]
+op = "connect"
+from = "app"
+to = "db"
+object = "unix:/run/*.sock"
+action = "allow"
+"#,
+    );
 }

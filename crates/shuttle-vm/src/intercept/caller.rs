@@ -300,8 +300,7 @@ impl CallerSocket {
 
     /// The socket's domain and protocol (read only when a socket like it is to be made).
     pub fn domain_and_protocol(&self) -> Result<(i32, i32), Errno> {
-        let (domain, _, protocol) = unotify::socket_kind(self.sock.as_fd())?;
-        Ok((domain, protocol))
+        unotify::socket_domain_and_protocol(self.sock.as_fd())
     }
 
     pub fn is_datagram(&self) -> bool {

@@ -14,10 +14,10 @@ use shuttle_sys::unotify;
 use super::address::{self, Address, Destination, MAX_SOCKADDR};
 use super::caller::{CallerInfo, CallerSocket};
 use super::target::{as_caller, connect_bounded, TargetVm};
-use super::{judge, route, stay_local_on, Call, Judgement, Mediators};
+use super::{judge, route, stay_local_on, Call, Judgement};
 use crate::vm_api;
 
-pub(super) fn on_connect(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
+pub(super) fn on_connect(call: &Call<'_>) {
     let (fd, addr, len) = (call.arg(0) as i32, call.arg(1), call.arg(2) as usize);
     if addr == 0 || !(2..=MAX_SOCKADDR).contains(&len) {
         // The kernel refuses these itself (EFAULT, EINVAL) without looking any further.
@@ -31,20 +31,20 @@ pub(super) fn on_connect(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>)
     let lent_datagrams = call.ctx.mediation.holds_lent_datagram_sockets();
     match address::parse(&bytes) {
         // Disconnecting must never free a lent socket: carried out here on the socket checked.
-        Address::Unspecified => mediators.submit(call, Box::new(move |c| disconnect(c, fd))),
+        Address::Unspecified => disconnect(call, fd),
         Address::Local { needs_netns } if needs_netns && lent_datagrams => {
-            mediators.submit(call, Box::new(move |c| connect_locally(c, fd, bytes)));
+            connect_locally(call, fd, bytes);
         }
         Address::Local { .. } => call.stay_local(),
         Address::Routable(dest) => {
             if call.stays_local(&call.policy(), Op::Connect, &dest) {
                 if dest.needs_netns() && lent_datagrams {
-                    mediators.submit(call, Box::new(move |c| connect_locally(c, fd, bytes)));
+                    connect_locally(call, fd, bytes);
                 } else {
                     call.stay_local();
                 }
             } else {
-                mediators.submit(call, Box::new(move |c| mediate(c, fd, dest, bytes)));
+                mediate(call, fd, dest, bytes);
             }
         }
     }

@@ -22,7 +22,7 @@ use super::address::{self, Address, Destination, MAX_SOCKADDR};
 use super::caller::{CallerInfo, CallerSocket};
 use super::connect::{caller_and_socket, root_for, socket_for};
 use super::target::as_caller;
-use super::{judge, route, stay_local_on, Call, Judgement, Mediators};
+use super::{judge, route, stay_local_on, Call, Judgement};
 use crate::vm_api;
 
 /// The largest datagram the monitor copies (a unix datagram socket's default send buffer is
@@ -54,17 +54,17 @@ fn word(bytes: &[u8], at: usize) -> u64 {
     u64::from_ne_bytes(w)
 }
 
-pub(super) fn on_sendto(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
+pub(super) fn on_sendto(call: &Call<'_>) {
     let (fd, buf, len, flags) = (call.arg(0) as i32, call.arg(1), call.arg(2), call.arg(3));
     let (addr, addr_len) = (call.arg(4), call.arg(5) as usize);
     if addr == 0 || !(2..=MAX_SOCKADDR).contains(&addr_len) {
         return call.stay_local();
     }
     let payload = Payload::Flat { buf, len };
-    on_named_send(call, mediators, fd, addr, addr_len, payload, flags as i32);
+    on_named_send(call, fd, addr, addr_len, payload, flags as i32);
 }
 
-pub(super) fn on_sendmsg(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
+pub(super) fn on_sendmsg(call: &Call<'_>) {
     let (fd, msg, flags) = (call.arg(0) as i32, call.arg(1), call.arg(2) as i32);
     let header = match call.read(msg, MSGHDR_LEN) {
         Ok(Some(h)) => h,
@@ -84,12 +84,11 @@ pub(super) fn on_sendmsg(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>)
         count: word(&header, 24),
         control_len: word(&header, 40),
     };
-    on_named_send(call, mediators, fd, name, name_len, payload, flags);
+    on_named_send(call, fd, name, name_len, payload, flags);
 }
 
 fn on_named_send(
     call: &Call<'_>,
-    mediators: &std::sync::Arc<Mediators>,
     fd: i32,
     addr: u64,
     addr_len: usize,
@@ -104,14 +103,9 @@ fn on_named_send(
     let lent_datagrams = call.ctx.mediation.holds_lent_datagram_sockets();
     let local = |dest_needs_netns: bool, bytes: Vec<u8>| {
         if dest_needs_netns && lent_datagrams {
-            mediators.submit(
-                call,
-                Box::new(move |c| {
-                    if let Some((info, sock)) = caller_and_socket(c, fd) {
-                        send_locally_on(c, &info, &sock, &bytes, payload, flags);
-                    }
-                }),
-            );
+            if let Some((info, sock)) = caller_and_socket(call, fd) {
+                send_locally_on(call, &info, &sock, &bytes, payload, flags);
+            }
         } else {
             call.stay_local();
         }
@@ -123,10 +117,7 @@ fn on_named_send(
             if call.stays_local(&call.policy(), Op::Connect, &dest) {
                 local(dest.needs_netns(), bytes);
             } else {
-                mediators.submit(
-                    call,
-                    Box::new(move |c| mediate(c, fd, dest, &bytes, payload, flags)),
-                );
+                mediate(call, fd, dest, &bytes, payload, flags);
             }
         }
     }
@@ -135,7 +126,7 @@ fn on_named_send(
 /// `sendmmsg` is not mediated: its datagrams always stay in the VM. In a VM that holds lent
 /// datagram sockets it continues only where that is safe, and is refused (EOPNOTSUPP) when it
 /// names destinations and the monitor cannot vouch for the socket.
-pub(super) fn on_sendmmsg(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
+pub(super) fn on_sendmmsg(call: &Call<'_>) {
     if !call.ctx.mediation.holds_lent_datagram_sockets() {
         return call.stay_local();
     }
@@ -151,17 +142,12 @@ pub(super) fn on_sendmmsg(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>
     if !names_any {
         return call.stay_local();
     }
-    mediators.submit(
-        call,
-        Box::new(move |c| {
-            let Some((info, sock)) = caller_and_socket(c, fd) else {
-                return;
-            };
-            if stay_local_on(c, &info, &sock, "sendmmsg").is_some() {
-                c.answer(Err(Errno::EOPNOTSUPP));
-            }
-        }),
-    );
+    let Some((info, sock)) = caller_and_socket(call, fd) else {
+        return;
+    };
+    if stay_local_on(call, &info, &sock, "sendmmsg").is_some() {
+        call.answer(Err(Errno::EOPNOTSUPP));
+    }
 }
 
 /// Continues a send that stays in the VM once that is safe, or sends it on the socket checked.

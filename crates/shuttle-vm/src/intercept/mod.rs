@@ -162,11 +162,11 @@ fn receive_forever(listener: &OwnedFd, ctx: &ApiContext, mediators: &Arc<Mediato
             away: Cell::new(false),
         };
         match i64::from(n.nr) {
-            libc::SYS_connect => connect::on_connect(&call, mediators),
-            libc::SYS_sendto => datagram::on_sendto(&call, mediators),
-            libc::SYS_sendmsg => datagram::on_sendmsg(&call, mediators),
-            libc::SYS_sendmmsg => datagram::on_sendmmsg(&call, mediators),
-            libc::SYS_mq_open => mq::on_mq_open(&call, mediators),
+            libc::SYS_connect => connect::on_connect(&call),
+            libc::SYS_sendto => datagram::on_sendto(&call),
+            libc::SYS_sendmsg => datagram::on_sendmsg(&call),
+            libc::SYS_sendmmsg => datagram::on_sendmmsg(&call),
+            libc::SYS_mq_open => mq::on_mq_open(&call),
             // The filter sends nothing else; continuing is what the VM would get without us.
             _ => call.stay_local(),
         }
@@ -282,9 +282,6 @@ impl Call<'_> {
     }
 }
 
-/// Work that must be mediated, carried out by the thread that received the call.
-type Job = Box<dyn FnOnce(&Call<'_>) + Send>;
-
 /// Mediation runs on the thread that received the call: no hand-off between threads, which
 /// would cost a wake-up and a cold cache on every mediated call. So that a slow target never
 /// holds up the VM's other calls, a mediator about to wait gives up its turn at the listener,
@@ -304,10 +301,6 @@ pub(super) struct Mediators {
 const MAX_RECEIVERS: usize = 16;
 
 impl Mediators {
-    fn submit(self: &Arc<Self>, call: &Call<'_>, job: Job) {
-        job(call);
-    }
-
     /// A receiver gave up its turn to wait: if no receiver is left to take it, start one.
     fn going_away(self: &Arc<Self>) {
         self.away.fetch_add(1, Ordering::SeqCst);

@@ -10,12 +10,12 @@ use shuttle_sys::unotify;
 
 use super::caller::CallerInfo;
 use super::target::{as_caller, in_namespace, running_vm, Namespace, TargetVm};
-use super::{judge, Call, Judgement, Mediators};
+use super::{judge, Call, Judgement};
 use crate::vm_api;
 
 /// Answers at once when no rule publishes the queue's name (it then opens in the caller's own
 /// IPC namespace); hands the call to a mediator when the policy may route it.
-pub(super) fn on_mq_open(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>) {
+pub(super) fn on_mq_open(call: &Call<'_>) {
     let Ok(raw) = unotify::read_c_string(call.n.pid, call.arg(0), 256) else {
         return call.stay_local();
     };
@@ -33,7 +33,7 @@ pub(super) fn on_mq_open(call: &Call<'_>, mediators: &std::sync::Arc<Mediators>)
     if !call.policy().publishes(Op::Mq, &object) {
         return call.stay_local();
     }
-    mediators.submit(call, Box::new(move |c| mediate(c, &name, &object)));
+    mediate(call, &name, &object);
 }
 
 fn mediate(call: &Call<'_>, name: &str, object: &str) {
