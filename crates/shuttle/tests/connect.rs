@@ -267,6 +267,46 @@ print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
     assert_eq!(env.py_ok("app", code), "db uid=-1\nTrue True 77\n");
 }
 
+/// A socket injected in the caller's place keeps what the caller made: its descriptor number,
+/// its type, blocking or not, close-on-exec or not (TCP, where the socket is replaced, and a
+/// unix path, where the caller's own is connected).
+#[test]
+fn a_mediated_socket_keeps_the_callers_number_and_flags() {
+    let Some(env) = Env::new() else { return };
+    env.create("db", &[]);
+    env.create("app", &[]);
+    serve(&env, "db", "/run/db.sock", 7000);
+    load(&env, POLICY);
+    let code = r#"
+import os, select, socket
+for fam, addr in ((socket.AF_INET, ("127.0.0.1", 7000)), (socket.AF_UNIX, "/run/db.sock")):
+    for blocking in (True, False):
+        for inheritable in (False, True):
+            s = socket.socket(fam)
+            s.setblocking(blocking); os.set_inheritable(s.fileno(), inheritable)
+            fd = s.fileno()
+            err = s.connect_ex(addr)
+            if err:
+                select.select([s], [], [], 5)
+            got = s.recv(100).decode().strip() if blocking else (select.select([s], [], [], 5), s.recv(100).decode().strip())[1]
+            print(fam == socket.AF_INET and "tcp" or "unix", blocking, inheritable, err,
+                  s.fileno() == fd, os.get_blocking(fd) == blocking, os.get_inheritable(fd) == inheritable,
+                  s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM, got)
+            s.close()
+"#;
+    let out = env.py_ok("app", code);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 8, "{out}");
+    for line in lines {
+        // A mediated connect is complete when it returns, even on a non-blocking socket.
+        let uid = if line.starts_with("tcp") { -1 } else { 0 };
+        assert!(
+            line.ends_with(&format!(" 0 True True True True db uid={uid}")),
+            "{line} (all: {out})"
+        );
+    }
+}
+
 /// Permission checks on a socket in another VM use the caller's own identity, never the
 /// monitor's: root's group does not open a root:root 0660 socket to uid 1234, a supplementary
 /// group the caller holds opens a root:4242 one, and without it that one is refused too; a

@@ -74,9 +74,13 @@ impl CallerInfo {
             Some(Ok(n)) => Some(String::from_utf8_lossy(&comm[..n]).trim_end().to_owned()),
             _ => None,
         };
-        let pid_in_vm = state
-            .vm_pidns()
-            .and_then(|ns| process::tgid_in_pid_namespace(ns, id.tgid).ok());
+        // A thread's process, and so its number in the VM, stays what it was (the number
+        // changes hands only when the thread leaves: then this thread's pidfd fails above).
+        let pid_in_vm = *thread.pid_in_vm.get_or_init(|| {
+            state
+                .vm_pidns()
+                .and_then(|ns| process::tgid_in_pid_namespace(ns, id.tgid).ok())
+        });
         Ok(CallerInfo {
             tid,
             tgid: id.tgid,
@@ -104,7 +108,8 @@ impl CallerInfo {
             thread: Arc::new(KnownThread {
                 pidfd: process::pidfd_open(tgid).ok()?,
                 comm: None,
-                fdinfo: OnceLock::from(None),
+                fdinfo: Mutex::new(None),
+                pid_in_vm: OnceLock::new(),
             }),
             // The innermost entry is the id inside the VM's PID namespace.
             pid_in_vm: field("NStgid:")
@@ -153,8 +158,8 @@ impl CallerInfo {
     /// Whether descriptor `fd` of the caller is close-on-exec (from /proc/TID/fdinfo; the
     /// thread shares its process's descriptor table).
     pub fn fd_cloexec(&self, fd: i32) -> bool {
-        let text = match self.thread.fdinfo_dir(self.tid) {
-            Some(dir) => read_at_dir(dir, &fd.to_string()),
+        let text = match self.thread.fdinfo(self.tid, fd) {
+            Some(text) => Some(text),
             None => read_proc(&format!("/proc/{}/fdinfo/{fd}", self.tgid)),
         };
         text.and_then(|t| {
@@ -166,21 +171,6 @@ impl CallerInfo {
     }
 }
 
-/// Reads small /proc file `name` under directory `dir` with one read(2), as [`read_proc`].
-fn read_at_dir(dir: &OwnedFd, name: &str) -> Option<String> {
-    use std::io::Read;
-    let fd = nix::fcntl::openat(
-        dir,
-        name,
-        OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
-        nix::sys::stat::Mode::empty(),
-    )
-    .ok()?;
-    let mut buf = [0u8; 512];
-    let n = std::fs::File::from(fd).read(&mut buf).ok()?;
-    String::from_utf8(buf[..n].to_vec()).ok()
-}
-
 /// A thread that made mediated calls: its pidfd and its open `comm` file. Both name that very
 /// thread, never a later one that reuses its number: once it exits, both answer ESRCH.
 #[derive(Debug)]
@@ -188,23 +178,29 @@ pub(super) struct KnownThread {
     pidfd: OwnedFd,
     /// `None` on the `/proc/TID/status` path, which reads the name from there.
     comm: Option<std::fs::File>,
-    /// `/proc/TID/fdinfo`, opened at the first call that needs it (calls that inject a
-    /// descriptor): looking a name up in it is cheaper than walking the whole path each time.
-    fdinfo: OnceLock<Option<OwnedFd>>,
+    /// `/proc/TID/fdinfo/N` for the descriptor number the thread last had a socket injected
+    /// at, kept open: the file is regenerated from whatever the thread's descriptor `N` is at
+    /// each read from offset 0, and a client connecting again nearly always uses the same
+    /// number. One pread instead of a path lookup, open, read and close, on the path of every
+    /// injected socket.
+    fdinfo: Mutex<Option<(i32, std::fs::File)>>,
+    /// Its process's number in the VM's PID namespace, for the audit (looked up once).
+    pid_in_vm: OnceLock<Option<i32>>,
 }
 
 impl KnownThread {
-    fn fdinfo_dir(&self, tid: u32) -> Option<&OwnedFd> {
-        self.fdinfo
-            .get_or_init(|| {
-                nix::fcntl::open(
-                    format!("/proc/{tid}/fdinfo").as_str(),
-                    OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
-                    nix::sys::stat::Mode::empty(),
-                )
-                .ok()
-            })
-            .as_ref()
+    /// The text of `/proc/TID/fdinfo/FD` now.
+    fn fdinfo(&self, tid: u32, fd: i32) -> Option<String> {
+        let mut last = self.fdinfo.lock().unwrap_or_else(|e| e.into_inner());
+        if last.as_ref().is_none_or(|(n, _)| *n != fd) {
+            *last = None;
+            let file = std::fs::File::open(format!("/proc/{tid}/fdinfo/{fd}")).ok()?;
+            *last = Some((fd, file));
+        }
+        let (_, file) = last.as_ref()?;
+        let mut buf = [0u8; 512];
+        let n = file.read_at(&mut buf, 0).ok()?;
+        String::from_utf8(buf[..n].to_vec()).ok()
     }
 }
 
@@ -214,7 +210,7 @@ impl KnownThread {
 #[derive(Debug, Default)]
 pub struct CallerCache(Mutex<HashMap<u32, Arc<KnownThread>>>);
 
-/// At most this many threads are kept (two descriptors each); the cache starts over when full.
+/// At most this many threads are kept (three descriptors each); the cache starts over when full.
 const CACHED_THREADS: usize = 64;
 
 impl CallerCache {
@@ -237,7 +233,8 @@ impl CallerCache {
         let thread = Arc::new(KnownThread {
             pidfd,
             comm: std::fs::File::open(format!("/proc/{tid}/comm")).ok(),
-            fdinfo: OnceLock::new(),
+            fdinfo: Mutex::new(None),
+            pid_in_vm: OnceLock::new(),
         });
         let mut cache = self.lock();
         if cache.len() >= CACHED_THREADS {

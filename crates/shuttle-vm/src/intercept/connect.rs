@@ -4,6 +4,7 @@
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use nix::errno::Errno;
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::sys::socket::{
     bind, connect, socket, AddressFamily, SockFlag, SockProtocol, SockType, UnixAddr,
 };
@@ -13,7 +14,7 @@ use shuttle_sys::unotify;
 
 use super::address::{self, Address, Destination, MAX_SOCKADDR};
 use super::caller::{CallerInfo, CallerSocket};
-use super::target::{as_caller, connect_bounded, TargetVm};
+use super::target::{as_caller, connect_bounded, connect_nonblocking, TargetVm};
 use super::{judge, route, stay_local_on, Call, Judgement};
 use crate::vm_api;
 
@@ -168,24 +169,23 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
             return call.answer(Err(e));
         }
     };
-    if sock.nonblocking() {
-        let _ = nix::fcntl::fcntl(
-            &new_sock,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        );
-    }
     let lent_datagram = route.dest.needs_netns() && sock.is_datagram();
     if lent_datagram {
         // Before the socket reaches the VM: from now on its calls are checked.
         call.ctx.mediation.note_lent_datagram_socket();
     }
-    match unotify::inject_fd(
+    let injected = unotify::inject_fd(
         call.listener,
         call.n.id,
         new_sock.as_fd(),
         fd as u32,
         info.fd_cloexec(fd),
-    ) {
+    );
+    // Ours goes before the answer, while the caller still holds the socket: closed after, it
+    // could be the last reference (a caller that closes at once), and this thread would carry
+    // out the caller's TCP close (FIN, backlog) while the VM's next call waits.
+    drop(new_sock);
+    match injected {
         Ok(()) => call.crossed(0),
         Err(e) => {
             tracing::warn!(vm = %call.ctx.vm, error = %e, "injecting the connected socket failed");
@@ -203,6 +203,16 @@ pub(super) fn socket_for(
     like: &CallerSocket,
     dest: &Destination,
 ) -> Result<OwnedFd, Errno> {
+    socket_with(target, like, dest, SockFlag::empty())
+}
+
+/// [`socket_for`], made with `extra` flags (SOCK_NONBLOCK).
+fn socket_with(
+    target: Option<&TargetVm>,
+    like: &CallerSocket,
+    dest: &Destination,
+    extra: SockFlag,
+) -> Result<OwnedFd, Errno> {
     let (domain, protocol) = like.domain_and_protocol()?;
     let family = AddressFamily::from_i32(domain).ok_or(Errno::EAFNOSUPPORT)?;
     let kind = SockType::try_from(like.kind).map_err(|_| Errno::EPROTOTYPE)?;
@@ -211,9 +221,10 @@ pub(super) fn socket_for(
         p if p == libc::IPPROTO_UDP => Some(SockProtocol::Udp),
         _ => None,
     };
-    let make = || socket(family, kind, SockFlag::SOCK_CLOEXEC, proto);
+    let make = || socket(family, kind, SockFlag::SOCK_CLOEXEC | extra, proto);
+    let key = (domain, like.kind | extra.bits(), protocol);
     let sock = match (dest.needs_netns(), target) {
-        (true, Some(t)) => t.socket_in_network((domain, like.kind, protocol), make)?,
+        (true, Some(t)) => t.socket_in_network(key, make)?,
         _ => make()?,
     };
     if dest.needs_netns() && domain == libc::AF_UNIX {
@@ -223,7 +234,7 @@ pub(super) fn socket_for(
 }
 
 /// Creates a socket like the caller's in the target's namespaces and connects it to `dest`,
-/// as the caller's effective uid and gid.
+/// as the caller's effective uid and gid. The socket blocks or not as the caller's does.
 fn connect_in(
     call: &Call<'_>,
     target: Option<&TargetVm>,
@@ -231,18 +242,41 @@ fn connect_in(
     dest: &Destination,
     info: &CallerInfo,
 ) -> Result<OwnedFd, Errno> {
-    let sock = socket_for(target, like, dest)?;
     if matches!(dest, Destination::Inet { .. }) && like.kind == libc::SOCK_STREAM {
-        static HOST_TCP_DEFAULTS: std::sync::OnceLock<Option<TcpOptions>> =
-            std::sync::OnceLock::new();
-        let defaults = target.map_or(&HOST_TCP_DEFAULTS, |t| &t.tcp_defaults);
-        carry_tcp_options(like.sock.as_fd(), sock.as_fd(), defaults);
+        return connect_tcp_in(call, target, like, dest);
     }
+    let sock = socket_for(target, like, dest)?;
     let root = root_for(target, dest)?;
     as_caller(info, || {
         let resolved = address::resolve(root, dest)?;
         connect_bounded(&sock, &*resolved.addr, &|| call.release_turn())
     })?;
+    if like.nonblocking() {
+        fcntl(&sock, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    }
+    Ok(sock)
+}
+
+/// [`connect_in`] for TCP. The socket is made non-blocking (a fresh one of the monitor's, so
+/// there is no timeout of anyone's to keep): on loopback the handshake is over when `connect`
+/// returns EINPROGRESS, so one `poll` confirms it, where a bounded blocking connect would set
+/// and restore a send timeout around it. No identity is taken on: connecting to a port checks
+/// none, and a socket's owner is fixed when it is made.
+fn connect_tcp_in(
+    call: &Call<'_>,
+    target: Option<&TargetVm>,
+    like: &CallerSocket,
+    dest: &Destination,
+) -> Result<OwnedFd, Errno> {
+    static HOST_TCP_DEFAULTS: std::sync::OnceLock<Option<TcpOptions>> = std::sync::OnceLock::new();
+    let sock = socket_with(target, like, dest, SockFlag::SOCK_NONBLOCK)?;
+    let defaults = target.map_or(&HOST_TCP_DEFAULTS, |t| &t.tcp_defaults);
+    carry_tcp_options(like.sock.as_fd(), sock.as_fd(), defaults);
+    let resolved = address::resolve(None, dest)?;
+    connect_nonblocking(&sock, &*resolved.addr, &|| call.release_turn())?;
+    if !like.nonblocking() {
+        fcntl(&sock, FcntlArg::F_SETFL(OFlag::empty()))?;
+    }
     Ok(sock)
 }
 

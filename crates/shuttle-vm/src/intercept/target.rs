@@ -39,7 +39,7 @@ pub(super) struct TargetVm {
 }
 
 /// Sockets made per visit to a target's network namespace beyond the one needed now.
-const SPARE_SOCKETS: usize = 3;
+const SPARE_SOCKETS: usize = 15;
 
 impl TargetVm {
     /// Whether the init still lives (then its pid cannot have been reused).
@@ -311,15 +311,37 @@ pub(super) fn connect_bounded(
     }))
 }
 
+/// connect(2) on a non-blocking socket of the monitor's own, waited for as
+/// [`connect_bounded`] waits: a handshake still going after [`QUICK_CONNECT`] calls
+/// `release_turn` first, and one still going after [`CONNECT_TIMEOUT`] fails (ETIMEDOUT).
+pub(super) fn connect_nonblocking(
+    sock: &OwnedFd,
+    addr: &dyn SockaddrLike,
+    release_turn: &dyn Fn(),
+) -> Result<(), Errno> {
+    let deadline = Instant::now() + CONNECT_TIMEOUT;
+    match connect(sock.as_raw_fd(), addr) {
+        Err(Errno::EINPROGRESS) => match wait_connected(sock, Instant::now() + QUICK_CONNECT) {
+            Err(Errno::ETIMEDOUT) => {
+                release_turn();
+                wait_connected(sock, deadline)
+            }
+            other => other,
+        },
+        other => other,
+    }
+}
+
 fn wait_connected(sock: &OwnedFd, deadline: Instant) -> Result<(), Errno> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout};
     let left = deadline.saturating_duration_since(Instant::now());
-    let mut fds = [nix::poll::PollFd::new(
-        sock.as_fd(),
-        nix::poll::PollFlags::POLLOUT,
-    )];
-    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
-    match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms))? {
+    let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
+    // Rounded up: a wait of less than a millisecond must not become a poll that returns at once.
+    let ms = u16::try_from(left.as_micros().div_ceil(1000)).unwrap_or(u16::MAX);
+    match nix::poll::poll(&mut fds, PollTimeout::from(ms))? {
         0 => Err(Errno::ETIMEDOUT),
+        // Connected, nothing wrong: no need to ask for the error.
+        _ if fds[0].revents() == Some(PollFlags::POLLOUT) => Ok(()),
         _ => match getsockopt(sock, sockopt::SocketError)? {
             0 => Ok(()),
             e => Err(Errno::from_raw(e)),
