@@ -2,19 +2,18 @@
 //! it across and allows it.
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
-use nix::sys::socket::{
-    bind, connect, socket, AddressFamily, SockFlag, SockProtocol, SockType, UnixAddr,
-};
+use nix::sys::socket::{bind, connect, SockFlag, UnixAddr};
 use shuttle_audit::Outcome;
 use shuttle_policy::Op;
 use shuttle_sys::unotify;
 
 use super::address::{self, Address, Destination, MAX_SOCKADDR};
 use super::caller::{CallerInfo, CallerSocket};
-use super::target::{as_caller, connect_bounded, connect_nonblocking, TargetVm};
+use super::target::{as_caller, connect_bounded, connect_nonblocking, SocketKind, TargetVm};
 use super::{judge, route, stay_local_on, Call, Judgement};
 use crate::vm_api;
 
@@ -146,14 +145,14 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
     if !vm_api::journal(call.ctx, record.clone()) {
         return call.answer(Err(Errno::ECONNREFUSED));
     }
-    let target = route.target.as_deref();
+    let target = route.target.as_ref();
     let connected = match route.dest {
         // A path is found through the filesystem, whatever the socket's network namespace:
         // the caller's own socket is connected, so nothing is replaced (no descriptor to
         // inject, which would cost the caller another wake-up) and its flags and options stay
         // its own.
         Destination::UnixPath(_) => {
-            connect_own(call, target, &sock, &route.dest, &info).map(|()| None)
+            connect_own(call, target.map(Arc::as_ref), &sock, &route.dest, &info).map(|()| None)
         }
         _ => connect_in(call, target, &sock, &route.dest, &info).map(Some),
     };
@@ -192,6 +191,8 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
             call.answer(Err(Errno::ECONNREFUSED));
         }
     }
+    // The caller's old socket, whose last reference this is once replaced.
+    call.ctx.mediation.housekeeper.close_later(sock.sock);
 }
 
 /// A new socket of the caller's kind, in `target`'s network namespace when `dest` needs one
@@ -199,33 +200,27 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
 /// bound at once (to an autobound name), so that the VM cannot bind them to a name of its
 /// choosing in that namespace.
 pub(super) fn socket_for(
-    target: Option<&TargetVm>,
+    call: &Call<'_>,
+    target: Option<&Arc<TargetVm>>,
     like: &CallerSocket,
     dest: &Destination,
 ) -> Result<OwnedFd, Errno> {
-    socket_with(target, like, dest, SockFlag::empty())
+    socket_with(call, target, like, dest, SockFlag::empty())
 }
 
 /// [`socket_for`], made with `extra` flags (SOCK_NONBLOCK).
 fn socket_with(
-    target: Option<&TargetVm>,
+    call: &Call<'_>,
+    target: Option<&Arc<TargetVm>>,
     like: &CallerSocket,
     dest: &Destination,
     extra: SockFlag,
 ) -> Result<OwnedFd, Errno> {
     let (domain, protocol) = like.domain_and_protocol()?;
-    let family = AddressFamily::from_i32(domain).ok_or(Errno::EAFNOSUPPORT)?;
-    let kind = SockType::try_from(like.kind).map_err(|_| Errno::EPROTOTYPE)?;
-    let proto = match protocol {
-        p if p == libc::IPPROTO_TCP => Some(SockProtocol::Tcp),
-        p if p == libc::IPPROTO_UDP => Some(SockProtocol::Udp),
-        _ => None,
-    };
-    let make = || socket(family, kind, SockFlag::SOCK_CLOEXEC | extra, proto);
-    let key = (domain, like.kind | extra.bits(), protocol);
+    let kind = SocketKind::new(domain, like.kind, extra, protocol)?;
     let sock = match (dest.needs_netns(), target) {
-        (true, Some(t)) => t.socket_in_network(key, make)?,
-        _ => make()?,
+        (true, Some(t)) => t.socket_in_network(kind, &call.ctx.mediation.housekeeper)?,
+        _ => kind.make()?,
     };
     if dest.needs_netns() && domain == libc::AF_UNIX {
         bind(sock.as_raw_fd(), &UnixAddr::new_unnamed())?;
@@ -237,7 +232,7 @@ fn socket_with(
 /// as the caller's effective uid and gid. The socket blocks or not as the caller's does.
 fn connect_in(
     call: &Call<'_>,
-    target: Option<&TargetVm>,
+    target: Option<&Arc<TargetVm>>,
     like: &CallerSocket,
     dest: &Destination,
     info: &CallerInfo,
@@ -245,8 +240,8 @@ fn connect_in(
     if matches!(dest, Destination::Inet { .. }) && like.kind == libc::SOCK_STREAM {
         return connect_tcp_in(call, target, like, dest);
     }
-    let sock = socket_for(target, like, dest)?;
-    let root = root_for(target, dest)?;
+    let sock = socket_for(call, target, like, dest)?;
+    let root = root_for(target.map(Arc::as_ref), dest)?;
     as_caller(info, || {
         let resolved = address::resolve(root, dest)?;
         connect_bounded(&sock, &*resolved.addr, &|| call.release_turn())
@@ -264,12 +259,12 @@ fn connect_in(
 /// none, and a socket's owner is fixed when it is made.
 fn connect_tcp_in(
     call: &Call<'_>,
-    target: Option<&TargetVm>,
+    target: Option<&Arc<TargetVm>>,
     like: &CallerSocket,
     dest: &Destination,
 ) -> Result<OwnedFd, Errno> {
     static HOST_TCP_DEFAULTS: std::sync::OnceLock<Option<TcpOptions>> = std::sync::OnceLock::new();
-    let sock = socket_with(target, like, dest, SockFlag::SOCK_NONBLOCK)?;
+    let sock = socket_with(call, target, like, dest, SockFlag::SOCK_NONBLOCK)?;
     let defaults = target.map_or(&HOST_TCP_DEFAULTS, |t| &t.tcp_defaults);
     carry_tcp_options(like.sock.as_fd(), sock.as_fd(), defaults);
     let resolved = address::resolve(None, dest)?;

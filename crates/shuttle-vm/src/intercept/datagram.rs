@@ -11,6 +11,7 @@
 //! across VMs: such a call is refused with EOPNOTSUPP.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -220,8 +221,8 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: &[u8], payload: Pa
         }
         Err(e) => return call.answer(Err(e)),
     };
-    let target_vm = route.target.as_deref();
-    let root = match root_for(target_vm, &route.dest) {
+    let target_vm = route.target.as_ref();
+    let root = match root_for(target_vm.map(Arc::as_ref), &route.dest) {
         Ok(r) => r,
         Err(e) => return call.refuse(record, &format!("the target's root: {e}"), e),
     };
@@ -235,7 +236,7 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: &[u8], payload: Pa
     let (sender, lend): (Option<OwnedFd>, bool) = if !route.dest.needs_netns() || already_there {
         (None, false)
     } else {
-        let fresh = match socket_for(target_vm, &sock, &route.dest) {
+        let fresh = match socket_for(call, target_vm, &sock, &route.dest) {
             Ok(s) => s,
             Err(e) => return call.refuse(record, &format!("no socket in the target: {e}"), e),
         };

@@ -32,6 +32,7 @@ mod address;
 mod caller;
 mod connect;
 mod datagram;
+mod housekeeper;
 mod mq;
 mod target;
 
@@ -60,6 +61,8 @@ pub struct MediationState {
     pub own_netns: u64,
     /// Threads that made mediated calls lately.
     pub callers: caller::CallerCache,
+    /// Closes what calls leave behind, and makes sockets ahead of need.
+    housekeeper: housekeeper::Housekeeper,
     /// The VM's PID namespace, to name callers in the audit as the VM knows them.
     vm_pidns: Option<OwnedFd>,
     /// Whether the VM has ever been lent a datagram socket (see the module documentation).

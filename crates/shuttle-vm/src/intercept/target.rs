@@ -9,12 +9,16 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
-use nix::sys::socket::{connect, getsockopt, setsockopt, sockopt, SockaddrLike};
+use nix::sys::socket::{
+    connect, getsockopt, setsockopt, socket, sockopt, AddressFamily, SockFlag, SockProtocol,
+    SockType, SockaddrLike,
+};
 use nix::sys::stat::{fstat, Mode};
 use nix::sys::time::TimeVal;
 use shuttle_sys::unotify;
 
 use super::caller::CallerInfo;
+use super::housekeeper::Housekeeper;
 use crate::cgroup::VmCgroup;
 use crate::vm_api::{self, ApiContext};
 
@@ -30,16 +34,60 @@ pub(super) struct TargetVm {
     net: OwnedFd,
     ipc: OwnedFd,
     pub net_inode: u64,
-    /// Fresh sockets made in the target's network namespace ahead of need, by (domain, type,
-    /// protocol): entering the namespace and returning costs two setns(2) calls, so each visit
-    /// makes a few. They are plain new sockets, made by the monitor as any would be.
-    spare_sockets: Mutex<HashMap<(i32, i32, i32), Vec<OwnedFd>>>,
+    /// Fresh sockets made in the target's network namespace ahead of need, by kind: entering
+    /// the namespace and returning costs two setns(2) calls, so each visit makes a batch, and
+    /// the housekeeper makes the next batch before the pool runs dry. They are plain new
+    /// sockets, made by the monitor as any would be.
+    spare_sockets: Mutex<HashMap<SocketKind, SparePool>>,
     /// The TCP options of a fresh socket in the target's network namespace, read once.
     pub tcp_defaults: OnceLock<Option<super::connect::TcpOptions>>,
 }
 
-/// Sockets made per visit to a target's network namespace beyond the one needed now.
-const SPARE_SOCKETS: usize = 15;
+#[derive(Debug, Default)]
+struct SparePool {
+    sockets: Vec<OwnedFd>,
+    /// A refill was asked of the housekeeper and has not happened yet.
+    refilling: bool,
+}
+
+/// Fresh sockets a pool is filled up to, and the level at which the housekeeper is asked to
+/// fill it again (early enough that a client connecting in a loop does not find it empty).
+const SPARE_SOCKETS: usize = 32;
+const REFILL_BELOW: usize = 16;
+
+/// A kind of socket: domain, type (with SOCK_NONBLOCK when wanted) and protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(super) struct SocketKind {
+    domain: i32,
+    kind: i32,
+    protocol: i32,
+}
+
+impl SocketKind {
+    pub fn new(domain: i32, kind: i32, extra: SockFlag, protocol: i32) -> Result<Self, Errno> {
+        AddressFamily::from_i32(domain).ok_or(Errno::EAFNOSUPPORT)?;
+        SockType::try_from(kind).map_err(|_| Errno::EPROTOTYPE)?;
+        Ok(SocketKind {
+            domain,
+            kind: kind | extra.bits(),
+            protocol,
+        })
+    }
+
+    /// A new socket of this kind (close-on-exec), in the calling thread's network namespace.
+    pub fn make(self) -> Result<OwnedFd, Errno> {
+        let family = AddressFamily::from_i32(self.domain).ok_or(Errno::EAFNOSUPPORT)?;
+        let flags = SockFlag::from_bits_truncate(self.kind) | SockFlag::SOCK_CLOEXEC;
+        let kind = SockType::try_from(self.kind & !(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC))
+            .map_err(|_| Errno::EPROTOTYPE)?;
+        let proto = match self.protocol {
+            p if p == libc::IPPROTO_TCP => Some(SockProtocol::Tcp),
+            p if p == libc::IPPROTO_UDP => Some(SockProtocol::Udp),
+            _ => None,
+        };
+        socket(family, kind, flags, proto)
+    }
+}
 
 impl TargetVm {
     /// Whether the init still lives (then its pid cannot have been reused).
@@ -47,37 +95,53 @@ impl TargetVm {
         shuttle_sys::process::pidfd_send_signal(self.pidfd.as_fd(), 0).is_ok()
     }
 
-    /// A new socket of kind `key` (domain, type, protocol) in the target's network namespace,
-    /// made by `make`: a spare one made on an earlier visit, or one of a few made now.
+    fn pools(&self) -> std::sync::MutexGuard<'_, HashMap<SocketKind, SparePool>> {
+        self.spare_sockets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A new socket of `kind` in the target's network namespace: a spare one (and the
+    /// housekeeper asked to make more when few are left), or, when none is left, one made now
+    /// with a batch of spares.
     pub fn socket_in_network(
-        &self,
-        key: (i32, i32, i32),
-        make: impl Fn() -> Result<OwnedFd, Errno>,
+        self: &Arc<Self>,
+        kind: SocketKind,
+        housekeeper: &Housekeeper,
     ) -> Result<OwnedFd, Errno> {
-        let spare = |s: &Self| {
-            s.spare_sockets
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get_mut(&key)
-                .and_then(Vec::pop)
-        };
-        if let Some(sock) = spare(self) {
+        let mut pools = self.pools();
+        let pool = pools.entry(kind).or_default();
+        if let Some(sock) = pool.sockets.pop() {
+            if pool.sockets.len() < REFILL_BELOW && !pool.refilling {
+                pool.refilling = housekeeper.refill_later(Arc::clone(self), kind);
+            }
             return Ok(sock);
         }
-        let mut made = in_namespace(self, Namespace::Net, || {
-            let mut made = vec![make()?];
-            // Spares are a saving, not a need: stop at the first that cannot be made.
-            made.extend((0..SPARE_SOCKETS).map_while(|_| make().ok()));
-            Ok(made)
-        })?;
-        let now = made.swap_remove(0);
-        self.spare_sockets
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(key)
-            .or_default()
-            .extend(made);
+        drop(pools);
+        let mut made = self.make_in_network(kind, SPARE_SOCKETS)?;
+        let now = made.pop().ok_or(Errno::EMFILE)?;
+        self.pools().entry(kind).or_default().sockets.extend(made);
         Ok(now)
+    }
+
+    /// Fills the pool of `kind` up (the housekeeper's chore).
+    pub fn refill(&self, kind: SocketKind) {
+        let have = self.pools().get(&kind).map_or(0, |p| p.sockets.len());
+        let made = self
+            .make_in_network(kind, SPARE_SOCKETS.saturating_sub(have))
+            .unwrap_or_default();
+        let mut pools = self.pools();
+        let pool = pools.entry(kind).or_default();
+        pool.sockets.extend(made);
+        pool.refilling = false;
+    }
+
+    /// Up to `n` (at least one) new sockets of `kind` in the target's network namespace. Only
+    /// the first must be made: spares are a saving, not a need.
+    fn make_in_network(&self, kind: SocketKind, n: usize) -> Result<Vec<OwnedFd>, Errno> {
+        in_namespace(self, Namespace::Net, || {
+            let mut made = vec![kind.make()?];
+            made.extend((1..n).map_while(|_| kind.make().ok()));
+            Ok(made)
+        })
     }
 }
 
