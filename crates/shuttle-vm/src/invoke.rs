@@ -138,14 +138,14 @@ pub(crate) fn serve(
     record.reason = Some(format!(
         "run as {user} in VM {target}{passing}{starting}{approval}"
     ));
-    if !vm_api::journal(ctx, record.clone()) {
+    if !vm_api::journal(ctx, &record) {
         return chan.send(&journal_failed());
     }
     let fail = |mut record: AuditRecord, message: String| {
         record.time = shuttle_audit::now_unix_nanos();
         record.result = Outcome::Error;
         record.reason = Some(message.clone());
-        let _ = vm_api::journal(ctx, record);
+        let _ = vm_api::journal(ctx, &record);
         VmReply::Failed { message }
     };
     if let Err(message) = ensure_running(&ctx.layout, &target) {
@@ -262,7 +262,7 @@ fn relay(
             record.reason = Some(format!(
                 "could not start {program} in VM {target}: {message}"
             ));
-            let _ = vm_api::journal(ctx, record);
+            let _ = vm_api::journal(ctx, &record);
             drop(exposed);
             return chan.send(&VmReply::InvokeFailed { message, exit_code });
         }
@@ -338,7 +338,7 @@ fn journal_failed() -> VmReply {
 
 /// Journals a refusal and returns `reply`, or the journal's own failure.
 fn refuse(ctx: &ApiContext, record: AuditRecord, reply: VmReply) -> VmReply {
-    if vm_api::journal(ctx, record) {
+    if vm_api::journal(ctx, &record) {
         reply
     } else {
         journal_failed()
@@ -757,7 +757,7 @@ fn serve_own_vm(
     record.reason = Some(format!(
         "run as {user} in the caller's own VM {vm}{approval}"
     ));
-    if !vm_api::journal(ctx, record.clone()) {
+    if !vm_api::journal(ctx, &record) {
         return chan.send(&journal_failed());
     }
     let env = spec

@@ -358,8 +358,8 @@ pub(crate) fn rule_ref(policy: &Policy, rule: &shuttle_policy::Rule) -> RuleRef 
 
 /// Records `record` before the decision takes effect (see [`crate::audit_log`]); false when
 /// that failed (the caller must refuse).
-pub(crate) fn journal(ctx: &ApiContext, record: AuditRecord) -> bool {
-    ctx.journal.record(&ctx.vm, &record)
+pub(crate) fn journal(ctx: &ApiContext, record: &AuditRecord) -> bool {
+    ctx.journal.record(&ctx.vm, record)
 }
 
 fn signal_request(
@@ -382,7 +382,7 @@ fn signal_request(
         seq: 0,
     };
     let refuse = |record: AuditRecord, message: String| {
-        if journal(ctx, record) {
+        if journal(ctx, &record) {
             VmReply::Denied { message }
         } else {
             VmReply::Failed {
@@ -444,7 +444,7 @@ fn signal_request(
         Err(message) => {
             record.result = Outcome::Error;
             record.reason = Some(message.clone());
-            return if journal(ctx, record) {
+            return if journal(ctx, &record) {
                 VmReply::Failed { message }
             } else {
                 VmReply::Failed {
@@ -462,7 +462,7 @@ fn signal_request(
         .map(|r| format!("; {r}"))
         .unwrap_or_default();
     record.reason = Some(format!("{} matching process(es){approval}", targets.len()));
-    if !journal(ctx, record) {
+    if !journal(ctx, &record) {
         return VmReply::Failed {
             message: "the audit journal cannot be written: refused".into(),
         };

@@ -142,7 +142,7 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
     // The decision is on record before anything reaches the target: a connection refused
     // because its record could not be written must not have been made.
     record.reason = Some(format!("connecting to {:?}", route.dest));
-    if !vm_api::journal(call.ctx, record.clone()) {
+    if !vm_api::journal(call.ctx, &record) {
         return call.answer(Err(Errno::ECONNREFUSED));
     }
     let target = route.target.as_ref();
@@ -164,7 +164,7 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: Vec<u8>) {
             // failure is recorded after the decision.
             record.result = Outcome::Error;
             record.reason = Some(format!("connecting in the target failed: {e}"));
-            let _ = vm_api::journal(call.ctx, record);
+            let _ = vm_api::journal(call.ctx, &record);
             return call.answer(Err(e));
         }
     };

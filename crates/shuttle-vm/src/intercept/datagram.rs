@@ -244,7 +244,7 @@ fn mediate(call: &Call<'_>, fd: i32, dest: Destination, addr: &[u8], payload: Pa
         (Some(fresh), own && unbound(&sock.sock))
     };
     record.reason = Some(format!("{} bytes to {:?}", data.len(), route.dest));
-    if !vm_api::journal(call.ctx, record) {
+    if !vm_api::journal(call.ctx, &record) {
         return call.answer(Err(Errno::ECONNREFUSED));
     }
     if let (Some(fresh), true) = (&sender, lend) {

@@ -250,7 +250,7 @@ impl Call<'_> {
         self.count(|c| &c.refused);
         record.result = Outcome::Error;
         record.reason = Some(why.to_owned());
-        let _ = vm_api::journal(self.ctx, record);
+        let _ = vm_api::journal(self.ctx, &record);
         self.answer(Err(errno));
     }
 
@@ -350,7 +350,7 @@ fn judge<'p>(
     let ctx = call.ctx;
     let local_after = |record: AuditRecord| {
         ctx.mediation.counts.refused.fetch_add(1, Ordering::Relaxed);
-        if vm_api::journal(ctx, record) {
+        if vm_api::journal(ctx, &record) {
             Judgement::Local
         } else {
             Judgement::Refuse

@@ -81,7 +81,7 @@ fn mediate(call: &Call<'_>, name: &str, object: &str) {
     };
     // On record before the queue is opened (or created) in the target.
     record.reason = Some(format!("opening {object} in VM {target_vm}"));
-    if !vm_api::journal(call.ctx, record.clone()) {
+    if !vm_api::journal(call.ctx, &record) {
         return call.answer(Err(Errno::EACCES));
     }
     let queue = match open_queue_in(&target, name, oflag, mode, attr, &info) {
@@ -89,7 +89,7 @@ fn mediate(call: &Call<'_>, name: &str, object: &str) {
         Err(e) => {
             record.result = Outcome::Error;
             record.reason = Some(format!("opening the queue in VM {target_vm} failed: {e}"));
-            let _ = vm_api::journal(call.ctx, record);
+            let _ = vm_api::journal(call.ctx, &record);
             return call.answer(Err(e));
         }
     };
