@@ -1,21 +1,8 @@
 //! `shuttle-bench`: measures Shuttle's VM engine against bubblewrap in the same run and prints
 //! ratios (these machines are noisy; absolute times mean little).
 //!
-//! Usage (as root, after `cargo build --release`):
-//!   target/release/shuttle-bench [--runs N] [--fleet N]
-//!   target/release/shuttle-bench --connect [--connects N] [--rounds N]
-//!                                 (what mediation adds to connect)
-//!   target/release/shuttle-bench --throughput [--mib N] [--rounds N]
-//!                                 (bulk data: mediated vs direct vs a socat relay)
-//!   target/release/shuttle-bench --invoke [--runs N] [--rounds N]
-//!                                 (`true` invoked across VMs vs `shuttle run` into the target)
-//!   target/release/shuttle-bench --pgbench [--seconds N] [--rounds N] [--clients N]
-//!                                 (PostgreSQL across VMs: pgbench -C -S, cross-VM vs same VM)
-//!   target/release/shuttle-bench --share [--mib N] [--files N] [--rounds N]
-//!                                 (files read through a share rule vs in the owner VM)
-//!   target/release/shuttle-bench --load [--seconds N]
-//!                                 (mediated connects at full speed, sustained; the monitor's
-//!                                 memory and descriptors meanwhile)
+//! Usage: `shuttle-bench --help` (the `USAGE` text below), as root, after
+//! `cargo build --release`.
 //!
 //! It measures, interleaving the two sides so that drift in machine load hits both alike:
 //! * `shuttle run VM -- true` into a running VM vs `bwrap --unshare-all ... true`
@@ -149,8 +136,68 @@ fn arg(args: &[String], flag: &str, default: usize) -> Result<usize> {
     }
 }
 
+const USAGE: &str = "\
+shuttle-bench: Shuttle measured against a baseline in the same run; prints ratios.
+Run as root, after `cargo build --release`.
+
+  shuttle-bench [--runs N] [--fleet N]
+      VM start-up and memory against bubblewrap (run into a running VM, fresh VM create + run,
+      idle VM memory, a fleet of N VMs)
+  shuttle-bench --connect [--connects N] [--rounds N]
+      what mediation adds to connect (intra-VM and cross-VM, unix and TCP)
+  shuttle-bench --throughput [--mib N] [--rounds N]
+      bulk data: mediated vs direct vs a socat relay
+  shuttle-bench --invoke [--runs N] [--rounds N]
+      `true` invoked across VMs vs `shuttle run` into the target
+  shuttle-bench --pgbench [--seconds N] [--rounds N] [--clients N]
+      PostgreSQL across VMs: pgbench -C -S, cross-VM vs same VM
+  shuttle-bench --share [--mib N] [--files N] [--rounds N]
+      files read through a share rule vs in the owner VM
+  shuttle-bench --load [--seconds N]
+      mediated connects at full speed, sustained; the monitor's memory and descriptors
+";
+
+/// Flags that take a number, and flags that choose a measurement.
+const VALUE_FLAGS: &[&str] = &[
+    "--runs",
+    "--fleet",
+    "--connects",
+    "--rounds",
+    "--mib",
+    "--files",
+    "--seconds",
+    "--clients",
+];
+const MODE_FLAGS: &[&str] = &[
+    "--connect",
+    "--throughput",
+    "--invoke",
+    "--share",
+    "--load",
+    "--pgbench",
+];
+
+/// Refuses what is not a known flag (a mistyped one would otherwise run the default
+/// measurement, which takes minutes).
+fn check_args(args: &[String]) -> Result<()> {
+    let mut rest = args.iter().skip(1);
+    while let Some(a) = rest.next() {
+        if VALUE_FLAGS.contains(&a.as_str()) {
+            rest.next();
+        } else if !MODE_FLAGS.contains(&a.as_str()) {
+            bail!("unknown argument {a:?}\n\n{USAGE}");
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        print!("{USAGE}");
+        return Ok(());
+    }
+    check_args(&args)?;
     let runs = arg(&args, "--runs", 200)?;
     let fleet = arg(&args, "--fleet", 100)?;
     let exe = std::env::current_exe()?;
