@@ -61,11 +61,15 @@ impl VmJournal {
     /// Records `record` before the decision it describes takes effect; false when that failed
     /// (the caller must then refuse).
     pub fn record(self: &Arc<Self>, vm: &str, record: &AuditRecord) -> bool {
-        self.flusher.call_once(|| {
-            let flusher = Arc::clone(self);
-            std::thread::spawn(move || flusher.flush_forever());
-        });
-        self.append(vm, record)
+        let written = self.append(vm, record);
+        if written {
+            // Started once the journal is open: a flusher that found none would end at once.
+            self.flusher.call_once(|| {
+                let flusher = Arc::clone(self);
+                std::thread::spawn(move || flusher.flush_forever());
+            });
+        }
+        written
     }
 
     /// Records `record` and syncs it in line, on the calling thread alone (for decisions
@@ -144,11 +148,14 @@ impl VmJournal {
                     continue;
                 }
                 Some(Err(e)) => {
-                    tracing::error!(error = %e, "cannot sync the audit journal; refusing from now on");
-                    if let Some(j) = guard.as_mut() {
-                        j.record_sync(&Err(e));
-                    }
-                    return;
+                    // Only the descriptor to sync through could not be had (out of
+                    // descriptors): nothing is lost, and appends sync in line once
+                    // `MAX_UNSYNCED_RECORDS` wait. The next round tries again.
+                    tracing::warn!(error = %e, "cannot start a sync of the audit journal; trying again");
+                    drop(guard);
+                    std::thread::sleep(GROUP_COMMIT_WINDOW);
+                    guard = self.lock();
+                    continue;
                 }
                 None => return,
             };

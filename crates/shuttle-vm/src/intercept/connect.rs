@@ -228,8 +228,9 @@ fn socket_with(
     Ok(sock)
 }
 
-/// Creates a socket like the caller's in the target's namespaces and connects it to `dest`,
-/// as the caller's effective uid and gid. The socket blocks or not as the caller's does.
+/// Creates a socket like the caller's in the target's namespaces and connects it to `dest`
+/// (abstract and datagram kinds as the caller's effective uid and gid; TCP, which checks no
+/// identity, in [`connect_tcp_in`]). The socket blocks or not as the caller's does.
 fn connect_in(
     call: &Call<'_>,
     target: Option<&Arc<TargetVm>>,

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,17 @@ struct SparePool {
 const SPARE_SOCKETS: usize = 32;
 const REFILL_BELOW: usize = 16;
 
+/// Spares made in line when a pool is found empty (the housekeeper makes the rest): a one-off
+/// connect does not leave thirty descriptors behind.
+const SPARES_ON_DEMAND: usize = 3;
+
+/// The most spare sockets one monitor holds, over all its targets and kinds: they are
+/// descriptors, and running out of those would refuse calls.
+const MAX_SPARES_HELD: usize = 256;
+
+/// Spare sockets held now by this monitor's pools.
+static SPARES_HELD: AtomicUsize = AtomicUsize::new(0);
+
 /// A kind of socket: domain, type (with SOCK_NONBLOCK when wanted) and protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) struct SocketKind {
@@ -101,7 +113,7 @@ impl TargetVm {
 
     /// A new socket of `kind` in the target's network namespace: a spare one (and the
     /// housekeeper asked to make more when few are left), or, when none is left, one made now
-    /// with a batch of spares.
+    /// with a few spares (within the monitor's budget, `MAX_SPARES_HELD`).
     pub fn socket_in_network(
         self: &Arc<Self>,
         kind: SocketKind,
@@ -110,28 +122,40 @@ impl TargetVm {
         let mut pools = self.pools();
         let pool = pools.entry(kind).or_default();
         if let Some(sock) = pool.sockets.pop() {
+            SPARES_HELD.fetch_sub(1, Ordering::Relaxed);
             if pool.sockets.len() < REFILL_BELOW && !pool.refilling {
                 pool.refilling = housekeeper.refill_later(Arc::clone(self), kind);
             }
             return Ok(sock);
         }
         drop(pools);
-        let mut made = self.make_in_network(kind, SPARE_SOCKETS)?;
+        let mut made = self.make_in_network(kind, 1 + spares_allowed(SPARES_ON_DEMAND))?;
         let now = made.pop().ok_or(Errno::EMFILE)?;
-        self.pools().entry(kind).or_default().sockets.extend(made);
+        self.keep_spares(kind, made);
+        if let Some(pool) = self.pools().get_mut(&kind) {
+            if !pool.refilling {
+                pool.refilling = housekeeper.refill_later(Arc::clone(self), kind);
+            }
+        }
         Ok(now)
     }
 
     /// Fills the pool of `kind` up (the housekeeper's chore).
     pub fn refill(&self, kind: SocketKind) {
         let have = self.pools().get(&kind).map_or(0, |p| p.sockets.len());
-        let made = self
-            .make_in_network(kind, SPARE_SOCKETS.saturating_sub(have))
-            .unwrap_or_default();
-        let mut pools = self.pools();
-        let pool = pools.entry(kind).or_default();
-        pool.sockets.extend(made);
-        pool.refilling = false;
+        let made = match spares_allowed(SPARE_SOCKETS.saturating_sub(have)) {
+            0 => Vec::new(),
+            n => self.make_in_network(kind, n).unwrap_or_default(),
+        };
+        self.keep_spares(kind, made);
+        if let Some(pool) = self.pools().get_mut(&kind) {
+            pool.refilling = false;
+        }
+    }
+
+    fn keep_spares(&self, kind: SocketKind, spares: Vec<OwnedFd>) {
+        SPARES_HELD.fetch_add(spares.len(), Ordering::Relaxed);
+        self.pools().entry(kind).or_default().sockets.extend(spares);
     }
 
     /// Up to `n` (at least one) new sockets of `kind` in the target's network namespace. Only
@@ -143,6 +167,18 @@ impl TargetVm {
             Ok(made)
         })
     }
+}
+
+impl Drop for TargetVm {
+    fn drop(&mut self) {
+        let held: usize = self.pools().values().map(|p| p.sockets.len()).sum();
+        SPARES_HELD.fetch_sub(held, Ordering::Relaxed);
+    }
+}
+
+/// How many of `wanted` more spare sockets the monitor's budget allows.
+fn spares_allowed(wanted: usize) -> usize {
+    wanted.min(MAX_SPARES_HELD.saturating_sub(SPARES_HELD.load(Ordering::Relaxed)))
 }
 
 /// The running VMs a monitor has carried calls into, by name. A sweeper thread (started with
@@ -398,11 +434,19 @@ pub(super) fn connect_nonblocking(
 
 fn wait_connected(sock: &OwnedFd, deadline: Instant) -> Result<(), Errno> {
     use nix::poll::{PollFd, PollFlags, PollTimeout};
-    let left = deadline.saturating_duration_since(Instant::now());
     let mut fds = [PollFd::new(sock.as_fd(), PollFlags::POLLOUT)];
-    // Rounded up: a wait of less than a millisecond must not become a poll that returns at once.
-    let ms = u16::try_from(left.as_micros().div_ceil(1000)).unwrap_or(u16::MAX);
-    match nix::poll::poll(&mut fds, PollTimeout::from(ms))? {
+    let ready = loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        // Rounded up: a wait of less than a millisecond must not become a poll that returns
+        // at once.
+        let ms = u16::try_from(left.as_micros().div_ceil(1000)).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut fds, PollTimeout::from(ms)) {
+            // A signal for the monitor (its stop) came to this thread: the handshake goes on.
+            Err(Errno::EINTR) => continue,
+            other => break other?,
+        }
+    };
+    match ready {
         0 => Err(Errno::ETIMEDOUT),
         // Connected, nothing wrong: no need to ask for the error.
         _ if fds[0].revents() == Some(PollFlags::POLLOUT) => Ok(()),
