@@ -55,6 +55,16 @@ pub fn host_cgroups() -> HostCgroups {
     }
 }
 
+/// The host directories of cgroup `path` for `controller` (one on v2, one per hierarchy on v1).
+fn dirs_of(v2: bool, path: &str, controller: &str) -> Vec<PathBuf> {
+    let hier = cgroups_rs::hierarchies::auto();
+    if v2 {
+        vec![hier.root().join(path)]
+    } else {
+        vec![hier.root().join(controller).join(path)]
+    }
+}
+
 fn path_for(parent: &str, vm: &str) -> String {
     format!("{parent}/{vm}")
 }
@@ -123,11 +133,25 @@ impl VmCgroup {
 
     /// The directories of this cgroup for `controller` (one on v2, one per hierarchy on v1).
     fn dirs(&self, controller: &str) -> Vec<PathBuf> {
-        let hier = cgroups_rs::hierarchies::auto();
-        if self.cgroup.v2() {
-            vec![hier.root().join(self.cgroup.path())]
-        } else {
-            vec![hier.root().join(controller).join(self.cgroup.path())]
+        dirs_of(self.cgroup.v2(), self.cgroup.path(), controller)
+    }
+
+    /// Removes the shared parent (`shuttle-…`) once the last VM's cgroup in it is gone: one
+    /// plain rmdir per hierarchy, which fails (EBUSY) while any other cgroup is in it. Never
+    /// the crate's `delete`, which removes sub-cgroups recursively (another VM's, empty while
+    /// that VM starts) and, failing, retries for 150 ms: every stop while other VMs ran took
+    /// that long.
+    fn remove_parent_if_empty(&self) {
+        let parent = self.cgroup.parent_control_group();
+        let path = parent.path();
+        if !path.starts_with("shuttle") || path.contains('/') {
+            return;
+        }
+        for dir in CONTROLLERS
+            .iter()
+            .flat_map(|c| dirs_of(self.cgroup.v2(), path, c))
+        {
+            let _ = std::fs::remove_dir(dir);
         }
     }
 
@@ -192,12 +216,7 @@ impl VmCgroup {
                 );
             }
             if procs.is_empty() && self.cgroup.delete().is_ok() && !self.cgroup.exists() {
-                // The shared parent goes too once its last VM is gone (rmdir fails otherwise,
-                // which is what we want).
-                let parent = self.cgroup.parent_control_group();
-                if parent.path().starts_with("shuttle") && parent.path() != "/" {
-                    let _ = parent.delete();
-                }
+                self.remove_parent_if_empty();
                 return Ok(());
             }
             if start.elapsed() > wait {

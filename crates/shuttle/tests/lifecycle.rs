@@ -185,6 +185,36 @@ fn stop_kills_processes_that_ignore_sigterm() {
     }
 }
 
+/// Stopping a VM touches no other cgroup in the shared parent: an empty one (what a VM's is
+/// while it starts) stays, and so does the parent holding it. The parent used to be removed
+/// recursively, taking empty cgroups with it (and, with a running VM's in it, retrying for
+/// 150 ms at every stop).
+#[test]
+fn stopping_a_vm_leaves_the_other_cgroups_in_its_parent_alone() {
+    let Some(env) = Env::new() else { return };
+    env.create("one", &[]);
+    env.ok(&["vm", "start", "one"]);
+    let probes: Vec<std::path::PathBuf> = env
+        .cgroup_dirs("one")
+        .iter()
+        .map(|d| d.parent().unwrap().join("zz-empty-probe"))
+        .collect();
+    for p in &probes {
+        std::fs::create_dir(p).unwrap();
+    }
+    env.ok(&["vm", "stop", "one"]);
+    let left: Vec<bool> = probes.iter().map(|p| p.exists()).collect();
+    for p in &probes {
+        let _ = std::fs::remove_dir(p);
+        // The parent, empty now, goes as a stop would have taken it.
+        let _ = std::fs::remove_dir(p.parent().unwrap());
+    }
+    assert!(
+        left.iter().all(|&e| e),
+        "an empty cgroup beside the VM's was removed: {probes:?}"
+    );
+}
+
 #[test]
 fn start_stop_rm_cycle() {
     let Some(env) = Env::new() else { return };
