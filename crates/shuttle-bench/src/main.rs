@@ -125,6 +125,11 @@ fn rss_kib(pid: i64) -> Result<u64> {
         .context("no VmRSS line")
 }
 
+/// Lets the kernel finish the background teardown of namespaces that just went away.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(100));
+}
+
 fn arg(args: &[String], flag: &str, default: usize) -> Result<usize> {
     match args.iter().position(|a| a == flag) {
         Some(i) => args
@@ -314,10 +319,15 @@ fn run_all(bench: &Bench, runs: usize, fleet: usize) -> Result<()> {
     let (mut s, mut b) = (Vec::new(), Vec::new());
     for i in 0..fresh_runs {
         let name = format!("fresh{i}");
+        // Both sides start alike: the kernel tears a network namespace down in the
+        // background (under the lock a new one needs), so a measurement right after the
+        // previous VM's removal or bwrap's exit would pay for that teardown too.
+        settle();
         let t = Instant::now();
         bench.check(&["vm", "create", &name])?;
         time(bench.shuttle().args(["run", &name, "--", "true"]))?;
         s.push(t.elapsed());
+        settle();
         b.push(time(&mut bwrap())?);
         bench.check(&["vm", "rm", "--force", &name])?;
     }
