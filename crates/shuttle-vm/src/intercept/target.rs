@@ -456,3 +456,47 @@ fn wait_connected(sock: &OwnedFd, deadline: Instant) -> Result<(), Errno> {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spare_sockets_stay_within_the_monitors_budget() {
+        SPARES_HELD.store(0, Ordering::Relaxed);
+        assert_eq!(spares_allowed(5), 5);
+        SPARES_HELD.store(MAX_SPARES_HELD - 2, Ordering::Relaxed);
+        assert_eq!(spares_allowed(5), 2);
+        SPARES_HELD.store(MAX_SPARES_HELD, Ordering::Relaxed);
+        assert_eq!(spares_allowed(5), 0);
+        SPARES_HELD.store(0, Ordering::Relaxed);
+    }
+
+    #[test]
+    fn a_connect_nobody_answers_is_refused_and_one_answered_completes() {
+        use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+        let kind = SocketKind::new(
+            libc::AF_INET,
+            libc::SOCK_STREAM,
+            SockFlag::SOCK_NONBLOCK,
+            libc::IPPROTO_TCP,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let listener = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let open = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
+        let addr = |port| nix::sys::socket::SockaddrIn::new(127, 0, 0, 1, port);
+        let sock = kind.make().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            connect_nonblocking(&sock, &addr(open.port()), &|| ()),
+            Ok(())
+        );
+        // A port nobody listens on (the listener's, once closed).
+        drop(listener);
+        let sock = kind.make().unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            connect_nonblocking(&sock, &addr(open.port()), &|| ()),
+            Err(Errno::ECONNREFUSED)
+        );
+    }
+}
