@@ -61,6 +61,16 @@ fn client(env: &Env, vm: &str, user: Option<&str>, kind: &str, target: &str) -> 
     stdout(&env.output(&args)).trim().to_owned()
 }
 
+/// VMs db (serving, see [`serve`]) and app, with [`POLICY`] loaded.
+fn db_serving_app() -> Option<Env> {
+    let env = Env::new()?;
+    env.create("db", &[]);
+    env.create("app", &[]);
+    serve(&env, "db", "/run/db.sock", 7000);
+    load(&env, POLICY);
+    Some(env)
+}
+
 const POLICY: &str = r#"
 [[rule]]
 op = "connect"
@@ -246,11 +256,7 @@ s.sendall(b"after"); print(s.recv(100).decode())
 
 #[test]
 fn tcp_options_set_before_a_mediated_connect_are_kept() {
-    let Some(env) = Env::new() else { return };
-    env.create("db", &[]);
-    env.create("app", &[]);
-    serve(&env, "db", "/run/db.sock", 7000);
-    load(&env, POLICY);
+    let Some(env) = db_serving_app() else { return };
     // libpq, for one, sets TCP_NODELAY and keepalives on its socket before connecting.
     let code = r#"
 import socket
@@ -272,11 +278,7 @@ print(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0,
 /// unix path, where the caller's own is connected).
 #[test]
 fn a_mediated_socket_keeps_the_callers_number_and_flags() {
-    let Some(env) = Env::new() else { return };
-    env.create("db", &[]);
-    env.create("app", &[]);
-    serve(&env, "db", "/run/db.sock", 7000);
-    load(&env, POLICY);
+    let Some(env) = db_serving_app() else { return };
     let code = r#"
 import os, select, socket
 for fam, addr in ((socket.AF_INET, ("127.0.0.1", 7000)), (socket.AF_UNIX, "/run/db.sock")):

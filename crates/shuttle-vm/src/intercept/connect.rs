@@ -217,7 +217,7 @@ fn socket_with(
     extra: SockFlag,
 ) -> Result<OwnedFd, Errno> {
     let (domain, protocol) = like.domain_and_protocol()?;
-    let kind = SocketKind::new(domain, like.kind, extra, protocol)?;
+    let kind = SocketKind::new(domain, like.kind, extra, protocol);
     let sock = match (dest.needs_netns(), target) {
         (true, Some(t)) => t.socket_in_network(kind, &call.ctx.mediation.housekeeper)?,
         _ => kind.make()?,

@@ -76,17 +76,17 @@ pub(super) struct SocketKind {
 }
 
 impl SocketKind {
-    pub fn new(domain: i32, kind: i32, extra: SockFlag, protocol: i32) -> Result<Self, Errno> {
-        AddressFamily::from_i32(domain).ok_or(Errno::EAFNOSUPPORT)?;
-        SockType::try_from(kind).map_err(|_| Errno::EPROTOTYPE)?;
-        Ok(SocketKind {
+    pub fn new(domain: i32, kind: i32, extra: SockFlag, protocol: i32) -> SocketKind {
+        SocketKind {
             domain,
             kind: kind | extra.bits(),
             protocol,
-        })
+        }
     }
 
     /// A new socket of this kind (close-on-exec), in the calling thread's network namespace.
+    /// A kind the monitor cannot make fails here (EAFNOSUPPORT, EPROTOTYPE), before any is
+    /// pooled.
     pub fn make(self) -> Result<OwnedFd, Errno> {
         let family = AddressFamily::from_i32(self.domain).ok_or(Errno::EAFNOSUPPORT)?;
         let flags = SockFlag::from_bits_truncate(self.kind) | SockFlag::SOCK_CLOEXEC;
@@ -119,23 +119,23 @@ impl TargetVm {
         kind: SocketKind,
         housekeeper: &Housekeeper,
     ) -> Result<OwnedFd, Errno> {
+        let spare = self.pools().get_mut(&kind).and_then(|p| p.sockets.pop());
+        let now = match spare {
+            Some(sock) => {
+                SPARES_HELD.fetch_sub(1, Ordering::Relaxed);
+                sock
+            }
+            None => {
+                let mut made = self.make_in_network(kind, 1 + spares_allowed(SPARES_ON_DEMAND))?;
+                let now = made.pop().ok_or(Errno::EMFILE)?;
+                self.keep_spares(kind, made);
+                now
+            }
+        };
         let mut pools = self.pools();
         let pool = pools.entry(kind).or_default();
-        if let Some(sock) = pool.sockets.pop() {
-            SPARES_HELD.fetch_sub(1, Ordering::Relaxed);
-            if pool.sockets.len() < REFILL_BELOW && !pool.refilling {
-                pool.refilling = housekeeper.refill_later(Arc::clone(self), kind);
-            }
-            return Ok(sock);
-        }
-        drop(pools);
-        let mut made = self.make_in_network(kind, 1 + spares_allowed(SPARES_ON_DEMAND))?;
-        let now = made.pop().ok_or(Errno::EMFILE)?;
-        self.keep_spares(kind, made);
-        if let Some(pool) = self.pools().get_mut(&kind) {
-            if !pool.refilling {
-                pool.refilling = housekeeper.refill_later(Arc::clone(self), kind);
-            }
+        if pool.sockets.len() < REFILL_BELOW && !pool.refilling {
+            pool.refilling = housekeeper.refill_later(Arc::clone(self), kind);
         }
         Ok(now)
     }
@@ -480,8 +480,7 @@ mod tests {
             libc::SOCK_STREAM,
             SockFlag::SOCK_NONBLOCK,
             libc::IPPROTO_TCP,
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        );
         let listener = TcpListener::bind(SocketAddrV4::new(Ipv4Addr::LOCALHOST, 0))
             .unwrap_or_else(|e| panic!("{e}"));
         let open = listener.local_addr().unwrap_or_else(|e| panic!("{e}"));
