@@ -621,15 +621,6 @@ fn own_fds() -> Result<OwnedFd, String> {
     .map_err(errno("opening", "/proc/thread-self/fd"))
 }
 
-/// `path` (absolute) beneath `root`, nothing followed out of it, the last component not
-/// followed at all.
-fn resolve(root: &OwnedFd, path: &str) -> Result<OwnedFd, Errno> {
-    let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
-        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-    openat2(root, Path::new(path.trim_start_matches('/')), how)
-}
-
 fn kind(mode: u32) -> SFlag {
     SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits())
 }
@@ -656,7 +647,7 @@ fn mount_share(
         .map_err(errno("mount_setattr of the share for", at))?;
     shuttle_sys::vm_mount::attach_onto(tree.as_fd(), point.as_fd())
         .map_err(errno("move_mount of the share onto", at))?;
-    let mounted = resolve(&root, at).map_err(errno("opening the share at", at))?;
+    let mounted = crate::stubs::resolve(&root, at).map_err(errno("opening the share at", at))?;
     let now = fstat(&mounted).map_err(errno("stat of the share at", at))?;
     if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
         // Landed elsewhere (the VM renamed something meanwhile): taken away again.
@@ -722,19 +713,8 @@ fn mount_on_host(
             (fd, Made::Dir)
         }
         Err(Errno::ENOENT) => {
-            drop(
-                openat(
-                    &dir,
-                    Path::new(*last),
-                    OFlag::O_CREAT
-                        | OFlag::O_EXCL
-                        | OFlag::O_WRONLY
-                        | OFlag::O_NOFOLLOW
-                        | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(errno("making the mount point on the host for", object))?,
-            );
+            crate::stubs::create_mount_point_file(&dir, Path::new(*last))
+                .map_err(errno("making the mount point on the host for", object))?;
             let fd = open_point(&dir).map_err(errno("opening the mount point for", object))?;
             (fd, Made::File)
         }
@@ -787,7 +767,7 @@ fn take_from_owner(
         ))?;
     }
     let root = open_root()?;
-    let source = resolve(&root, object).map_err(errno("opening", object))?;
+    let source = crate::stubs::resolve(&root, object).map_err(errno("opening", object))?;
     let st = fstat(&source).map_err(errno("stat", object))?;
     let is_dir = match kind(st.st_mode) {
         SFlag::S_IFDIR => true,
@@ -945,7 +925,7 @@ fn mount_point(root: &OwnedFd, at: &str, is_dir: bool) -> Result<(OwnedFd, Made)
             if is_dir { "directory" } else { "file" }
         )
     };
-    match resolve(root, at) {
+    match crate::stubs::resolve(root, at) {
         Ok(fd) => {
             let st = fstat(&fd).map_err(errno("stat", at))?;
             let ok = match kind(st.st_mode) {
@@ -968,15 +948,8 @@ fn mount_point(root: &OwnedFd, at: &str, is_dir: bool) -> Result<(OwnedFd, Made)
     let (parent, name) = split(at).ok_or_else(in_the_way)?;
     let dir =
         crate::stubs::directory(root, parent).map_err(errno("making the directory", parent))?;
-    drop(
-        openat(
-            &dir,
-            name,
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(errno("making a mount point at", at))?,
-    );
+    crate::stubs::create_mount_point_file(&dir, name)
+        .map_err(errno("making a mount point at", at))?;
     let fd = openat(
         &dir,
         name,

@@ -269,12 +269,29 @@ fn in_vm(
 }
 
 /// Opens `path` (absolute, in the VM) as an `O_PATH` descriptor without following its last
-/// component, resolving everything before it inside the VM's root.
-fn resolve(root: &OwnedFd, path: &str) -> Result<OwnedFd, Errno> {
+/// component, resolving everything before it inside the VM's root (nothing followed out of it).
+pub(crate) fn resolve(root: &OwnedFd, path: &str) -> Result<OwnedFd, Errno> {
     let how = OpenHow::new()
         .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     openat2(root, Path::new(path.trim_start_matches('/')), how)
+}
+
+/// Creates `name` in `dir` as an empty file of mode 0 to bind-mount a file over: never
+/// through a symbolic link, never over something already there. Mode 0: should what was
+/// mounted on it ever be gone while the file stays, using it fails (permission denied) instead
+/// of silently doing nothing.
+pub(crate) fn create_mount_point_file<P: ?Sized + nix::NixPath>(
+    dir: &OwnedFd,
+    name: &P,
+) -> Result<(), Errno> {
+    openat(
+        dir,
+        name,
+        OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map(drop)
 }
 
 fn identity(fd: &OwnedFd) -> Result<(u64, u64), Errno> {
@@ -357,18 +374,7 @@ fn place(
         Err(Errno::ENOENT) => {
             // Mode 0: should the stub ever be gone while the file stays, running it fails
             // (permission denied) instead of silently doing nothing.
-            let made = openat(
-                &dir,
-                name,
-                OFlag::O_CREAT
-                    | OFlag::O_EXCL
-                    | OFlag::O_WRONLY
-                    | OFlag::O_NOFOLLOW
-                    | OFlag::O_CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(sys("creating a mount point at"))?;
-            drop(made);
+            create_mount_point_file(&dir, name).map_err(sys("creating a mount point at"))?;
             created = true;
             openat(
                 &dir,

@@ -783,19 +783,8 @@ fn attach(
     let point = match open_point(&dir) {
         Ok(fd) => fd,
         Err(Errno::ENOENT) => {
-            drop(
-                openat(
-                    &dir,
-                    Path::new(name),
-                    OFlag::O_CREAT
-                        | OFlag::O_EXCL
-                        | OFlag::O_WRONLY
-                        | OFlag::O_NOFOLLOW
-                        | OFlag::O_CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(errno("making a mount point"))?,
-            );
+            crate::stubs::create_mount_point_file(&dir, Path::new(name))
+                .map_err(errno("making a mount point"))?;
             open_point(&dir).map_err(errno("opening a mount point"))?
         }
         Err(e) => return Err(format!("opening a mount point: {e}")),
