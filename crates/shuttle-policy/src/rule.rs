@@ -237,6 +237,17 @@ impl Rule {
         label(self.number, self.name.as_deref())
     }
 
+    /// `rule #N at FILE:LINE:COLUMN` (or with its name), as messages and questions name it.
+    pub fn label_at(&self) -> String {
+        format!(
+            "{} at {}:{}:{}",
+            self.label(),
+            self.source,
+            self.location.line,
+            self.location.column
+        )
+    }
+
     fn signal_ok(&self, signal: Option<Signal>) -> bool {
         match self.params.signals() {
             None => true,

@@ -436,14 +436,7 @@ fn decide(
     };
     let rule = decision.rule.expect("a routed decision comes from a rule");
     record.rule = Some(vm_api::rule_ref(&policy, rule));
-    let loc = rule.location();
-    let rule_at = format!(
-        "{} at {}:{}:{}",
-        rule.label(),
-        rule.source(),
-        loc.line,
-        loc.column
-    );
+    let rule_at = rule.label_at();
     let to = match target {
         Some(Target::Vm(name)) => name.to_string(),
         _ => {
@@ -664,14 +657,7 @@ fn serve_own_vm(
         rule: Some(rule),
     };
     record.rule = Some(vm_api::rule_ref(&policy, rule));
-    let loc = rule.location();
-    let rule_at = format!(
-        "{} at {}:{}:{}",
-        rule.label(),
-        rule.source(),
-        loc.line,
-        loc.column
-    );
+    let rule_at = rule.label_at();
     if decision.action == Action::Deny {
         record.reason = Some(format!("denied by {}", rule.label()));
         let message = format!(

@@ -570,19 +570,12 @@ pub(crate) fn ask(
     record: &AuditRecord,
 ) -> (bool, String) {
     debug_assert!(from_policy(policy, rule), "a rule of another policy");
-    let loc = rule.location();
     let question = Question {
         vm: ctx.vm.clone(),
         op: record.op.clone(),
         to: record.to.clone(),
         object: record.object.clone(),
-        rule: format!(
-            "{} at {}:{}:{}",
-            rule.label(),
-            rule.source(),
-            loc.line,
-            loc.column
-        ),
+        rule: rule.label_at(),
         timeout_ms: rule.params().ask_timeout().as_millis() as u64,
     };
     ask_broker(&ctx.layout, question)
